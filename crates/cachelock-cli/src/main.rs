@@ -1,0 +1,3 @@
+//! The `cachelock` command (see issue: the CLI). Placeholder until the CLI lands.
+
+fn main() {}

@@ -1,0 +1,331 @@
+//! The embedded in-process backend.
+//!
+//! A real cache, not a mock: every operation is atomic (one mutex guards the
+//! map), keys expire on [`tokio::time`] (so tests on paused time see TTLs
+//! pass without sleeping), and an optional byte capacity evicts entries the
+//! way a full Memcached does, so the lock's "lost lease" paths can be tested.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck};
+use crate::error::{BackendError, BackendResult};
+
+/// Bytes counted for each entry on top of its key and value, for capacity.
+const ENTRY_OVERHEAD: usize = 48;
+
+#[derive(Debug)]
+struct Entry {
+    value: Bytes,
+    /// `None` means no expiry (only `incr` creates such entries).
+    expires: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|t| now < t)
+    }
+
+    fn size(key: &str, value: &[u8]) -> usize {
+        key.len() + value.len() + ENTRY_OVERHEAD
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    map: HashMap<String, Entry>,
+    /// Bytes in use, by [`Entry::size`].
+    used: usize,
+}
+
+impl State {
+    /// The live entry under `key`; an expired one is removed.
+    fn live(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
+        if self.map.get(key).is_some_and(|e| !e.live(now)) {
+            self.remove(key);
+        }
+        self.map.get_mut(key)
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let e = self.map.remove(key)?;
+        self.used -= Entry::size(key, &e.value);
+        Some(e)
+    }
+
+    fn insert(&mut self, key: &str, value: Bytes, expires: Option<Instant>) {
+        self.remove(key);
+        self.used += Entry::size(key, &value);
+        self.map.insert(key.to_owned(), Entry { value, expires });
+    }
+
+    /// Evicts entries until `used` fits `capacity`: expired ones first, then
+    /// any others (in the map's arbitrary order), never `keep`.
+    fn evict(&mut self, capacity: usize, keep: &str, now: Instant) -> usize {
+        if self.used <= capacity {
+            return 0;
+        }
+        let expired: Vec<String> = self
+            .map
+            .iter()
+            .filter(|(_, e)| !e.live(now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &expired {
+            self.remove(k);
+        }
+        let mut evicted = 0;
+        while self.used > capacity {
+            let Some(victim) = self.map.keys().find(|k| *k != keep).cloned() else {
+                break;
+            };
+            self.remove(&victim);
+            evicted += 1;
+        }
+        evicted
+    }
+}
+
+/// The embedded in-process cache backend.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use cachelock::{Backend, MemoryBackend};
+///
+/// let cache = MemoryBackend::new();
+/// assert!(cache.add("k", b"v", Duration::from_secs(5)).await.unwrap());
+/// assert!(!cache.add("k", b"w", Duration::from_secs(5)).await.unwrap());
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct MemoryBackend {
+    state: Mutex<State>,
+    capacity: Option<usize>,
+    max_value_size: usize,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBackend {
+    /// An unbounded cache whose items may hold up to
+    /// [`DEFAULT_MAX_VALUE_SIZE`] bytes, like a default Memcached.
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            capacity: None,
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+        }
+    }
+
+    /// Limits the bytes held (keys, values and a small per-entry overhead).
+    /// When a write goes over it, expired entries are dropped first, then
+    /// other entries are evicted, as a full cache server does.
+    #[must_use]
+    pub fn with_capacity(mut self, bytes: usize) -> Self {
+        self.capacity = Some(bytes);
+        self
+    }
+
+    /// Sets the largest value one item may hold. Defaults to
+    /// [`DEFAULT_MAX_VALUE_SIZE`].
+    #[must_use]
+    pub fn with_max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// The number of entries stored, expired ones not yet dropped included.
+    pub fn len(&self) -> usize {
+        self.state.lock().map.len()
+    }
+
+    /// Whether no entry is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
+        if value.len() > self.max_value_size {
+            return Err(BackendError::ValueTooLarge {
+                key: key.to_owned(),
+                size: value.len(),
+                limit: self.max_value_size,
+            });
+        }
+        Ok(())
+    }
+
+    fn store(&self, state: &mut State, key: &str, value: &[u8], ttl: Duration, now: Instant) {
+        state.insert(key, Bytes::copy_from_slice(value), Some(deadline(now, ttl)));
+        if let Some(cap) = self.capacity {
+            let evicted = state.evict(cap, key, now);
+            if evicted > 0 {
+                tracing::debug!(
+                    evicted,
+                    "memory backend evicted entries to stay within capacity"
+                );
+            }
+        }
+    }
+}
+
+/// When an entry written now with `ttl` expires. A zero TTL lives for the
+/// shortest time the clock can tell, never forever.
+fn deadline(now: Instant, ttl: Duration) -> Instant {
+    now + ttl.max(Duration::from_nanos(1))
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
+        let now = Instant::now();
+        Ok(self.state.lock().live(key, now).map(|e| e.value.clone()))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> BackendResult<Vec<Option<Bytes>>> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        Ok(keys
+            .iter()
+            .map(|k| state.live(k, now).map(|e| e.value.clone()))
+            .collect())
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
+        self.check_size(key, value)?;
+        let now = Instant::now();
+        self.store(&mut self.state.lock(), key, value, ttl, now);
+        Ok(())
+    }
+
+    async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
+        for (k, v) in items {
+            self.check_size(k, v)?;
+        }
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        for (k, v) in items {
+            self.store(&mut state, k, v, ttl, now);
+        }
+        Ok(())
+    }
+
+    async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        self.check_size(key, value)?;
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        if state.live(key, now).is_some() {
+            return Ok(false);
+        }
+        self.store(&mut state, key, value, ttl, now);
+        Ok(true)
+    }
+
+    async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
+        let now = Instant::now();
+        Ok(match self.state.lock().live(key, now) {
+            Some(e) => {
+                e.expires = Some(deadline(now, ttl));
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn delete(&self, key: &str) -> BackendResult<bool> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let existed = state.live(key, now).is_some();
+        state.remove(key);
+        Ok(existed)
+    }
+
+    async fn incr(&self, key: &str, delta: u64) -> BackendResult<u64> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let (new, expires) = match state.live(key, now) {
+            Some(e) => {
+                let current: u64 = std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| {
+                        BackendError::protocol(
+                            key,
+                            "cannot increment a value that is not a decimal number",
+                        )
+                    })?;
+                let new = current.checked_add(delta).ok_or_else(|| {
+                    BackendError::protocol(key, "increment would overflow a 64-bit counter")
+                })?;
+                (new, e.expires)
+            }
+            None => (delta, None),
+        };
+        state.insert(key, Bytes::from(new.to_string()), expires);
+        Ok(new)
+    }
+
+    async fn delete_if_eq(
+        &self,
+        key: &str,
+        expected: &[u8],
+        _hold: Duration,
+    ) -> BackendResult<TokenCheck> {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let check = match state.live(key, now) {
+            None => TokenCheck::Missing,
+            Some(e) if e.value.as_ref() != expected => TokenCheck::Mismatch,
+            Some(_) => TokenCheck::Matched,
+        };
+        if check == TokenCheck::Matched {
+            state.remove(key);
+        }
+        Ok(check)
+    }
+
+    async fn extend_if_eq(
+        &self,
+        key: &str,
+        expected: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<TokenCheck> {
+        let now = Instant::now();
+        Ok(match self.state.lock().live(key, now) {
+            None => TokenCheck::Missing,
+            Some(e) if e.value.as_ref() != expected => TokenCheck::Mismatch,
+            Some(e) => {
+                e.expires = Some(deadline(now, ttl));
+                TokenCheck::Matched
+            }
+        })
+    }
+
+    async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
+        let now = Instant::now();
+        Ok(self
+            .state
+            .lock()
+            .live(key, now)
+            .and_then(|e| e.expires)
+            .map(|t| t.saturating_duration_since(now)))
+    }
+
+    fn atomic_token_ops(&self) -> bool {
+        true
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.max_value_size
+    }
+}

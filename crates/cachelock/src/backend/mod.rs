@@ -1,0 +1,165 @@
+//! The storage contract every cache backend implements.
+//!
+//! [`Backend`] is a small set of async cache operations. The lock and memoize
+//! algorithms live elsewhere in the crate and use only this trait, the way
+//! governor keeps its `StateStore` apart from the GCRA algorithm.
+//!
+//! # What an implementor must guarantee
+//!
+//! * [`add`](Backend::add) is **atomic**: of any number of concurrent `add`s
+//!   of one absent key, exactly one returns `true`. The lock is built on this.
+//! * A TTL is honoured: once it has passed, the key reads as absent.
+//!   A TTL is never turned into "never expires" (Memcached's `0`). Backends
+//!   with a coarser clock round **up**.
+//! * [`delete_if_eq`](Backend::delete_if_eq) and
+//!   [`extend_if_eq`](Backend::extend_if_eq) should be atomic (a server-side
+//!   compare-and-delete / compare-and-extend). A backend that implements them
+//!   atomically says so with [`atomic_token_ops`](Backend::atomic_token_ops).
+//!   The provided default methods are the original Djblets fallback (touch,
+//!   then get and compare, then delete), which has a window in which another
+//!   holder's lock can be deleted; it exists for backends with no atomic form.
+//! * Values are opaque bytes. Keys are UTF-8 strings as built by
+//!   [`KeyBuilder`](crate::KeyBuilder); a backend that cannot store a key as
+//!   given must encode it (never silently truncate it) or refuse it with
+//!   [`BackendError::InvalidKey`].
+//!
+//! Errors name the key. [`BackendError::Unavailable`] and
+//! [`BackendError::TimedOut`] mean "the operation may or may not have
+//! happened"; callers that care (the lock) re-check instead of repeating it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::BackendResult;
+
+pub mod memory;
+
+/// Memcached's default item size limit less 1 KiB of item overhead: the
+/// Djblets `CACHE_CHUNK_SIZE`. Used when a backend does not know better.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 1_047_552;
+
+/// What an owner-checked operation found under the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenCheck {
+    /// The key held the expected value, and the operation was done.
+    Matched,
+    /// The key holds another value: it belongs to someone else now.
+    /// Nothing was changed.
+    Mismatch,
+    /// The key is absent (expired, evicted, deleted, or the server lost it).
+    /// Nothing was changed.
+    Missing,
+}
+
+/// An async cache: the storage contract the lock and memoize are built on.
+///
+/// Use it as `Arc<dyn Backend>` (see [`SharedBackend`]); all methods take
+/// `&self` and every implementation is `Send + Sync`.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Reads one key. `Ok(None)` if it is absent or expired.
+    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>>;
+
+    /// Reads several keys. The result has one entry per key, in order, with
+    /// `None` for each key that is absent ("holes").
+    async fn get_many(&self, keys: &[&str]) -> BackendResult<Vec<Option<Bytes>>>;
+
+    /// Stores a value with a TTL, replacing any value.
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()>;
+
+    /// Stores several values with one TTL. Not atomic as a whole: on error,
+    /// some of the items may have been stored.
+    async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()>;
+
+    /// Stores a value only if the key is absent. Returns whether it was
+    /// stored. **Atomic**: the lock relies on it.
+    async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool>;
+
+    /// Sets a new TTL on an existing key. Returns `false` if the key is absent.
+    async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool>;
+
+    /// Deletes a key. Returns whether it existed.
+    async fn delete(&self, key: &str) -> BackendResult<bool>;
+
+    /// Adds `delta` to the decimal number stored under `key` and returns the
+    /// new value. An absent key is created holding `delta`, with no TTL of
+    /// its own on Redis and the embedded backends and Memcached's "no
+    /// expiry". A value that is not a decimal number is a
+    /// [`BackendError::Protocol`] error.
+    async fn incr(&self, key: &str, delta: u64) -> BackendResult<u64>;
+
+    /// Deletes `key` only if it holds `expected`.
+    ///
+    /// `hold` is used only by this default, non-atomic fallback (the
+    /// original's release): it touches the key with `hold` so that it stays
+    /// alive while it is read, reads it, and deletes it if it matches. Between
+    /// that read and the delete another client could take the key over and
+    /// lose it to us. Backends with a server-side compare-and-delete override
+    /// this method, ignore `hold`, and return `true` from
+    /// [`atomic_token_ops`](Backend::atomic_token_ops).
+    async fn delete_if_eq(
+        &self,
+        key: &str,
+        expected: &[u8],
+        hold: Duration,
+    ) -> BackendResult<TokenCheck> {
+        if !self.touch(key, hold).await? {
+            return Ok(TokenCheck::Missing);
+        }
+        match self.get(key).await? {
+            None => Ok(TokenCheck::Missing),
+            Some(v) if v.as_ref() != expected => Ok(TokenCheck::Mismatch),
+            Some(_) => {
+                self.delete(key).await?;
+                Ok(TokenCheck::Matched)
+            }
+        }
+    }
+
+    /// Sets a new TTL on `key` only if it holds `expected`.
+    ///
+    /// The default is the non-atomic fallback (read, compare, touch);
+    /// backends with a server-side form override it.
+    async fn extend_if_eq(
+        &self,
+        key: &str,
+        expected: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<TokenCheck> {
+        match self.get(key).await? {
+            None => Ok(TokenCheck::Missing),
+            Some(v) if v.as_ref() != expected => Ok(TokenCheck::Mismatch),
+            Some(_) => Ok(if self.touch(key, ttl).await? {
+                TokenCheck::Matched
+            } else {
+                TokenCheck::Missing
+            }),
+        }
+    }
+
+    /// The remaining TTL of `key`, where the backend can tell. `Ok(None)`
+    /// means absent, or that the backend cannot say.
+    async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Whether [`delete_if_eq`](Backend::delete_if_eq) and
+    /// [`extend_if_eq`](Backend::extend_if_eq) are atomic on the server.
+    fn atomic_token_ops(&self) -> bool {
+        false
+    }
+
+    /// The largest value, in bytes, that one item may hold. Memoize splits
+    /// larger values into chunks of at most this size.
+    fn max_value_size(&self) -> usize {
+        DEFAULT_MAX_VALUE_SIZE
+    }
+}
+
+/// A backend shared between locks, memoize calls and tasks.
+pub type SharedBackend = Arc<dyn Backend>;

@@ -1,0 +1,182 @@
+//! Error types.
+//!
+//! Two layers, kept apart on purpose (the shape follows redis-rs's `ErrorKind`
+//! predicates and bb8's `RunError`):
+//!
+//! * [`BackendError`]: what a cache server (or the embedded cache) said or
+//!   failed to say. Every variant names the key it was about.
+//! * [`Error`]: what the lock and memoize layers report. "Held by someone
+//!   else", "timed out waiting", "backend unavailable" and "lease already
+//!   expired" are different variants, with predicates, so callers can tell
+//!   them apart without matching on text.
+
+use std::time::Duration;
+
+/// A failure reported by a [`Backend`](crate::Backend).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The server could not be reached, the connection broke, or it refused
+    /// to serve. The operation may or may not have taken effect.
+    #[error("cache backend unavailable (key {key:?}): {reason}")]
+    Unavailable {
+        /// The key the operation was about.
+        key: String,
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// The server did not answer within the configured response timeout.
+    /// The operation may or may not have taken effect.
+    #[error("cache backend timed out after {after:?} (key {key:?})")]
+    TimedOut {
+        /// The key the operation was about.
+        key: String,
+        /// How long the client waited.
+        after: Duration,
+    },
+    /// The value is larger than the backend stores in one item.
+    #[error("value for key {key:?} is too large: {size} bytes, the backend's limit is {limit}")]
+    ValueTooLarge {
+        /// The key the operation was about.
+        key: String,
+        /// The size of the value that was refused.
+        size: usize,
+        /// The backend's item limit in bytes.
+        limit: usize,
+    },
+    /// The key cannot be used with this backend.
+    #[error("invalid cache key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key that was refused.
+        key: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The server answered something the client did not expect, or refused
+    /// the operation for a reason other than the ones above (for example
+    /// `incr` on a value that is not a number).
+    #[error("cache backend error (key {key:?}): {message}")]
+    Protocol {
+        /// The key the operation was about.
+        key: String,
+        /// The server's message or a description of the bad reply.
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// Builds an [`Unavailable`](Self::Unavailable) error.
+    pub fn unavailable(key: impl Into<String>, reason: impl ToString) -> Self {
+        Self::Unavailable {
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Builds a [`Protocol`](Self::Protocol) error.
+    pub fn protocol(key: impl Into<String>, message: impl ToString) -> Self {
+        Self::Protocol {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The key the failed operation was about.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Unavailable { key, .. }
+            | Self::TimedOut { key, .. }
+            | Self::ValueTooLarge { key, .. }
+            | Self::InvalidKey { key, .. }
+            | Self::Protocol { key, .. } => key,
+        }
+    }
+
+    /// True if the server could not be reached or did not answer in time:
+    /// the failure says nothing about the data, and retrying later may work.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::TimedOut { .. })
+    }
+
+    /// True if the server did not answer within the response timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::TimedOut { .. })
+    }
+}
+
+/// A failure reported by [`CacheLock`](crate::CacheLock), its guard, or memoize.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A non-blocking acquire found the lock held by someone else.
+    #[error("lock {key:?} is held by someone else")]
+    Held {
+        /// The full cache key of the lock.
+        key: String,
+    },
+    /// A blocking acquire gave up after waiting for its timeout.
+    #[error("timed out after {waited:?} waiting for lock {key:?}")]
+    TimedOut {
+        /// The full cache key of the lock.
+        key: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The lock's lease ran out (by the local deadline), or the cache no
+    /// longer holds our token: the lock may now belong to someone else.
+    #[error("the lease on lock {key:?} has expired or was lost")]
+    LeaseExpired {
+        /// The full cache key of the lock.
+        key: String,
+    },
+    /// The cache backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A setting was refused when a lock or memoize call was configured.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A value could not be encoded for the cache.
+    #[error("could not encode value for key {key:?}: {message}")]
+    Encode {
+        /// The key of the value.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Error {
+    /// True for [`Error::Held`].
+    pub fn is_held(&self) -> bool {
+        matches!(self, Self::Held { .. })
+    }
+
+    /// True for [`Error::TimedOut`] (waiting for a lock, not a backend timeout).
+    pub fn is_timed_out(&self) -> bool {
+        matches!(self, Self::TimedOut { .. })
+    }
+
+    /// True for [`Error::LeaseExpired`].
+    pub fn is_lease_expired(&self) -> bool {
+        matches!(self, Self::LeaseExpired { .. })
+    }
+
+    /// True if the backend could not be reached or did not answer in time.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Backend(e) if e.is_unavailable())
+    }
+
+    /// The backend error inside, if this is one.
+    pub fn as_backend(&self) -> Option<&BackendError> {
+        match self {
+            Self::Backend(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Result of a backend operation.
+pub type BackendResult<T> = std::result::Result<T, BackendError>;
+
+/// Result of a lock or memoize operation.
+pub type Result<T> = std::result::Result<T, Error>;

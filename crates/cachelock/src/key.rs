@@ -1,0 +1,405 @@
+//! Building full cache keys.
+//!
+//! The rules are those of Djblets' `make_cache_key`, with a configurable
+//! namespace in place of Django's site domain, and two fixes:
+//!
+//! * a key given as parts is always escaped, also when it has one part (the
+//!   original left one-part keys unescaped, so `["a:b"]` and `["a", "b"]`
+//!   collided);
+//! * the length limit counts **bytes**, not characters, so non-ASCII keys
+//!   stay within Memcached's 250-byte limit.
+//!
+//! ```
+//! use cachelock::KeyBuilder;
+//!
+//! let keys = KeyBuilder::new("example.com");
+//! assert_eq!(keys.build("test123"), "example.com:test123");
+//! assert_eq!(keys.build(["test", ":123"]), "example.com:test:%3A123");
+//! ```
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+/// The longest key built, in bytes. Memcached allows 250; ten are left for
+/// suffixes.
+pub const MAX_KEY_LEN: usize = 240;
+
+/// How many bytes of an over-long key are kept before its SHA-256 digest.
+const KEPT_PREFIX_LEN: usize = MAX_KEY_LEN - 64;
+
+/// The marker placed before a value's key to form its default lock key.
+pub const LOCK_KEY_MARKER: &str = "_lock_";
+
+/// A cache key as the caller gives it: one string used as it is, or parts
+/// that are escaped and joined with `:`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CacheKey {
+    /// A string used as is (not escaped).
+    Plain(String),
+    /// Parts, each escaped (`%` becomes `%25`, then `:` becomes `%3A`).
+    Parts(Vec<String>),
+}
+
+impl CacheKey {
+    /// The key with `prefix` put in front of it as one more part. A plain
+    /// key stays plain (`prefix:key`); parts get `prefix` as a first part.
+    pub fn prefixed(&self, prefix: &str) -> CacheKey {
+        match self {
+            CacheKey::Plain(k) => CacheKey::Plain(format!("{prefix}:{k}")),
+            CacheKey::Parts(parts) => CacheKey::Parts(
+                std::iter::once(prefix.to_owned())
+                    .chain(parts.iter().cloned())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl From<&str> for CacheKey {
+    fn from(s: &str) -> Self {
+        CacheKey::Plain(s.to_owned())
+    }
+}
+
+impl From<String> for CacheKey {
+    fn from(s: String) -> Self {
+        CacheKey::Plain(s)
+    }
+}
+
+impl From<&String> for CacheKey {
+    fn from(s: &String) -> Self {
+        CacheKey::Plain(s.clone())
+    }
+}
+
+impl From<Vec<String>> for CacheKey {
+    fn from(parts: Vec<String>) -> Self {
+        CacheKey::Parts(parts)
+    }
+}
+
+impl From<&[&str]> for CacheKey {
+    fn from(parts: &[&str]) -> Self {
+        CacheKey::Parts(parts.iter().map(|p| (*p).to_owned()).collect())
+    }
+}
+
+impl<const N: usize> From<[&str; N]> for CacheKey {
+    fn from(parts: [&str; N]) -> Self {
+        CacheKey::Parts(parts.iter().map(|p| (*p).to_owned()).collect())
+    }
+}
+
+impl From<(&str, &str)> for CacheKey {
+    fn from((a, b): (&str, &str)) -> Self {
+        CacheKey::Parts(vec![a.to_owned(), b.to_owned()])
+    }
+}
+
+/// Builds full cache keys: namespace, escaping, length limit and optional
+/// HMAC.
+///
+/// Every key it builds is valid for Memcached: at most [`MAX_KEY_LEN`] bytes,
+/// no byte at or below `0x20`, and no `0x7f`.
+#[derive(Clone, Default)]
+pub struct KeyBuilder {
+    namespace: Vec<String>,
+    secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyBuilder")
+            .field("namespace", &self.namespace)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl KeyBuilder {
+    /// A builder with a one-segment namespace (Djblets' site domain). An
+    /// empty string means no namespace.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        let ns = namespace.into();
+        Self {
+            namespace: if ns.is_empty() { Vec::new() } else { vec![ns] },
+            secret: None,
+        }
+    }
+
+    /// A builder whose namespace has several segments, joined with `:` and
+    /// not escaped (Djblets' site domain followed by its site root).
+    pub fn with_namespace<I, S>(segments: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            namespace: segments.into_iter().map(Into::into).collect(),
+            secret: None,
+        }
+    }
+
+    /// With a secret, every key becomes the hex HMAC-SHA256 of the full key,
+    /// so key names leak nothing to whoever can list the cache.
+    #[must_use]
+    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+
+    /// Whether keys are HMAC'd.
+    pub fn has_secret(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    /// Builds the full key for `key`.
+    pub fn build(&self, key: impl Into<CacheKey>) -> String {
+        self.build_key(&key.into())
+    }
+
+    /// Builds the full key for a [`CacheKey`] without consuming it.
+    pub fn build_key(&self, key: &CacheKey) -> String {
+        let mut segments: Vec<std::borrow::Cow<'_, str>> =
+            self.namespace.iter().map(|s| s.as_str().into()).collect();
+        match key {
+            CacheKey::Plain(k) => segments.push(k.as_str().into()),
+            CacheKey::Parts(parts) => segments.extend(parts.iter().map(|p| escape_part(p).into())),
+        }
+        let full = segments.join(":");
+        match &self.secret {
+            Some(secret) => hmac_hex(secret, full.as_bytes()),
+            None => limit_length(escape_invalid(&full)),
+        }
+    }
+
+    /// The default lock key for a value stored under `key`:
+    /// [`LOCK_KEY_MARKER`] put before it as a first part, built by the same
+    /// rules (and the same secret).
+    pub fn lock_key(&self, key: &CacheKey) -> String {
+        self.build_key(&key.prefixed(LOCK_KEY_MARKER))
+    }
+}
+
+/// Escapes one key part: `%` first, then `:`.
+fn escape_part(part: &str) -> String {
+    part.replace('%', "%25").replace(':', "%3A")
+}
+
+/// Replaces bytes `0x00..=0x20` and `0x7f` with the literal text `\xNN`.
+fn escape_invalid(key: &str) -> String {
+    if !key.bytes().any(is_invalid_byte) {
+        return key.to_owned();
+    }
+    let mut out = String::with_capacity(key.len() + 16);
+    for c in key.chars() {
+        if c.is_ascii() && is_invalid_byte(c as u8) {
+            out.push_str(&format!("\\x{:02x}", c as u8));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_invalid_byte(b: u8) -> bool {
+    b <= 0x20 || b == 0x7f
+}
+
+/// Keeps keys within [`MAX_KEY_LEN`] bytes: a longer one keeps its first
+/// 176 bytes (cut back to a character boundary) followed by the hex SHA-256
+/// of the whole key.
+fn limit_length(key: String) -> String {
+    if key.len() <= MAX_KEY_LEN {
+        return key;
+    }
+    let mut cut = KEPT_PREFIX_LEN;
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{}{}", &key[..cut], digest)
+}
+
+fn hmac_hex(secret: &[u8], data: &[u8]) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Whether `key` is valid as it is for Memcached's text protocol.
+pub fn is_memcached_safe(key: &str) -> bool {
+    key.len() <= MAX_KEY_LEN && !key.bytes().any(is_invalid_byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex() -> KeyBuilder {
+        KeyBuilder::new("example.com")
+    }
+
+    #[test]
+    fn plain_key_is_used_as_is() {
+        assert_eq!(ex().build("test123"), "example.com:test123");
+        assert_eq!(KeyBuilder::new("").build("test123"), "test123");
+        assert_eq!(KeyBuilder::default().build("a:b%"), "a:b%");
+    }
+
+    #[test]
+    fn parts_are_escaped_and_joined() {
+        assert_eq!(
+            ex().build(["%test%", "%1:2:3%"]),
+            "example.com:%25test%25:%251%3A2%3A3%25"
+        );
+        assert_eq!(ex().build(("test", "123")), "example.com:test:123");
+        assert_eq!(KeyBuilder::default().build(["test", ":123"]), "test:%3A123");
+    }
+
+    #[test]
+    fn one_part_key_is_escaped_too() {
+        // The original left ["a:b%"] unescaped, so it collided with ["a", "b%"].
+        assert_eq!(ex().build(["a:b%"]), "example.com:a%3Ab%25");
+        assert_ne!(ex().build(["a:b"]), ex().build(["a", "b"]));
+    }
+
+    #[test]
+    fn namespace_with_several_segments() {
+        let keys = KeyBuilder::with_namespace(["example.com", "/subdir/"]);
+        assert_eq!(keys.build("test123"), "example.com:/subdir/:test123");
+        assert_eq!(
+            keys.build(["test", ":123"]),
+            "example.com:/subdir/:test:%3A123"
+        );
+    }
+
+    #[test]
+    fn unicode_passes_through() {
+        assert_eq!(ex().build("test🥳123"), "example.com:test🥳123");
+        assert_eq!(ex().build([":test", "🥳123"]), "example.com:%3Atest:🥳123");
+    }
+
+    #[test]
+    fn invalid_bytes_become_hex_text() {
+        assert_eq!(
+            ex().build("test\0\tkey !\"\x7f"),
+            r#"example.com:test\x00\x09key\x20!"\x7f"#
+        );
+        assert_eq!(
+            ex().build(["t:est\0\t", "k%ey !\"\x7f"]),
+            r#"example.com:t%3Aest\x00\x09:k%25ey\x20!"\x7f"#
+        );
+    }
+
+    #[test]
+    fn length_limit_at_and_over() {
+        let at = ex().build("x".repeat(228));
+        assert_eq!(at, format!("example.com:{}", "x".repeat(228)));
+        assert_eq!(at.len(), 240);
+
+        let over = ex().build("x".repeat(229));
+        assert_eq!(
+            over,
+            format!(
+                "example.com:{}edf8474a1b91e737ec28252abe7a8aa5604539b239505e8ccad8890a44198c58",
+                "x".repeat(164)
+            )
+        );
+
+        let parts_at = ex().build(["x".repeat(10).as_str(), "x".repeat(217).as_str()]);
+        assert_eq!(parts_at.len(), 240);
+        let parts_over = ex().build(["x".repeat(10).as_str(), "x".repeat(218).as_str()]);
+        assert_eq!(
+            parts_over,
+            format!(
+                "example.com:xxxxxxxxxx:{}c1f6edf6f476acb93b1858f99ee2fbe8dac1907d595c7f9f9d211fe7c46335c1",
+                "x".repeat(153)
+            )
+        );
+    }
+
+    #[test]
+    fn length_limit_counts_bytes() {
+        let key = ex().build("é".repeat(300));
+        assert!(key.len() <= MAX_KEY_LEN, "{} bytes", key.len());
+        assert!(key.starts_with("example.com:é"));
+    }
+
+    #[test]
+    fn secret_gives_hmac() {
+        let k = ex().secret("af=y9ydd51a0g#be");
+        assert_eq!(
+            k.build("abc123"),
+            "0a3195ea908f9bd178ab3c67a257ea4e7954e4b67ac240d1c86953953cde3a0b"
+        );
+        assert_eq!(
+            k.build(("abc", "123")),
+            "61f180a36b711a5364235cc13096d237b5b27256be8aa78e723faf1d73237851"
+        );
+        let k = ex().secret("0123456789abcdef");
+        assert_eq!(
+            k.build("abc123"),
+            "10c4714f5c6c49045ed25c8da7d04a4be2254fa275fc3b63bdeebe887aee52f9"
+        );
+        assert_eq!(
+            k.build(("abc", "123")),
+            "c93f54fcf3063f17a1bb59d74e3ecd146a1154ea0bf7a4a7d95c82e71c56be7e"
+        );
+        assert!(!format!("{k:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn lock_keys() {
+        assert_eq!(ex().lock_key(&"abc123".into()), "example.com:_lock_:abc123");
+        assert_eq!(
+            ex().lock_key(&["a", "b:c"].into()),
+            "example.com:_lock_:a:b%3Ac"
+        );
+        let secret = ex().secret("s");
+        assert_eq!(
+            secret.lock_key(&"enc".into()),
+            KeyBuilder::new("example.com")
+                .secret("s")
+                .build("_lock_:enc")
+        );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn every_key_is_memcached_safe(
+                ns in ".{0,40}",
+                plain in any::<String>(),
+                parts in proptest::collection::vec(any::<String>(), 0..6),
+            ) {
+                let keys = KeyBuilder::new(ns);
+                let a = keys.build(plain.as_str());
+                prop_assert!(is_memcached_safe(&a), "{a:?}");
+                let b = keys.build(CacheKey::Parts(parts.clone()));
+                prop_assert!(is_memcached_safe(&b), "{b:?}");
+                // Deterministic.
+                prop_assert_eq!(&b, &keys.build(CacheKey::Parts(parts)));
+            }
+
+            #[test]
+            fn distinct_parts_give_distinct_keys(
+                a in proptest::collection::vec("[a-z:%]{0,6}", 1..4),
+                b in proptest::collection::vec("[a-z:%]{0,6}", 1..4),
+            ) {
+                prop_assume!(a != b);
+                let keys = KeyBuilder::new("ns");
+                prop_assert_ne!(
+                    keys.build(CacheKey::Parts(a)),
+                    keys.build(CacheKey::Parts(b))
+                );
+            }
+        }
+    }
+}

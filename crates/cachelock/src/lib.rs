@@ -1,0 +1,47 @@
+//! Distributed locks and stampede-safe memoization kept in a cache.
+//!
+//! cachelock lets many processes on many machines share one cache safely:
+//!
+//! * [`CacheLock`]: a lock taken by an atomic add of a random token with a
+//!   lease, released only by its holder;
+//! * memoize: compute an expensive value once even when many callers miss it
+//!   at the same moment.
+//!
+//! Backends: the embedded [`MemoryBackend`] (no server needed), Redis
+//! (standalone and Cluster) and Memcached (one or many servers), all behind
+//! one [`Backend`] trait.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> cachelock::Result<()> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use cachelock::{CacheLock, KeyBuilder, LockOptions, MemoryBackend};
+//!
+//! let cache = Arc::new(MemoryBackend::new());
+//! let keys = KeyBuilder::new("example.com");
+//! let lock = CacheLock::new(
+//!     cache,
+//!     keys.build("nightly-report"),
+//!     LockOptions::new().lease(Duration::from_secs(60)),
+//! )?;
+//!
+//! let report = lock.with_lock(|| async { "built once" }).await?;
+//! assert_eq!(report, "built once");
+//! # Ok(()) }
+//! ```
+//!
+//! A lock kept in a cache is *soft*: the cache may evict the key or lose it
+//! on restart. cachelock detects that and reports it, but it cannot prevent
+//! it; see the [`lock`] module docs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod backend;
+mod error;
+pub mod key;
+pub mod lock;
+
+pub use backend::memory::MemoryBackend;
+pub use backend::{Backend, SharedBackend, TokenCheck};
+pub use error::{BackendError, BackendResult, Error, Result};
+pub use key::{CacheKey, KeyBuilder};
+pub use lock::{CacheLock, LockGuard, LockOptions, Released, Wait};

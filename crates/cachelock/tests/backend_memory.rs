@@ -1,0 +1,9 @@
+//! The conformance suite on the embedded in-memory backend, on paused time.
+mod common;
+
+use std::sync::Arc;
+
+conformance_tests!(
+    Some(Arc::new(cachelock::MemoryBackend::new()) as cachelock::SharedBackend),
+    paused = true
+);

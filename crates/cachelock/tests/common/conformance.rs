@@ -1,0 +1,302 @@
+//! The backend conformance suite.
+//!
+//! Each case is a generic async function over `SharedBackend`. The
+//! `conformance_tests!` macro expands every case into a `#[tokio::test]` for
+//! one backend, so all backends run the very same cases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachelock::{BackendError, SharedBackend, TokenCheck};
+
+use super::unique_key;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Expands every conformance case into a test for one backend.
+///
+/// `$make` is an async block producing `Option<SharedBackend>`; `None` skips
+/// (only allowed when the test servers were not promised). `$paused` says
+/// whether the tests run on paused tokio time (the in-memory backend).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr, paused = $paused:tt) => {
+        $crate::conformance_tests!(@cases $make, $paused;
+            get_set_roundtrip, missing_key_reads_none, binary_and_empty_values,
+            get_many_with_holes, set_many_then_get_many, add_only_when_absent,
+            add_race_has_one_winner, touch_missing_key, touch_extends, delete_reports_existence,
+            ttl_expiry, add_after_expiry, incr_counts, incr_on_non_number_fails,
+            delete_if_eq_cases, extend_if_eq_cases, token_ops_after_expiry, large_value,
+            value_over_limit_is_typed, odd_keys);
+    };
+    (@cases $make:expr, $paused:tt; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "current_thread", start_paused = $paused)]
+            async fn $case() {
+                let made: Option<cachelock::SharedBackend> = $make;
+                if let Some(backend) = made {
+                    common::conformance::$case(backend).await;
+                }
+            }
+        )*
+    };
+}
+
+pub async fn get_set_roundtrip(b: SharedBackend) {
+    let k = unique_key("roundtrip");
+    b.set(&k, b"hello", LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"hello"[..]));
+    b.set(&k, b"again", LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"again"[..]));
+}
+
+pub async fn missing_key_reads_none(b: SharedBackend) {
+    let k = unique_key("missing");
+    assert_eq!(b.get(&k).await.unwrap(), None);
+    assert!(!b.delete(&k).await.unwrap());
+}
+
+pub async fn binary_and_empty_values(b: SharedBackend) {
+    let k = unique_key("binary");
+    let all: Vec<u8> = (0..=255u8).chain([b'\r', b'\n', 0, b' ']).collect();
+    b.set(&k, &all, LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&all[..]));
+    let e = unique_key("empty");
+    b.set(&e, b"", LONG).await.unwrap();
+    assert_eq!(b.get(&e).await.unwrap().as_deref(), Some(&b""[..]));
+}
+
+pub async fn get_many_with_holes(b: SharedBackend) {
+    let k1 = unique_key("many1");
+    let k2 = unique_key("many2");
+    let k3 = unique_key("many3");
+    b.set(&k1, b"one", LONG).await.unwrap();
+    b.set(&k3, b"three", LONG).await.unwrap();
+    let got = b.get_many(&[&k1, &k2, &k3]).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].as_deref(), Some(&b"one"[..]));
+    assert_eq!(got[1], None);
+    assert_eq!(got[2].as_deref(), Some(&b"three"[..]));
+    assert!(b.get_many(&[]).await.unwrap().is_empty());
+}
+
+pub async fn set_many_then_get_many(b: SharedBackend) {
+    let keys: Vec<String> = (0..20)
+        .map(|i| unique_key(&format!("setmany{i}")))
+        .collect();
+    let values: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8; i * 100]).collect();
+    let items: Vec<(&str, &[u8])> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    b.set_many(&items, LONG).await.unwrap();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let got = b.get_many(&refs).await.unwrap();
+    for (g, v) in got.iter().zip(&values) {
+        assert_eq!(g.as_deref(), Some(v.as_slice()));
+    }
+    b.set_many(&[], LONG).await.unwrap();
+}
+
+pub async fn add_only_when_absent(b: SharedBackend) {
+    let k = unique_key("add");
+    assert!(b.add(&k, b"first", LONG).await.unwrap());
+    assert!(!b.add(&k, b"second", LONG).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"first"[..]));
+}
+
+pub async fn add_race_has_one_winner(b: SharedBackend) {
+    let k = Arc::new(unique_key("race"));
+    let mut tasks = Vec::new();
+    for i in 0..32u32 {
+        let (b, k) = (b.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            b.add(&k, i.to_string().as_bytes(), LONG).await.unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1, "exactly one add must win");
+}
+
+pub async fn touch_missing_key(b: SharedBackend) {
+    assert!(!b.touch(&unique_key("touch-missing"), LONG).await.unwrap());
+}
+
+pub async fn touch_extends(b: SharedBackend) {
+    let k = unique_key("touch");
+    b.set(&k, b"v", Duration::from_secs(1)).await.unwrap();
+    assert!(b.touch(&k, LONG).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v"[..]));
+}
+
+pub async fn delete_reports_existence(b: SharedBackend) {
+    let k = unique_key("delete");
+    b.set(&k, b"v", LONG).await.unwrap();
+    assert!(b.delete(&k).await.unwrap());
+    assert!(!b.delete(&k).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap(), None);
+}
+
+pub async fn ttl_expiry(b: SharedBackend) {
+    let k = unique_key("ttl");
+    b.set(&k, b"v", Duration::from_secs(1)).await.unwrap();
+    assert!(b.get(&k).await.unwrap().is_some());
+    // Memcached counts whole seconds, so allow for its rounding.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(b.get(&k).await.unwrap(), None);
+    let ttl = b.ttl(&k).await.unwrap();
+    assert_eq!(ttl, None);
+}
+
+pub async fn add_after_expiry(b: SharedBackend) {
+    let k = unique_key("add-expiry");
+    assert!(b.add(&k, b"a", Duration::from_millis(500)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        b.add(&k, b"b", LONG).await.unwrap(),
+        "an expired key can be added again"
+    );
+    if let Some(left) = b.ttl(&k).await.unwrap() {
+        assert!(left <= LONG && left > Duration::from_secs(50), "{left:?}");
+    }
+}
+
+pub async fn incr_counts(b: SharedBackend) {
+    let k = unique_key("incr");
+    assert_eq!(b.incr(&k, 5).await.unwrap(), 5);
+    assert_eq!(b.incr(&k, 1).await.unwrap(), 6);
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"6"[..]));
+    b.delete(&k).await.unwrap();
+}
+
+pub async fn incr_on_non_number_fails(b: SharedBackend) {
+    let k = unique_key("incr-bad");
+    b.set(&k, b"not a number", LONG).await.unwrap();
+    let err = b.incr(&k, 1).await.unwrap_err();
+    assert!(matches!(err, BackendError::Protocol { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&k),
+        "the error names the key: {err}"
+    );
+}
+
+pub async fn delete_if_eq_cases(b: SharedBackend) {
+    let k = unique_key("delifeq");
+    assert_eq!(
+        b.delete_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Missing
+    );
+    b.set(&k, b"other", LONG).await.unwrap();
+    assert_eq!(
+        b.delete_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Mismatch
+    );
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"other"[..]));
+    b.set(&k, b"tok", LONG).await.unwrap();
+    assert_eq!(
+        b.delete_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Matched
+    );
+    assert_eq!(b.get(&k).await.unwrap(), None);
+}
+
+pub async fn extend_if_eq_cases(b: SharedBackend) {
+    let k = unique_key("extifeq");
+    assert_eq!(
+        b.extend_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Missing
+    );
+    b.set(&k, b"other", Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        b.extend_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Mismatch
+    );
+    b.set(&k, b"tok", Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        b.extend_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Matched
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        b.get(&k).await.unwrap().as_deref(),
+        Some(&b"tok"[..]),
+        "extended past its first TTL"
+    );
+}
+
+pub async fn token_ops_after_expiry(b: SharedBackend) {
+    let k = unique_key("tok-expiry");
+    assert!(b.add(&k, b"tok", Duration::from_secs(1)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        b.extend_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Missing
+    );
+    assert_eq!(
+        b.delete_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Missing
+    );
+    assert!(b.add(&k, b"new", LONG).await.unwrap());
+    assert_eq!(
+        b.delete_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Mismatch
+    );
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"new"[..]));
+}
+
+pub async fn large_value(b: SharedBackend) {
+    let k = unique_key("large");
+    let size = b.max_value_size().min(1_000_000);
+    let v: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    b.set(&k, &v, LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&v[..]));
+    b.delete(&k).await.unwrap();
+}
+
+pub async fn value_over_limit_is_typed(b: SharedBackend) {
+    let limit = b.max_value_size();
+    if limit > 64 * 1024 * 1024 {
+        return; // Redis takes 512 MB values; not worth sending in a test.
+    }
+    let k = unique_key("too-large");
+    let v = vec![7u8; limit + 1];
+    let err = b.set(&k, &v, LONG).await.unwrap_err();
+    assert!(matches!(err, BackendError::ValueTooLarge { .. }), "{err:?}");
+    assert_eq!(b.get(&k).await.unwrap(), None);
+}
+
+pub async fn odd_keys(b: SharedBackend) {
+    let base = unique_key("odd");
+    let keys = [
+        format!("{base} with spaces"),
+        format!("{base}\nnewline\r"),
+        format!("{base}-ünïcødé-🥳"),
+        format!("{base}-{}", "x".repeat(400)),
+    ];
+    for (i, k) in keys.iter().enumerate() {
+        let v = format!("value {i}");
+        b.set(k, v.as_bytes(), LONG).await.unwrap();
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let v = format!("value {i}");
+        assert_eq!(
+            b.get(k).await.unwrap().as_deref(),
+            Some(v.as_bytes()),
+            "key {k:?}"
+        );
+    }
+    // Distinct odd keys stay distinct.
+    let a = format!("{base} a");
+    let b2 = format!("{base}\ta");
+    b.set(&a, b"1", LONG).await.unwrap();
+    b.set(&b2, b"2", LONG).await.unwrap();
+    assert_eq!(b.get(&a).await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(b.get(&b2).await.unwrap().as_deref(), Some(&b"2"[..]));
+}

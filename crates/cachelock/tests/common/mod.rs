@@ -4,6 +4,8 @@
 #![allow(dead_code, unused_macros, clippy::unwrap_used)]
 
 pub mod conformance;
+pub mod lock_cases;
+pub mod logs;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

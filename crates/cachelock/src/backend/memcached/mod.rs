@@ -47,11 +47,16 @@
 //!
 //! # TTLs
 //!
-//! Memcached counts whole seconds, so TTLs are rounded **up** (a 1 ms TTL
-//! becomes 1 s, never 0, which would mean "never expires"); TTLs over 30
-//! days are sent as an absolute Unix time, as memcached requires. Note that
-//! memcached's clock ticks once a second, so an item may expire up to about
-//! a second *before* its TTL: keep lock leases well above a second.
+//! Memcached counts whole seconds with a clock that ticks once a second: an
+//! item stored with exptime `T` lives between `T - 1` and `T` seconds (a
+//! 1-second item can vanish after a few milliseconds). So that an item
+//! never expires **before** its TTL (a lock's lease must not end early),
+//! the TTL is rounded up to whole seconds and one second is added: a 1 ms
+//! or 1 s TTL is sent as `T2` and lives 1 to 2 s; it never becomes `0`,
+//! which would mean "never expires". Items therefore outlive their TTL by
+//! up to a second. TTLs over 30 days are sent as an absolute Unix time, as
+//! memcached requires. [`ttl`](Backend::ttl) reports the remaining time
+//! less that extra second (a lower bound).
 //!
 //! # Keys and values
 //!
@@ -204,10 +209,17 @@ fn parse_servers(url: &str) -> BackendResult<Vec<String>> {
     Ok(servers)
 }
 
-/// A TTL as memcached's exptime: whole seconds rounded up, at least 1,
-/// absolute Unix time beyond 30 days.
+/// The second added to every TTL because of memcached's coarse clock (see
+/// the module docs).
+const CLOCK_SLACK: u64 = 1;
+
+/// A TTL as memcached's exptime: whole seconds rounded up, plus
+/// [`CLOCK_SLACK`]; absolute Unix time beyond 30 days.
 fn exptime(ttl: Duration) -> i64 {
-    let secs = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1);
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+        .saturating_add(CLOCK_SLACK);
     if secs <= MAX_RELATIVE_TTL {
         return secs as i64;
     }
@@ -674,7 +686,8 @@ impl Backend for MemcachedBackend {
         Ok(TokenCheck::Mismatch)
     }
 
-    /// `mg <key> t`. An item with no expiry reads as `None`.
+    /// `mg <key> t`, less the [`CLOCK_SLACK`] added when it was stored. An
+    /// item with no expiry reads as `None`.
     async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
         let mut req = Vec::new();
         let flags = GetFlags {
@@ -694,7 +707,7 @@ impl Backend for MemcachedBackend {
             } => Ok(flags
                 .ttl
                 .and_then(|t| u64::try_from(t).ok())
-                .map(Duration::from_secs)),
+                .map(|t| Duration::from_secs(t.saturating_sub(CLOCK_SLACK)))),
             other => Err(self.unexpected(key, 0, other)),
         }
     }
@@ -741,19 +754,20 @@ mod tests {
 
     #[test]
     fn ttls_round_up_and_go_absolute() {
-        assert_eq!(exptime(Duration::ZERO), 1);
-        assert_eq!(exptime(Duration::from_millis(1)), 1);
-        assert_eq!(exptime(Duration::from_millis(1500)), 2);
-        assert_eq!(exptime(Duration::from_secs(60)), 60);
+        assert_eq!(exptime(Duration::ZERO), 1, "never 0");
+        assert_eq!(exptime(Duration::from_millis(1)), 2);
+        assert_eq!(exptime(Duration::from_secs(1)), 2);
+        assert_eq!(exptime(Duration::from_millis(1500)), 3);
+        assert_eq!(exptime(Duration::from_secs(60)), 61);
         assert_eq!(
-            exptime(Duration::from_secs(MAX_RELATIVE_TTL)),
+            exptime(Duration::from_secs(MAX_RELATIVE_TTL - 1)),
             MAX_RELATIVE_TTL as i64
         );
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let abs = exptime(Duration::from_secs(MAX_RELATIVE_TTL + 1));
+        let abs = exptime(Duration::from_secs(MAX_RELATIVE_TTL));
         assert!(
             (abs - now - MAX_RELATIVE_TTL as i64 - 1).abs() <= 2,
             "{abs}"

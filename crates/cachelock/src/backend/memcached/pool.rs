@@ -255,36 +255,41 @@ impl Pool {
     ) -> Result<(Vec<F>, bool), Failure> {
         let work = async {
             conn.buf.clear();
-            conn.stream.write_all(request).await.map_err(Failure::Io)?;
-            let mut frames = Vec::new();
-            let mut clean = true;
-            loop {
-                // Take every complete frame already buffered.
-                while let Some((frame, used)) =
-                    F::parse(&conn.buf, self.max_value_len).map_err(Failure::Proto)?
-                {
-                    conn.buf.advance(used);
-                    clean &= frame.clean();
-                    frames.push(frame);
-                    let Until::Count(n) = until;
-                    if frames.len() >= n {
-                        // Anything left over was not asked for.
-                        clean &= conn.buf.is_empty();
-                        return Ok((frames, clean));
+            let Conn { stream, buf } = &mut *conn;
+            let (mut reader, mut writer) = stream.split();
+            // Write and read at the same time: a big pipelined batch whose
+            // replies fill the socket buffers must not deadlock with the
+            // server (it stops reading while it cannot write).
+            let write = async { writer.write_all(request).await.map_err(Failure::Io) };
+            let read = async {
+                let mut frames = Vec::new();
+                let mut clean = true;
+                loop {
+                    // Take every complete frame already buffered.
+                    while let Some((frame, used)) =
+                        F::parse(buf, self.max_value_len).map_err(Failure::Proto)?
+                    {
+                        buf.advance(used);
+                        clean &= frame.clean();
+                        frames.push(frame);
+                        let Until::Count(n) = until;
+                        if frames.len() >= n {
+                            // Anything left over was not asked for.
+                            clean &= buf.is_empty();
+                            return Ok((frames, clean));
+                        }
+                    }
+                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    let n = reader.read_buf(buf).await.map_err(Failure::Io)?;
+                    if n == 0 {
+                        return Err(Failure::Closed);
                     }
                 }
-                if conn.buf.capacity() - conn.buf.len() < READ_CHUNK / 4 {
-                    conn.buf.reserve(READ_CHUNK);
-                }
-                let n = conn
-                    .stream
-                    .read_buf(&mut conn.buf)
-                    .await
-                    .map_err(Failure::Io)?;
-                if n == 0 {
-                    return Err(Failure::Closed);
-                }
-            }
+            };
+            let ((), out) = tokio::try_join!(write, read)?;
+            Ok(out)
         };
         let result = match tokio::time::timeout(self.response_timeout, work).await {
             Ok(result) => result,

@@ -20,10 +20,13 @@
 //! No maintained Rust crate does what the lock needs: the meta protocol
 //! (`ms` in add mode, `mg` with CAS and touch, `md` with a CAS guard, `ma`
 //! with auto-vivify) together with async pooling over several servers.
-//! `memcache` is sync and speaks the classic text/binary protocols;
-//! `async-memcached` has no pool or multi-server hashing and only partial
-//! meta support. The protocol part needed here is small, so it is written
-//! out in [`proto`] (pure, fuzzable functions) plus a pooled transport.
+//! When this was written, `memcache` was blocking and spoke only the
+//! classic ASCII and binary protocols (no meta commands); `memcache-async`
+//! drives one stream with the classic protocols; `async-memcached` has a
+//! meta-protocol trait but one connection per client, with no pool and no
+//! key distribution over servers. The part of the protocol needed here is
+//! small, so it is written out in [`proto`] (pure, fuzzable functions)
+//! plus a small pooled transport.
 //!
 //! # Operations
 //!
@@ -686,7 +689,7 @@ impl Backend for MemcachedBackend {
         Ok(TokenCheck::Mismatch)
     }
 
-    /// `mg <key> t`, less the [`CLOCK_SLACK`] added when it was stored. An
+    /// `mg <key> t`, less the second added when it was stored. An
     /// item with no expiry reads as `None`.
     async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
         let mut req = Vec::new();

@@ -753,6 +753,49 @@ mod tests {
         }
 
         #[test]
+        fn replies_parse_the_same_however_they_arrive(
+            values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..6),
+            cuts in proptest::collection::vec(1usize..16, 0..40),
+        ) {
+            // A pipelined stream: VA/EN/HD replies, then MN.
+            let mut stream = Vec::new();
+            for (i, v) in values.iter().enumerate() {
+                stream.extend_from_slice(format!("VA {} O{i}\r\n", v.len()).as_bytes());
+                stream.extend_from_slice(v);
+                stream.extend_from_slice(b"\r\nEN\r\nHD c7\r\n");
+            }
+            stream.extend_from_slice(b"MN\r\n");
+            // Feed it in arbitrary pieces, as a socket would.
+            let mut received = Vec::new();
+            let mut replies = Vec::new();
+            let mut fed = 0;
+            let mut cuts = cuts.into_iter();
+            while fed < stream.len() {
+                let n = cuts.next().unwrap_or(stream.len()).min(stream.len() - fed);
+                received.extend_from_slice(&stream[fed..fed + n]);
+                fed += n;
+                while let Some((reply, used)) = parse(&received).unwrap() {
+                    received.drain(..used);
+                    replies.push(reply);
+                }
+            }
+            prop_assert!(received.is_empty());
+            prop_assert_eq!(replies.len(), values.len() * 3 + 1);
+            for (i, v) in values.iter().enumerate() {
+                match &replies[i * 3] {
+                    Response::Meta { status: Status::Value, flags, value: Some(got) } => {
+                        prop_assert_eq!(flags.opaque, Some(i as u32));
+                        prop_assert_eq!(got.as_ref(), &v[..]);
+                    }
+                    other => prop_assert!(false, "{other:?}"),
+                }
+                prop_assert_eq!(replies[i * 3 + 1].status(), Some(Status::Miss));
+                prop_assert_eq!(replies[i * 3 + 2].status(), Some(Status::Ok));
+            }
+            prop_assert_eq!(replies.last().and_then(Response::status), Some(Status::Noop));
+        }
+
+        #[test]
         fn wire_keys_are_valid(key in any::<String>()) {
             let k = WireKey::new(&key);
             prop_assert!(is_plain_key(k.as_str().as_bytes()));

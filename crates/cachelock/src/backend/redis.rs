@@ -206,8 +206,32 @@ pub fn check_url(url: &str) -> BackendResult<()> {
     parse_url(url).map(|_| ())
 }
 
-/// A URL with its password (if any) replaced by `***`, for messages.
+/// A URL with its password (in the user info or a `pass=` query parameter)
+/// replaced by `***`, for messages.
 fn redact(url: &str) -> String {
+    let url = redact_userinfo(url);
+    let Some(q) = url.find('?') else {
+        return url;
+    };
+    let (head, query) = url.split_at(q);
+    let mut out = head.to_owned();
+    for (i, part) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let bare = part.trim_start_matches('?');
+        if bare.starts_with("pass=") || bare.starts_with("password=") {
+            let (name, _) = part.split_once('=').unwrap_or((part, ""));
+            out.push_str(name);
+            out.push_str("=***");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
@@ -254,12 +278,25 @@ fn parse_url(url: &str) -> BackendResult<ConnectionInfo> {
         }
     }
     let info = url.into_connection_info().map_err(|e| {
-        let why = match e.detail() {
-            Some(d) => format!("{} ({d})", short_redis_error(&e)),
-            None => short_redis_error(&e),
-        };
-        bad_url(url, why)
+        let why = short_redis_error(&e);
+        if why.contains("URL fragment") {
+            bad_url(url, "URL fragments (#...) are not supported")
+        } else if why.contains("did not parse") {
+            bad_url(
+                url,
+                "it does not parse as a URL (check the host, the port (1-65535) and the \
+                 percent-encoding of the user and password)",
+            )
+        } else {
+            bad_url(url, why)
+        }
     })?;
+    if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(bad_url(
+            url,
+            "#insecure (TLS without certificate checks) is not supported",
+        ));
+    }
     if let ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } = info.addr()
         && host.is_empty()
     {
@@ -271,13 +308,10 @@ fn parse_url(url: &str) -> BackendResult<ConnectionInfo> {
     Ok(info)
 }
 
-/// The crate's description of an error without its kind prefix noise.
+/// The crate's description of a configuration error, without the name of
+/// its error kind.
 fn short_redis_error(e: &RedisError) -> String {
-    let s = e.to_string();
-    s.strip_prefix("InvalidClientConfig: ")
-        .or_else(|| s.strip_prefix("invalid client config: "))
-        .unwrap_or(&s)
-        .to_owned()
+    e.to_string().replace(" - InvalidClientConfig", "")
 }
 
 /// Installs rustls's `ring` crypto provider as the process default, once.
@@ -468,7 +502,10 @@ impl RedisBackend {
             urls: vec![redact(url)],
             native_delete: None,
         };
-        backend.native_delete = backend.detect_native_delete().await;
+        backend.native_delete = backend
+            .detect_native_delete()
+            .await
+            .map_err(|e| connect_failed(url, e))?;
         tracing::debug!(url = %redact(url), native_delete = ?backend.native_delete, "connected to Redis");
         Ok(backend)
     }
@@ -527,7 +564,10 @@ impl RedisBackend {
             urls: shown,
             native_delete: None,
         };
-        backend.native_delete = backend.detect_native_delete().await;
+        backend.native_delete = backend
+            .detect_native_delete()
+            .await
+            .map_err(|e| connect_failed(&backend.urls.join(","), e))?;
         tracing::debug!(urls = ?backend.urls, native_delete = ?backend.native_delete, "connected to Redis Cluster");
         Ok(backend)
     }
@@ -549,16 +589,20 @@ impl RedisBackend {
         self.native_delete.is_some()
     }
 
-    /// Asks the server once whether it has `DELEX` or `DELIFEQ`. Any failure
-    /// (an old server, `COMMAND` denied by ACL) means "no".
-    async fn detect_native_delete(&self) -> Option<NativeDelete> {
+    /// Asks the server once whether it has `DELEX` or `DELIFEQ`. This is
+    /// also the first command on the connection, so it proves the server
+    /// serves us: an unavailable server (or one that wants a password) fails
+    /// the connect. An error reply (an old server, `COMMAND` denied by ACL)
+    /// means "no native command".
+    async fn detect_native_delete(&self) -> BackendResult<Option<NativeDelete>> {
         let mut cmd = ::redis::cmd("COMMAND");
         cmd.arg("INFO").arg("DELEX").arg("DELIFEQ");
         match self.query::<Value>("", &cmd).await {
-            Ok(reply) => native_delete_from_command_info(&reply),
+            Ok(reply) => Ok(native_delete_from_command_info(&reply)),
+            Err(e) if e.is_unavailable() => Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "COMMAND INFO failed; using the compare-and-delete script");
-                None
+                Ok(None)
             }
         }
     }
@@ -657,9 +701,9 @@ fn native_delete_from_command_info(reply: &Value) -> Option<NativeDelete> {
         _ => return None,
     };
     let known = |i: usize| {
-        entries
-            .get(i)
-            .is_some_and(|v| !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty()))
+        entries.get(i).is_some_and(|v| {
+            !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())
+        })
     };
     if known(0) {
         Some(NativeDelete::Delex)
@@ -739,6 +783,16 @@ fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
     }
 }
 
+/// Says which server a failed first command was sent to.
+fn connect_failed(url: &str, e: BackendError) -> BackendError {
+    match e {
+        BackendError::Unavailable { reason, .. } => {
+            BackendError::unavailable("", format!("cannot use Redis at {}: {reason}", redact(url)))
+        }
+        other => other,
+    }
+}
+
 fn connect_error(url: &str, e: RedisError, elapsed: Duration) -> BackendError {
     match map_error("", &e, elapsed) {
         BackendError::TimedOut { key, after } => BackendError::TimedOut { key, after },
@@ -808,23 +862,14 @@ impl Backend for RedisBackend {
                 None => groups.push((slot, vec![(k, v)])),
             }
         }
-        try_join_all(
-            groups
-                .iter()
-                .map(|(_, group)| self.set_pipeline(group, ms)),
-        )
-        .await?;
+        try_join_all(groups.iter().map(|(_, group)| self.set_pipeline(group, ms))).await?;
         Ok(())
     }
 
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
         self.check_size(key, value)?;
         let mut cmd = ::redis::cmd("SET");
-        cmd.arg(key)
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms(ttl));
+        cmd.arg(key).arg(value).arg("NX").arg("PX").arg(ttl_ms(ttl));
         match self.query::<Value>(key, &cmd).await? {
             Value::Nil => Ok(false),
             reply => expect_ok(key, &reply).map(|()| true),
@@ -847,7 +892,10 @@ impl Backend for RedisBackend {
 
     async fn incr(&self, key: &str, delta: u64) -> BackendResult<u64> {
         let delta = i64::try_from(delta).map_err(|_| {
-            BackendError::protocol(key, format!("increment {delta} is over Redis's 64-bit limit"))
+            BackendError::protocol(
+                key,
+                format!("increment {delta} is over Redis's 64-bit limit"),
+            )
         })?;
         let mut cmd = ::redis::cmd("INCRBY");
         cmd.arg(key).arg(delta);
@@ -960,6 +1008,11 @@ mod tests {
         assert_eq!(redact("redis://host:1"), "redis://host:1");
         assert_eq!(redact("nonsense"), "nonsense");
         assert_eq!(redact("redis://a:b@c/@d"), "redis://a:***@c/@d");
+        assert_eq!(
+            redact("redis+unix:///s.sock?db=1&pass=x&user=u"),
+            "redis+unix:///s.sock?db=1&pass=***&user=u"
+        );
+        assert_eq!(redact("unix:///s.sock?pass=x"), "unix:///s.sock?pass=***");
     }
 
     #[test]

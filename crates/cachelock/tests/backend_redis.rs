@@ -48,6 +48,20 @@ mod cluster {
     conformance_tests!(crate::cluster().await, paused = false);
 }
 
+/// CacheLock's cases (those that run in real time) on the standalone Redis.
+mod standalone_lock {
+    use super::common;
+    use crate::lock_tests;
+    lock_tests!(crate::standalone().await, paused = false);
+}
+
+/// CacheLock's cases on the Cluster.
+mod cluster_lock {
+    use super::common;
+    use crate::lock_tests;
+    lock_tests!(crate::cluster().await, paused = false);
+}
+
 // ---------------------------------------------------------------------------
 // URLs
 

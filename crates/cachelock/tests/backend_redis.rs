@@ -618,3 +618,73 @@ async fn one_backend_serves_many_tasks_at_once() {
         t.await.unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Faults between the backend and a real Redis (the shared fault proxy)
+
+#[tokio::test]
+async fn slow_and_cut_connections_through_a_fault_proxy() {
+    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
+        return;
+    };
+    let upstream: std::net::SocketAddr = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("CACHELOCK_TEST_REDIS_URL is redis://IP:PORT");
+    let proxy = common::fault_proxy::FaultProxy::start(upstream).await;
+    let response_timeout = Duration::from_millis(300);
+    let b = RedisBackend::connect_with(
+        &format!("redis://{}", proxy.addr()),
+        RedisOptions::new()
+            .response_timeout(response_timeout)
+            .connect_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let (k1, k2) = (common::unique_key("proxy1"), common::unique_key("proxy2"));
+    b.set(&k1, b"one", LONG).await.unwrap();
+    b.set(&k2, b"two", LONG).await.unwrap();
+
+    // Replies slower than the response timeout: a typed timeout, quickly.
+    proxy.set_latency(Duration::from_millis(400));
+    let start = Instant::now();
+    let err = b.get(&k1).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(err.key(), k1);
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+
+    // The late reply arrives and is dropped: later replies still go to the
+    // right requests.
+    proxy.heal();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.get(&k2).await.unwrap().as_deref(), Some(&b"two"[..]));
+    assert_eq!(b.get(&k1).await.unwrap().as_deref(), Some(&b"one"[..]));
+
+    // A connection cut in the middle of a large reply: unavailable, then the
+    // backend reconnects and reads the whole value.
+    let big = common::unique_key("proxy-big");
+    let v: Vec<u8> = (0..2_000_000).map(|i| (i % 241) as u8).collect();
+    b.set(&big, &v, LONG).await.unwrap();
+    proxy.cut_after_bytes(100_000);
+    proxy.cut_all();
+    let mut failures = 0;
+    let got = loop {
+        match b.get(&big).await {
+            Ok(got) => break got,
+            Err(e) => {
+                assert!(e.is_unavailable(), "{e:?}");
+                failures += 1;
+                assert!(failures < 5, "the backend does not recover: {e:?}");
+                if failures == 2 {
+                    proxy.heal();
+                }
+            }
+        }
+    };
+    assert!(failures >= 1, "the cut connection must show as a failure");
+    assert_eq!(got.as_deref(), Some(&v[..]));
+    for k in [&k1, &k2, &big] {
+        b.delete(k).await.unwrap();
+    }
+}

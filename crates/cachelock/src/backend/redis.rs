@@ -55,6 +55,8 @@
 //! * connection refused, reset or broken, a failed handshake or
 //!   authentication, a Cluster with no node for a slot, or a server that is
 //!   loading / out of memory / read-only → [`BackendError::Unavailable`];
+//! * a reply stream that breaks off mid-reply (it fails to parse; the crate
+//!   replaces the connection) → [`BackendError::Unavailable`];
 //! * no reply within the response timeout (or no connection within the
 //!   connect timeout) → [`BackendError::TimedOut`];
 //! * an error reply (`WRONGTYPE`, "not an integer", ...) or a reply of an
@@ -761,7 +763,10 @@ fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
         };
     }
     let unavailable = match e.kind() {
-        ErrorKind::Io
+        // A reply that does not parse is, in practice, a stream cut in the
+        // middle of a reply; the crate replaces the connection.
+        ErrorKind::Parse
+        | ErrorKind::Io
         | ErrorKind::AuthenticationFailed
         | ErrorKind::ClusterConnectionNotFound
         | ErrorKind::InvalidClientConfig

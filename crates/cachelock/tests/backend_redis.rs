@@ -241,6 +241,13 @@ impl PrivateRedis {
     /// Starts a server, or returns `None` (skip) when the test servers were
     /// not promised and `redis-server` is not installed.
     fn start(extra: &[&str]) -> Option<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_with(move |_, _| extra)
+    }
+
+    /// As [`start`](Self::start), with arguments made from the port and the
+    /// server's directory (after the directory exists).
+    fn start_with(extra: impl FnOnce(u16, &std::path::Path) -> Vec<String>) -> Option<Self> {
         let installed = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -256,10 +263,12 @@ impl PrivateRedis {
         }
         let dir = std::env::temp_dir().join(common::unique_key("redis").replace(':', "-"));
         std::fs::create_dir_all(&dir).expect("create the server directory");
+        let port = closed_port();
+        let extra = extra(port, &dir);
         let mut server = Self {
-            port: closed_port(),
+            port,
             dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             child: None,
         };
         server.spawn();
@@ -652,7 +661,11 @@ async fn slow_and_cut_connections_through_a_fault_proxy() {
     let err = b.get(&k1).await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert_eq!(err.key(), k1);
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
 
     // The late reply arrives and is dropped: later replies still go to the
     // right requests.
@@ -686,5 +699,153 @@ async fn slow_and_cut_connections_through_a_fault_proxy() {
     assert_eq!(got.as_deref(), Some(&v[..]));
     for k in [&k1, &k2, &big] {
         b.delete(k).await.unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TLS
+
+/// Makes a throwaway CA and a certificate for localhost/127.0.0.1 signed by
+/// it in `dir` with the `openssl` command (as `scripts/services` does).
+fn make_test_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl")
+            .success();
+        assert!(ok, "openssl {args:?} failed");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cachelock-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("write ext.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+fn openssl_installed() -> bool {
+    Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn check_tls_server(url: &str, ca_pem: Vec<u8>) {
+    let b = RedisBackend::connect_with(url, RedisOptions::new().tls_root_certificate(ca_pem))
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect to {url}: {e}"));
+    let k = common::unique_key("tls");
+    assert!(b.add(&k, b"tok", LONG).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"tok"[..]));
+    assert_eq!(
+        b.delete_if_eq(&k, b"tok", LONG).await.unwrap(),
+        TokenCheck::Matched
+    );
+
+    // Without our CA the server's certificate is not trusted: a clean,
+    // prompt "unavailable", never a plain-text fallback.
+    let start = Instant::now();
+    let err = RedisBackend::connect_with(
+        url,
+        RedisOptions::new().connect_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    if !openssl_installed() {
+        assert!(
+            !common::services_promised(),
+            "openssl is not installed although the test servers were promised"
+        );
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let Some(server) = PrivateRedis::start_with(|port, dir| {
+        make_test_certs(dir);
+        let file = |name: &str| dir.join(name).display().to_string();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            file("server.crt"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }) else {
+        return;
+    };
+    let ca = std::fs::read(server.dir.join("ca.crt")).unwrap();
+    check_tls_server(&format!("rediss://localhost:{}", server.port), ca.clone()).await;
+    check_tls_server(&format!("rediss://127.0.0.1:{}/1", server.port), ca).await;
+
+    // The shared TLS Redis of scripts/services, when it runs one.
+    if let (Ok(url), Ok(ca_file)) = (
+        std::env::var("CACHELOCK_TEST_REDIS_TLS_URL"),
+        std::env::var("CACHELOCK_TEST_REDIS_TLS_CA"),
+    ) {
+        check_tls_server(&url, std::fs::read(ca_file).unwrap()).await;
     }
 }

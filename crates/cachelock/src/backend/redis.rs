@@ -105,11 +105,26 @@ const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 ///     .response_timeout(Duration::from_secs(10));
 /// assert_eq!(options.connect_timeout_duration(), Duration::from_secs(1));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisOptions {
     connect_timeout: Duration,
     response_timeout: Duration,
     max_value_size: usize,
+    tls_root_certificate: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("max_value_size", &self.max_value_size)
+            .field(
+                "tls_root_certificate",
+                &self.tls_root_certificate.as_ref().map(|_| "<PEM>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for RedisOptions {
@@ -118,6 +133,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(5),
             max_value_size: REDIS_MAX_VALUE_SIZE,
+            tls_root_certificate: None,
         }
     }
 }
@@ -160,6 +176,25 @@ impl RedisOptions {
     pub fn max_value_size(mut self, bytes: usize) -> Self {
         self.max_value_size = bytes.min(REDIS_MAX_VALUE_SIZE);
         self
+    }
+
+    /// For `rediss://` URLs: trust the certificate authority in this PEM
+    /// file's contents **instead of** the system's root certificates (a
+    /// private CA, as many managed and self-hosted Redis deployments use).
+    /// By default the system's roots are used. Without TLS it has no effect.
+    #[must_use]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificate = Some(pem.into());
+        self
+    }
+
+    fn tls_certificates(&self) -> Option<::redis::TlsCertificates> {
+        self.tls_root_certificate
+            .as_ref()
+            .map(|pem| ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            })
     }
 
     /// The connect timeout.
@@ -258,6 +293,17 @@ fn redact_userinfo(url: &str) -> String {
 
 fn bad_url(url: &str, why: impl fmt::Display) -> BackendError {
     BackendError::unavailable("", format!("invalid Redis URL {:?}: {why}", redact(url)))
+}
+
+fn bad_tls(url: &str, e: &RedisError) -> BackendError {
+    BackendError::unavailable(
+        "",
+        format!(
+            "cannot set up TLS for Redis at {}: {}",
+            redact(url),
+            short_redis_error(e)
+        ),
+    )
 }
 
 /// Parses and checks a URL into the `redis` crate's connection info.
@@ -479,7 +525,13 @@ impl RedisBackend {
     pub async fn connect_with(url: &str, options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         let info = prepare(parse_url(url)?);
-        let client = ::redis::Client::open(info).map_err(|e| bad_url(url, e))?;
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        let client = match options.tls_certificates() {
+            Some(certs) if tls => {
+                ::redis::Client::build_with_tls(info, certs).map_err(|e| bad_tls(url, &e))?
+            }
+            _ => ::redis::Client::open(info).map_err(|e| bad_url(url, short_redis_error(&e)))?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.response_timeout))
@@ -543,10 +595,17 @@ impl RedisBackend {
             nodes.push(prepare(parse_url(url)?));
         }
         let shown: Vec<String> = urls.iter().map(|u| redact(u)).collect();
-        let client = ::redis::cluster::ClusterClientBuilder::new(nodes)
+        let tls = nodes
+            .iter()
+            .any(|n| matches!(n.addr(), ConnectionAddr::TcpTls { .. }));
+        let mut builder = ::redis::cluster::ClusterClientBuilder::new(nodes)
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.response_timeout)
-            .tcp_settings(TcpSettings::default().set_nodelay(true))
+            .tcp_settings(TcpSettings::default().set_nodelay(true));
+        if let Some(certs) = options.tls_certificates().filter(|_| tls) {
+            builder = builder.certs(certs);
+        }
+        let client = builder
             .build()
             .map_err(|e| bad_url(&shown.join(","), short_redis_error(&e)))?;
         let started = Instant::now();

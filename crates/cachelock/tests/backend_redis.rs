@@ -2,6 +2,8 @@
 //! shared standalone Redis and the shared 3-master Cluster, URL handling,
 //! servers that are down, a server restart, authentication, databases,
 //! Unix sockets and timeouts (on private servers this test starts and kills).
+// Test helpers are not `#[test]` functions, which clippy.toml already allows.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use std::net::TcpListener;

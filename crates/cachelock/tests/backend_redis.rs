@@ -2,7 +2,7 @@
 //! shared standalone Redis and the shared 3-master Cluster, URL handling,
 //! servers that are down, a server restart, authentication, databases,
 //! Unix sockets and timeouts (on private servers this test starts and kills).
-// Test helpers are not `#[test]` functions, which clippy.toml already allows.
+// clippy.toml allows unwrap in `#[test]` functions only; these helpers are test code too.
 #![allow(clippy::unwrap_used)]
 mod common;
 
@@ -850,4 +850,67 @@ async fn tls_with_a_private_ca() {
     ) {
         check_tls_server(&url, std::fs::read(ca_file).unwrap()).await;
     }
+}
+
+#[tokio::test]
+async fn server_that_never_answers_times_out() {
+    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
+        return;
+    };
+    let upstream: std::net::SocketAddr = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("CACHELOCK_TEST_REDIS_URL is redis://IP:PORT");
+    let proxy = common::fault_proxy::FaultProxy::start(upstream).await;
+    let options = RedisOptions::new()
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500));
+    let proxied = format!("redis://{}", proxy.addr());
+
+    // Accepts the TCP connection, then silence: the connect gives up in
+    // bounded time (connect timeout, then one response timeout at most).
+    proxy.black_hole(true);
+    let start = Instant::now();
+    let err = RedisBackend::connect_with(&proxied, options.clone())
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // A connected backend whose server goes silent: each operation gives up
+    // after the response timeout.
+    proxy.heal();
+    let b = RedisBackend::connect_with(&proxied, options).await.unwrap();
+    proxy.black_hole(true);
+    let k = common::unique_key("silent");
+    let start = Instant::now();
+    let err = b.add(&k, b"tok", LONG).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn cluster_connects_through_any_live_node() {
+    let Some(urls) = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS") else {
+        return;
+    };
+    let dead = format!("redis://127.0.0.1:{}", closed_port());
+    let live = urls.split(',').next().unwrap().trim().to_owned();
+    let b = RedisBackend::connect_cluster(&[&dead, &live])
+        .await
+        .unwrap();
+    let k = common::unique_key("any-node");
+    b.set(&k, b"v", LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert!(b.delete(&k).await.unwrap());
+    assert!(format!("{b:?}").contains("cluster: true"));
 }

@@ -4,6 +4,7 @@
 //! Unix sockets and timeouts (on private servers this test starts and kills).
 // clippy.toml allows unwrap in `#[test]` functions only; these helpers are test code too.
 #![allow(clippy::unwrap_used)]
+#![cfg(feature = "redis")]
 mod common;
 
 use std::net::TcpListener;

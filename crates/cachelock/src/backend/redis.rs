@@ -1,6 +1,6 @@
 //! The Redis backend: one standalone server or a Redis Cluster.
 //!
-//! [`RedisBackend`] speaks to Redis through the [`redis`](::redis) crate's
+//! [`RedisBackend`] speaks to Redis through the `redis` crate's
 //! async connections: a [`ConnectionManager`] (one multiplexed connection that
 //! reconnects by itself) for a standalone server, and the `cluster_async`
 //! [`ClusterConnection`] for a Cluster. Both sit behind one private enum that
@@ -68,6 +68,7 @@
 //! because the connection was *refused* was never sent, so it is retried once
 //! on a fresh connection: the first operation after a restart succeeds.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{LazyLock, Once};
 use std::time::Duration;
@@ -918,15 +919,17 @@ impl Backend for RedisBackend {
         }
         // A Cluster pipeline must stay within one hash slot: one per slot,
         // keeping the items' order within each.
-        let mut groups: Vec<(Slot, Vec<(&str, &[u8])>)> = Vec::new();
+        let mut slots: HashMap<Slot, usize> = HashMap::new();
+        let mut groups: Vec<Vec<(&str, &[u8])>> = Vec::new();
         for &(k, v) in items {
-            let slot = Slot::for_key(k);
-            match groups.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, group)) => group.push((k, v)),
-                None => groups.push((slot, vec![(k, v)])),
+            let next = groups.len();
+            let i = *slots.entry(Slot::for_key(k)).or_insert(next);
+            match groups.get_mut(i) {
+                Some(group) => group.push((k, v)),
+                None => groups.push(vec![(k, v)]),
             }
         }
-        try_join_all(groups.iter().map(|(_, group)| self.set_pipeline(group, ms))).await?;
+        try_join_all(groups.iter().map(|group| self.set_pipeline(group, ms))).await?;
         Ok(())
     }
 

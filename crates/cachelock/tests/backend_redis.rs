@@ -915,3 +915,32 @@ async fn cluster_connects_through_any_live_node() {
     assert!(b.delete(&k).await.unwrap());
     assert!(format!("{b:?}").contains("cluster: true"));
 }
+
+#[tokio::test]
+async fn quick_restart_while_idle() {
+    let Some(mut server) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let resp3 = RedisBackend::connect(&server.url()).await.unwrap();
+    let resp2 = RedisBackend::connect(&format!("{}/?protocol=resp2", server.url()))
+        .await
+        .unwrap();
+    let k = common::unique_key("quick-restart");
+    resp3.set(&k, b"v", LONG).await.unwrap();
+    resp2.set(&k, b"v", LONG).await.unwrap();
+
+    // The server restarts while both backends are idle.
+    server.kill();
+    server.spawn();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // RESP3 (the default) saw the connection drop and reconnects: even a
+    // non-repeatable operation succeeds at once.
+    assert!(resp3.add(&k, b"tok", LONG).await.unwrap());
+    assert_eq!(resp3.get(&k).await.unwrap().as_deref(), Some(&b"tok"[..]));
+
+    // RESP2 learns of it only by failing once, then reconnects.
+    let err = resp2.incr(&common::unique_key("n"), 1).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(resp2.get(&k).await.unwrap().as_deref(), Some(&b"tok"[..]));
+}

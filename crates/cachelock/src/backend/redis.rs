@@ -62,6 +62,18 @@
 //! * an error reply (`WRONGTYPE`, "not an integer", ...) or a reply of an
 //!   unexpected shape → [`BackendError::Protocol`].
 //!
+//! # Protocol
+//!
+//! A standalone connection speaks RESP3 unless the URL says
+//! `?protocol=resp2` (or `resp3`): with RESP3 the connection manager hears of
+//! a dropped connection at once, also while idle, and reconnects before the
+//! next operation. A server without RESP3 (before Redis 6, some proxies) is
+//! detected at connect time and spoken to in RESP2; then the first operation
+//! after the server restarted while the backend was idle fails with
+//! [`BackendError::Unavailable`] and the next one reconnects. Cluster
+//! connections use the URL's protocol (RESP2 by default); the Cluster
+//! connection reconnects to its nodes by itself.
+//!
 //! A standalone backend whose server went away fails each operation fast
 //! (one connect attempt, bounded by the connect timeout) and reconnects on
 //! the next operation once the server is back. An operation that failed
@@ -78,8 +90,8 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::Slot;
 use ::redis::io::tcp::TcpSettings;
 use ::redis::{
-    Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError,
-    RedisFuture, ServerErrorKind, Value,
+    Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, ProtocolVersion,
+    RedisError, RedisFuture, ServerErrorKind, Value,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -526,31 +538,30 @@ impl RedisBackend {
     pub async fn connect_with(url: &str, options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         let info = prepare(parse_url(url)?);
-        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        let client = match options.tls_certificates() {
-            Some(certs) if tls => {
-                ::redis::Client::build_with_tls(info, certs).map_err(|e| bad_tls(url, &e))?
-            }
-            _ => ::redis::Client::open(info).map_err(|e| bad_url(url, short_redis_error(&e)))?,
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            // One connect attempt per reconnect: a server that is down is
-            // reported within the connect timeout instead of after a series
-            // of backed-off attempts. The next operation tries again.
-            .set_number_of_retries(0);
         let started = Instant::now();
-        let manager = tokio::time::timeout(
-            options.connect_timeout + options.response_timeout,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| BackendError::TimedOut {
-            key: String::new(),
-            after: started.elapsed(),
-        })?
-        .map_err(|e| connect_error(url, e, started.elapsed()))?;
+        let manager = if protocol_in_url(url) {
+            open_manager(url, info, &options)
+                .await
+                .map_err(|e| finish_connect_error(url, e, started))?
+        } else {
+            // RESP3 lets the manager see a dropped connection at once, even
+            // while idle, and reconnect before the next operation; without
+            // it the first operation after a server restart fails. Servers
+            // older than Redis 6 (and some proxies) lack `HELLO 3`: RESP2.
+            let settings = info.redis_settings().clone();
+            let resp3 = info
+                .clone()
+                .set_redis_settings(settings.clone().set_protocol(ProtocolVersion::RESP3));
+            match open_manager(url, resp3, &options).await {
+                Err(Ok(e)) if lacks_resp3(&e) => {
+                    tracing::debug!(url = %redact(url), error = %e, "Redis has no RESP3; using RESP2");
+                    let resp2 = info.set_redis_settings(settings.set_protocol(ProtocolVersion::RESP2));
+                    open_manager(url, resp2, &options).await
+                }
+                other => other,
+            }
+            .map_err(|e| finish_connect_error(url, e, started))?
+        };
         let mut backend = Self {
             conn: Conn::Single(manager),
             options,
@@ -848,6 +859,67 @@ fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
     }
 }
 
+/// Whether the URL chooses the protocol itself (`?protocol=resp2|resp3`).
+fn protocol_in_url(url: &str) -> bool {
+    url.split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("protocol=")))
+}
+
+/// Whether a connect failed because the server does not speak RESP3.
+fn lacks_resp3(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::RESP3NotSupported
+        || e.code() == Some("NOPROTO")
+        || (e.code() == Some("ERR") && e.detail().is_some_and(|d| d.contains("unknown command")))
+}
+
+/// Opens a connection manager: one connect attempt, bounded. The inner
+/// `Err` is the crate's error (to look at), the outer one a finished
+/// [`BackendError`].
+async fn open_manager(
+    url: &str,
+    info: ConnectionInfo,
+    options: &RedisOptions,
+) -> Result<ConnectionManager, Result<RedisError, BackendError>> {
+    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    let client = match options.tls_certificates() {
+        Some(certs) if tls => {
+            ::redis::Client::build_with_tls(info, certs).map_err(|e| Err(bad_tls(url, &e)))?
+        }
+        _ => ::redis::Client::open(info).map_err(|e| Err(bad_url(url, short_redis_error(&e))))?,
+    };
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_response_timeout(Some(options.response_timeout))
+        // One connect attempt per reconnect: a server that is down is
+        // reported within the connect timeout instead of after a series of
+        // backed-off attempts. The next operation tries again.
+        .set_number_of_retries(0);
+    let started = Instant::now();
+    tokio::time::timeout(
+        options.connect_timeout + options.response_timeout,
+        ConnectionManager::new_with_config(client, config),
+    )
+    .await
+    .map_err(|_| {
+        Err(BackendError::TimedOut {
+            key: String::new(),
+            after: started.elapsed(),
+        })
+    })?
+    .map_err(Ok)
+}
+
+fn finish_connect_error(
+    url: &str,
+    e: Result<RedisError, BackendError>,
+    started: Instant,
+) -> BackendError {
+    match e {
+        Ok(e) => connect_error(url, e, started.elapsed()),
+        Err(e) => e,
+    }
+}
+
 /// Says which server a failed first command was sent to.
 fn connect_failed(url: &str, e: BackendError) -> BackendError {
     match e {
@@ -1119,6 +1191,32 @@ mod tests {
         );
         assert_eq!(native_delete_from_command_info(&Value::Nil), None);
         assert_eq!(native_delete_from_command_info(&Value::Int(3)), None);
+    }
+
+    #[test]
+    fn falls_back_to_resp2_only_when_resp3_is_missing() {
+        let missing = RedisError::from((ErrorKind::RESP3NotSupported, "no HELLO"));
+        assert!(lacks_resp3(&missing));
+        let unknown = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "An error was signalled by the server",
+            "unknown command 'HELLO'".to_owned(),
+        ));
+        assert!(lacks_resp3(&unknown));
+        let noproto = ::redis::make_extension_error("NOPROTO".into(), Some("unsupported".into()));
+        assert!(lacks_resp3(&noproto));
+        let noauth = ::redis::make_extension_error(
+            "NOAUTH".into(),
+            Some("HELLO must be called with the client already authenticated".into()),
+        );
+        assert!(!lacks_resp3(&noauth));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!lacks_resp3(&io));
+
+        assert!(protocol_in_url("redis://h/?protocol=resp2"));
+        assert!(protocol_in_url("redis+unix:///s?db=1&protocol=3"));
+        assert!(!protocol_in_url("redis://h/0"));
+        assert!(!protocol_in_url("redis://h/?db=1"));
     }
 
     #[test]

@@ -9,13 +9,22 @@
 //!
 //! Goal: a lock cycle costs at most 2.2 raw round trips, i.e. cycles/s is at
 //! least 0.45x gets/s. Skips (with a message) when `CACHELOCK_TEST_REDIS_URL`
-//! is not set. `REDIS_BENCH_OPS` and `REDIS_BENCH_RUNS` change the size.
+//! is not set; measures the Cluster too when
+//! `CACHELOCK_TEST_REDIS_CLUSTER_URLS` is set. `REDIS_BENCH_OPS` and
+//! `REDIS_BENCH_RUNS` change the size (default: 5 runs of 2000 ops each).
+//!
+//! Each run times its gets, lock cycles and bare backend cycles in
+//! alternating blocks of 100, so that load from other processes on the
+//! machine falls on all three alike and their ratio stays meaningful.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cachelock::{CacheLock, LockOptions, RedisBackend, SharedBackend};
+use cachelock::lock::Released;
+use cachelock::{CacheLock, LockOptions, RedisBackend, SharedBackend, TokenCheck};
+
+const BLOCK: usize = 100;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -34,23 +43,119 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-async fn gets_per_sec(backend: &SharedBackend, key: &str, ops: usize) -> f64 {
+/// `n` single gets of one key.
+async fn gets(backend: &SharedBackend, key: &str, n: usize) -> Duration {
     let start = Instant::now();
-    for _ in 0..ops {
+    for _ in 0..n {
         let v = backend.get(key).await.expect("get");
         assert!(v.is_some());
     }
-    ops as f64 / start.elapsed().as_secs_f64()
+    start.elapsed()
 }
 
-async fn cycles_per_sec(lock: &CacheLock, ops: usize) -> f64 {
+/// `n` uncontended lock cycles: non-blocking acquire, then release.
+async fn cycles(lock: &CacheLock, n: usize) -> Duration {
     let start = Instant::now();
-    for _ in 0..ops {
+    for _ in 0..n {
         let guard = lock.try_acquire().await.expect("uncontended acquire");
         let released = guard.release().await.expect("release");
-        assert_eq!(released, cachelock::lock::Released::Released);
+        assert_eq!(released, Released::Released);
     }
-    ops as f64 / start.elapsed().as_secs_f64()
+    start.elapsed()
+}
+
+/// The same two backend calls as a lock cycle, without the lock layer.
+async fn backend_cycles(backend: &SharedBackend, key: &str, n: usize) -> Duration {
+    let lease = Duration::from_secs(30);
+    let start = Instant::now();
+    for i in 0..n {
+        let token = i.to_string();
+        let added = backend
+            .add(key, token.as_bytes(), lease)
+            .await
+            .expect("add");
+        assert!(added);
+        let check = backend
+            .delete_if_eq(key, token.as_bytes(), lease)
+            .await
+            .expect("delete_if_eq");
+        assert_eq!(check, TokenCheck::Matched);
+    }
+    start.elapsed()
+}
+
+fn per_sec(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+async fn measure(name: &str, backend: SharedBackend, ops: usize, runs: usize) {
+    let pid = std::process::id();
+    let get_key = format!("cachelock-bench:get:{pid}");
+    let raw_key = format!("cachelock-bench:raw:{pid}");
+    backend
+        .set(&get_key, b"a small value", Duration::from_secs(300))
+        .await
+        .unwrap();
+    let lock = CacheLock::new(
+        backend.clone(),
+        format!("cachelock-bench:lock:{pid}"),
+        LockOptions::new().lease(Duration::from_secs(30)),
+    )
+    .unwrap();
+
+    // Warm up: connection, script cache, CPU frequency.
+    gets(&backend, &get_key, ops / 4).await;
+    cycles(&lock, ops / 4).await;
+    backend_cycles(&backend, &raw_key, ops / 4).await;
+
+    println!("{name}: {runs} runs x {ops} ops, sequential, one client");
+    let blocks = ops.div_ceil(BLOCK);
+    let n = blocks * BLOCK;
+    let (mut g_all, mut c_all, mut r_all, mut ratios) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let (mut g, mut c, mut r) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for _ in 0..blocks {
+            g += gets(&backend, &get_key, BLOCK).await;
+            c += cycles(&lock, BLOCK).await;
+            r += backend_cycles(&backend, &raw_key, BLOCK).await;
+        }
+        let (g, c, r) = (per_sec(n, g), per_sec(n, c), per_sec(n, r));
+        println!(
+            "  run {run}: {g:>7.0} gets/s  {c:>7.0} lock cycles/s  ratio {:.3}   ({r:.0} add+delete_if_eq/s)",
+            c / g
+        );
+        g_all.push(g);
+        c_all.push(c);
+        r_all.push(r);
+        ratios.push(c / g);
+    }
+    backend.delete(&get_key).await.unwrap();
+
+    let (g, c, r) = (median(g_all), median(c_all), median(r_all));
+    let ratio = median(ratios);
+    println!(
+        "  raw get:           median {g:>7.0} ops/s  ({:.1} us each)",
+        1e6 / g
+    );
+    println!(
+        "  lock cycle:        median {c:>7.0} ops/s  ({:.1} us each)",
+        1e6 / c
+    );
+    println!(
+        "  add+delete_if_eq:  median {r:>7.0} ops/s  ({:.1} us each; the lock layer adds {:.1} us)",
+        1e6 / r,
+        1e6 / c - 1e6 / r
+    );
+    println!(
+        "  ratio cycle/get:   median {ratio:.3}  (ratio of the medians {:.3}); a cycle costs {:.2} raw round trips",
+        c / g,
+        1.0 / ratio
+    );
+    println!(
+        "  goal (ratio >= 0.45, i.e. at most 2.2 round trips): {}",
+        if ratio >= 0.45 { "MET" } else { "MISSED" }
+    );
 }
 
 fn main() {
@@ -70,52 +175,21 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let backend: SharedBackend = Arc::new(RedisBackend::connect(&url).await.expect("connect"));
-        let pid = std::process::id();
-        let get_key = format!("cachelock-bench:get:{pid}");
-        let lock_key = format!("cachelock-bench:lock:{pid}");
-        backend
-            .set(&get_key, b"a small value", Duration::from_secs(300))
-            .await
-            .unwrap();
-        let lock = CacheLock::new(
-            backend.clone(),
-            lock_key,
-            LockOptions::new().lease(Duration::from_secs(30)),
-        )
-        .unwrap();
-
-        // Warm up: connection, script cache, CPU frequency.
-        gets_per_sec(&backend, &get_key, ops / 4).await;
-        cycles_per_sec(&lock, ops / 4).await;
-
-        let (mut gets, mut cycles, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for run in 1..=runs {
-            let g = gets_per_sec(&backend, &get_key, ops).await;
-            let c = cycles_per_sec(&lock, ops).await;
-            println!(
-                "run {run}: {g:>9.0} gets/s  {c:>9.0} lock cycles/s  ratio {:.3}",
-                c / g
+        let standalone: SharedBackend =
+            Arc::new(RedisBackend::connect(&url).await.expect("connect"));
+        measure(&format!("redis {url}"), standalone, ops, runs).await;
+        // The Cluster too, for information, when the test servers run one.
+        if let Some(urls) = std::env::var("CACHELOCK_TEST_REDIS_CLUSTER_URLS")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
+            let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+            let cluster: SharedBackend = Arc::new(
+                RedisBackend::connect_cluster(&urls)
+                    .await
+                    .expect("connect to the cluster"),
             );
-            ratios.push(c / g);
-            gets.push(g);
-            cycles.push(c);
+            measure("redis cluster", cluster, ops, runs).await;
         }
-        backend.delete(&get_key).await.unwrap();
-
-        let (g, c) = (median(gets), median(cycles));
-        let ratio = c / g;
-        println!("redis {url}: {runs} runs x {ops} ops, sequential, one client");
-        println!("  raw get:          median {g:>9.0} ops/s  ({:.1} us each)", 1e6 / g);
-        println!("  lock cycle:       median {c:>9.0} ops/s  ({:.1} us each)", 1e6 / c);
-        println!(
-            "  ratio cycle/get:  {ratio:.3}  (a cycle costs {:.2} raw round trips; goal >= 0.45, i.e. <= 2.2)",
-            1.0 / ratio
-        );
-        println!(
-            "  median of the per-run ratios (each run's gets and cycles are adjacent): {:.3}",
-            median(ratios)
-        );
-        println!("  goal {}", if ratio >= 0.45 { "MET" } else { "MISSED" });
     });
 }

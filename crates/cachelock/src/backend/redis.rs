@@ -48,7 +48,13 @@
 //!   that write many related keys (memoize's chunks) should give them one tag.
 //! * The per-node reconnects, `MOVED`/`ASK` redirects and slot-map refreshes
 //!   are the crate's; one operation, retries included, is bounded by the
-//!   response timeout.
+//!   response timeout. The crate also re-sends a command after a broken
+//!   connection or a timed-out reply, which cannot be turned off without
+//!   turning off redirects: if the first attempt of `add`, `incr` or
+//!   `delete_if_eq` took effect but its reply was lost, the retry answers as
+//!   if it had not (`add` → `false`, `incr` counts twice, `delete_if_eq` →
+//!   `Missing`). The standalone backend never re-sends a command that may
+//!   have reached the server.
 //!
 //! # Failures
 //!
@@ -61,6 +67,12 @@
 //!   connect timeout) → [`BackendError::TimedOut`];
 //! * an error reply (`WRONGTYPE`, "not an integer", ...) or a reply of an
 //!   unexpected shape → [`BackendError::Protocol`].
+//!
+//! # Runtime
+//!
+//! The connection's background tasks run on the tokio runtime that called
+//! `connect`; use the backend on that runtime (it may be shared by any
+//! number of tasks and threads of it).
 //!
 //! # Protocol
 //!

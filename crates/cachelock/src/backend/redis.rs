@@ -1231,6 +1231,31 @@ mod tests {
         assert!(!protocol_in_url("redis://h/?db=1"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn url_checks_never_panic(url in "\\PC{0,60}") {
+            let _ = check_url(&url);
+            let _ = redact(&url);
+        }
+
+        #[test]
+        fn url_errors_never_show_the_password(
+            user in "[a-z]{0,8}",
+            password in "[A-Za-z0-9]{12,20}",
+            rest in "(:[0-9]{1,6})?(/[a-z0-9-]{0,4})?(\\?[a-z]{1,6}=[a-z0-9]{0,4})?",
+        ) {
+            let url = format!("redis://{user}:{password}@127.0.0.1{rest}");
+            if let Err(e) = check_url(&url) {
+                proptest::prop_assert!(!e.to_string().contains(&password), "{e}");
+            }
+            proptest::prop_assert!(!redact(&url).contains(&password));
+            let unix = format!("redis+unix:///tmp/r.sock?db={rest}&pass={password}");
+            if let Err(e) = check_url(&unix) {
+                proptest::prop_assert!(!e.to_string().contains(&password), "{e}");
+            }
+        }
+    }
+
     #[test]
     fn token_codes() {
         assert_eq!(token_check("k", 1).unwrap(), TokenCheck::Matched);

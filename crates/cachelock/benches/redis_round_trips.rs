@@ -89,16 +89,18 @@ fn per_sec(n: usize, d: Duration) -> f64 {
 }
 
 async fn measure(name: &str, backend: SharedBackend, ops: usize, runs: usize) {
-    let pid = std::process::id();
-    let get_key = format!("cachelock-bench:get:{pid}");
-    let raw_key = format!("cachelock-bench:raw:{pid}");
+    // One hash tag: on a Cluster all three keys live on the same node, so
+    // the comparison is not between nodes.
+    let tag = format!("{{cachelock-bench:{}}}", std::process::id());
+    let get_key = format!("{tag}:get");
+    let raw_key = format!("{tag}:raw");
     backend
         .set(&get_key, b"a small value", Duration::from_secs(300))
         .await
         .unwrap();
     let lock = CacheLock::new(
         backend.clone(),
-        format!("cachelock-bench:lock:{pid}"),
+        format!("{tag}:lock"),
         LockOptions::new().lease(Duration::from_secs(30)),
     )
     .unwrap();

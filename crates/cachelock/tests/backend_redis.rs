@@ -944,3 +944,39 @@ async fn quick_restart_while_idle() {
     assert!(err.is_unavailable(), "{err:?}");
     assert_eq!(resp2.get(&k).await.unwrap().as_deref(), Some(&b"tok"[..]));
 }
+
+#[tokio::test]
+async fn a_lock_lost_in_a_server_restart_is_reported() {
+    let Some(mut server) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let backend: SharedBackend = Arc::new(RedisBackend::connect(&server.url()).await.unwrap());
+    let lock = cachelock::CacheLock::new(
+        backend.clone(),
+        common::unique_key("restart-lock"),
+        cachelock::LockOptions::new().lease(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let mut guard = lock.try_acquire().await.unwrap();
+    let second = lock.try_acquire().await.unwrap_err();
+    assert!(second.is_held(), "{second:?}");
+
+    // The server restarts without persistence: the lock key is gone.
+    server.kill();
+    server.spawn();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let err = guard.extend(None).await.unwrap_err();
+    assert!(err.is_lease_expired(), "{err:?}");
+    assert!(guard.is_lost());
+    assert_eq!(
+        guard.release().await.unwrap(),
+        cachelock::lock::Released::Lost
+    );
+    // Someone else can take it now.
+    let other = lock.try_acquire().await.unwrap();
+    assert_eq!(
+        other.release().await.unwrap(),
+        cachelock::lock::Released::Released
+    );
+}

@@ -897,6 +897,15 @@ async fn server_that_never_answers_times_out() {
         "{:?}",
         start.elapsed()
     );
+
+    // The silent connection is given up: once the path works again (new
+    // connections through the proxy are healthy while the old one stays
+    // dead), the next operations succeed on a new connection.
+    proxy.heal();
+    b.set(&k, b"after", LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"after"[..]));
+    assert!(proxy.accepted() >= 3, "a new connection was opened");
+    b.delete(&k).await.unwrap();
 }
 
 #[tokio::test]

@@ -93,6 +93,10 @@
 //! the next operation once the server is back. An operation that failed
 //! because the connection was *refused* was never sent, so it is retried once
 //! on a fresh connection: the first operation after a restart succeeds.
+//! A reply that times out gets the standalone connection replaced: a
+//! connection that stopped answering (half-open after a host or network
+//! failure) would otherwise time out every operation until the kernel gives
+//! up on it, many minutes later.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -110,6 +114,7 @@ use ::redis::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
+use parking_lot::RwLock;
 use tokio::time::Instant;
 
 use self::url::{bad_tls, bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
@@ -296,6 +301,61 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// How a backend reaches Redis.
+enum Link {
+    Single(Box<SingleLink>),
+    Cluster(ClusterConnection),
+}
+
+/// A standalone connection that is replaced when a reply times out.
+///
+/// The `redis` crate's manager replaces a connection only when it reports an
+/// error. One that merely stops answering (a half-open TCP connection after
+/// a host or network failure, a black-holed route) would time out every
+/// operation until the kernel gives up on it, many minutes later. So after a
+/// timed-out reply the connection is dropped, as redis-py does, and the next
+/// operation connects afresh.
+struct SingleLink {
+    client: ::redis::Client,
+    config: ConnectionManagerConfig,
+    /// The connection and its generation, bumped at each replacement.
+    current: RwLock<(u64, ConnectionManager)>,
+}
+
+impl Link {
+    /// The connection to use now, with its generation.
+    fn snapshot(&self) -> (u64, Conn) {
+        match self {
+            Link::Single(single) => {
+                let current = single.current.read();
+                (current.0, Conn::Single(current.1.clone()))
+            }
+            Link::Cluster(cluster) => (0, Conn::Cluster(cluster.clone())),
+        }
+    }
+
+    /// Drops the standalone connection of `generation` after a reply on it
+    /// timed out (once, however many operations timed out on it). The next
+    /// operation connects again.
+    fn discard(&self, generation: u64) {
+        let Link::Single(single) = self else {
+            return;
+        };
+        let mut current = single.current.write();
+        if current.0 != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(single.client.clone(), single.config.clone())
+        {
+            Ok(fresh) => {
+                *current = (generation + 1, fresh);
+                tracing::debug!("a Redis reply timed out; the connection will be replaced");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not prepare a new Redis connection"),
+        }
+    }
+}
+
 /// Which server-side compare-and-delete command the server offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NativeDelete {
@@ -361,7 +421,7 @@ fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
 /// # Ok(()) }
 /// ```
 pub struct RedisBackend {
-    conn: Conn,
+    link: Link,
     options: RedisOptions,
     /// The URL(s) connected to, passwords masked.
     urls: Vec<String>,
@@ -427,7 +487,7 @@ impl RedisBackend {
             .map_err(|e| finish_connect_error(url, e, started))?
         };
         let mut backend = Self {
-            conn: Conn::Single(manager),
+            link: Link::Single(Box::new(manager)),
             options,
             urls: vec![redact(url)],
             native_delete: None,
@@ -496,7 +556,7 @@ impl RedisBackend {
         })?
         .map_err(|e| connect_error(&shown.join(","), e, started.elapsed()))?;
         let mut backend = Self {
-            conn: Conn::Cluster(conn),
+            link: Link::Cluster(conn),
             options,
             urls: shown,
             native_delete: None,
@@ -511,7 +571,7 @@ impl RedisBackend {
 
     /// Whether this backend talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        matches!(self.link, Link::Cluster(_))
     }
 
     /// The backend's settings.
@@ -547,9 +607,7 @@ impl RedisBackend {
     /// Sends one command, mapping errors to [`BackendError`]s about `key`.
     async fn query<T: ::redis::FromRedisValue>(&self, key: &str, cmd: &Cmd) -> BackendResult<T> {
         let started = Instant::now();
-        let conn = &self.conn;
-        self.retrying(key, started, move || async move {
-            let mut conn = conn.clone();
+        self.retrying(key, started, move |mut conn: Conn| async move {
             cmd.query_async::<T>(&mut conn).await
         })
         .await
@@ -559,31 +617,41 @@ impl RedisBackend {
     /// failed because the connection was refused was never sent, so it is
     /// retried once: the manager has started a fresh connect by then, and a
     /// server that has come back answers the retry.
+    ///
+    /// A timed-out reply gets its standalone connection replaced (see
+    /// [`SingleLink`]).
     async fn retrying<T, F, Fut>(&self, key: &str, started: Instant, op: F) -> BackendResult<T>
     where
-        F: Fn() -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         // The crate bounds each connect and each reply; this outer limit
         // only guards against a wait the crate does not bound.
         let limit = self.options.connect_timeout * 2 + self.options.response_timeout;
+        let (mut generation, conn) = self.link.snapshot();
         let run = async {
-            match op().await {
+            match op(conn).await {
                 Err(e) if e.is_connection_refusal() && !self.is_cluster() => {
                     tracing::debug!(%key, error = %e, "Redis connection refused; retrying once on a new connection");
-                    op().await
+                    let (again, conn) = self.link.snapshot();
+                    generation = again;
+                    op(conn).await
                 }
                 other => other,
             }
         };
-        match tokio::time::timeout(limit, run).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(map_error(key, &e, started.elapsed())),
-            Err(_) => Err(BackendError::TimedOut {
+        let outcome = match tokio::time::timeout(limit, run).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => map_error(key, &e, started.elapsed()),
+            Err(_) => BackendError::TimedOut {
                 key: key.to_owned(),
                 after: started.elapsed(),
-            }),
+            },
+        };
+        if outcome.is_timeout() {
+            self.link.discard(generation);
         }
+        Err(outcome)
     }
 
     fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
@@ -606,10 +674,9 @@ impl RedisBackend {
         for (k, v) in items {
             pipe.cmd("SET").arg(*k).arg(*v).arg("PX").arg(ms);
         }
-        let (conn, pipe) = (&self.conn, &pipe);
+        let pipe = &pipe;
         let replies: Vec<Value> = self
-            .retrying(first, Instant::now(), move || async move {
-                let mut conn = conn.clone();
+            .retrying(first, Instant::now(), move |mut conn: Conn| async move {
                 pipe.query_async::<Vec<Value>>(&mut conn).await
             })
             .await?;
@@ -737,7 +804,7 @@ async fn open_manager(
     url: &str,
     info: ConnectionInfo,
     options: &RedisOptions,
-) -> Result<ConnectionManager, Result<RedisError, BackendError>> {
+) -> Result<SingleLink, Result<RedisError, BackendError>> {
     let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
     let client = match options.tls_certificates() {
         Some(certs) if tls => {
@@ -753,9 +820,9 @@ async fn open_manager(
         // backed-off attempts. The next operation tries again.
         .set_number_of_retries(0);
     let started = Instant::now();
-    tokio::time::timeout(
+    let manager = tokio::time::timeout(
         options.connect_timeout + options.response_timeout,
-        ConnectionManager::new_with_config(client, config),
+        ConnectionManager::new_with_config(client.clone(), config.clone()),
     )
     .await
     .map_err(|_| {
@@ -764,7 +831,12 @@ async fn open_manager(
             after: started.elapsed(),
         })
     })?
-    .map_err(Ok)
+    .map_err(Ok)?;
+    Ok(SingleLink {
+        client,
+        config,
+        current: RwLock::new((0, manager)),
+    })
 }
 
 fn finish_connect_error(
@@ -911,10 +983,9 @@ impl Backend for RedisBackend {
         let Some(native) = self.native_delete else {
             let mut invocation = DELETE_IF_EQ.prepare_invoke();
             invocation.key(key).arg(expected);
-            let (conn, invocation) = (&self.conn, &invocation);
+            let invocation = &invocation;
             let code: i64 = self
-                .retrying(key, Instant::now(), move || async move {
-                    let mut conn = conn.clone();
+                .retrying(key, Instant::now(), move |mut conn: Conn| async move {
                     invocation.invoke_async::<i64>(&mut conn).await
                 })
                 .await?;
@@ -954,10 +1025,9 @@ impl Backend for RedisBackend {
     ) -> BackendResult<TokenCheck> {
         let mut invocation = EXTEND_IF_EQ.prepare_invoke();
         invocation.key(key).arg(expected).arg(ttl_ms(ttl));
-        let (conn, invocation) = (&self.conn, &invocation);
+        let invocation = &invocation;
         let code: i64 = self
-            .retrying(key, Instant::now(), move || async move {
-                let mut conn = conn.clone();
+            .retrying(key, Instant::now(), move |mut conn: Conn| async move {
                 invocation.invoke_async::<i64>(&mut conn).await
             })
             .await?;

@@ -6,13 +6,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cachelock::backend::memcached::{MemcachedBackend, MemcachedOptions};
 use cachelock::{Backend, BackendError, SharedBackend};
 use common::fault_proxy::FaultProxy;
+use common::servers::{PrivateMemcached, closed_port};
 use common::unique_key;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -63,12 +63,6 @@ mod three {
     use crate::{conformance_tests, lock_tests};
     conformance_tests!(super::three_servers().await, paused = false);
     lock_tests!(super::three_servers().await, paused = false);
-}
-
-/// A loopback port nothing listens on (just closed).
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    l.local_addr().expect("local address").port()
 }
 
 #[tokio::test]
@@ -346,55 +340,6 @@ async fn bad_replies_are_typed_errors() {
     let b = MemcachedBackend::connect(&huge.to_string()).await.unwrap();
     let err = b.get("k").await.unwrap_err();
     assert!(matches!(err, BackendError::Protocol { .. }), "{err:?}");
-}
-
-/// A memcached of the test's own, on a fixed port, killed on drop.
-struct PrivateMemcached {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateMemcached {
-    fn start(port: u16) -> Self {
-        let mut cmd = Command::new("memcached");
-        cmd.args(["-l", "127.0.0.1", "-U", "0", "-m", "16", "-p"])
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-        if root {
-            cmd.args(["-u", "nobody"]);
-        }
-        let child = cmd.spawn().expect("start memcached");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "memcached did not start on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateMemcached {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[tokio::test]

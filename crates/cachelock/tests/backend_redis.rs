@@ -7,14 +7,13 @@
 #![cfg(feature = "redis")]
 mod common;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cachelock::backend::redis::check_url;
 use cachelock::{Backend, BackendError, RedisBackend, RedisOptions, SharedBackend, TokenCheck};
+use common::servers::{PrivateRedis, closed_port};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -173,12 +172,6 @@ async fn connect_refuses_bad_urls_and_options_without_io() {
 // ---------------------------------------------------------------------------
 // Servers that are down
 
-/// A loopback port nobody listens on (bound, then released).
-fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    l.local_addr().expect("local address").port()
-}
-
 #[tokio::test]
 async fn down_server_is_unavailable_within_the_connect_timeout() {
     let connect_timeout = Duration::from_secs(1);
@@ -230,106 +223,6 @@ async fn tls_to_a_plain_server_fails_cleanly() {
 
 // ---------------------------------------------------------------------------
 // Private servers
-
-/// A `redis-server` owned by one test: its own port and directory, no
-/// persistence; killed (and its directory removed) on drop.
-struct PrivateRedis {
-    port: u16,
-    dir: PathBuf,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    /// Starts a server, or returns `None` (skip) when the test servers were
-    /// not promised and `redis-server` is not installed.
-    fn start(extra: &[&str]) -> Option<Self> {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::start_with(move |_, _| extra)
-    }
-
-    /// As [`start`](Self::start), with arguments made from the port and the
-    /// server's directory (after the directory exists).
-    fn start_with(extra: impl FnOnce(u16, &std::path::Path) -> Vec<String>) -> Option<Self> {
-        let installed = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !installed {
-            assert!(
-                !common::services_promised(),
-                "redis-server is not installed although the test servers were promised"
-            );
-            eprintln!("SKIPPED: redis-server is not installed");
-            return None;
-        }
-        let dir = std::env::temp_dir().join(common::unique_key("redis").replace(':', "-"));
-        std::fs::create_dir_all(&dir).expect("create the server directory");
-        let port = closed_port();
-        let extra = extra(port, &dir);
-        let mut server = Self {
-            port,
-            dir,
-            extra,
-            child: None,
-        };
-        server.spawn();
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("redis.sock")
-    }
-
-    /// Starts the server process (again) on the same port and directory and
-    /// waits until it answers.
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&self.dir)
-            .arg("--unixsocket")
-            .arg(self.socket())
-            .args(["--unixsocketperm", "700", "--logfile"])
-            .arg(self.dir.join("redis.log"))
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server on {} did not start",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[tokio::test]
 async fn restart_fails_fast_then_reconnects_by_itself() {

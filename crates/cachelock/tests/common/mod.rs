@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod fault_proxy;
 pub mod lock_cases;
 pub mod logs;
+pub mod servers;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

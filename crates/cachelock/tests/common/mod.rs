@@ -7,6 +7,8 @@ pub mod conformance;
 pub mod fault_proxy;
 pub mod lock_cases;
 pub mod logs;
+#[cfg(all(feature = "redis", feature = "memcached"))]
+pub mod rig;
 pub mod servers;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -44,3 +44,4 @@ pub fn unique_key(name: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+pub mod memoize_cases;

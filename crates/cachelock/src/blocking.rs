@@ -174,7 +174,9 @@ impl LockGuard {
     pub fn extend(&mut self, lease: Option<Duration>) -> Result<()> {
         match self.inner.as_mut() {
             Some(g) => block_on(g.extend(lease))?,
-            None => Err(Error::InvalidConfig("the guard was already released".into())),
+            None => Err(Error::InvalidConfig(
+                "the guard was already released".into(),
+            )),
         }
     }
 

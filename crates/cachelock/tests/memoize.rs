@@ -1,5 +1,6 @@
 //! memoize on the embedded backend (paused time), plus property tests of
 //! the stored format against arbitrary cache contents.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use std::sync::Arc;
@@ -151,22 +152,35 @@ async fn lease_is_extended_after_each_chunk_batch() {
     let b = w.shared();
     let k = common::unique_key("extend");
     // 20 MB of incompressible-ish data in 1 MB chunks: three set_many batches.
-    let value: Vec<u64> = (0..2_500_000u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let value: Vec<u64> = (0..2_500_000u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
     let o = MemoizeOptions::new()
         .compression(false)
         .lock(cachelock::LockOptions::new());
-    let got = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(value.clone()) })
-        .await
-        .unwrap();
+    let got = memoize(&b, k.as_str(), &o, || async {
+        Ok::<_, Never>(value.clone())
+    })
+    .await
+    .unwrap();
     assert_eq!(got.len(), value.len());
     let ops = w.ops();
     let batches = ops.iter().filter(|op| matches!(op, Op::SetMany(_))).count();
-    let extends = ops.iter().filter(|op| matches!(op, Op::ExtendIfEq(_))).count();
+    let extends = ops
+        .iter()
+        .filter(|op| matches!(op, Op::ExtendIfEq(_)))
+        .count();
     assert!(batches >= 2, "{batches}");
     assert_eq!(extends, batches, "one lease extension per batch");
     // Manifest last, after every chunk batch.
-    let last_set = ops.iter().rposition(|op| matches!(op, Op::Set(key, _) if *key == k)).unwrap();
-    let last_batch = ops.iter().rposition(|op| matches!(op, Op::SetMany(_))).unwrap();
+    let last_set = ops
+        .iter()
+        .rposition(|op| matches!(op, Op::Set(key, _) if *key == k))
+        .unwrap();
+    let last_batch = ops
+        .iter()
+        .rposition(|op| matches!(op, Op::SetMany(_)))
+        .unwrap();
     assert!(last_set > last_batch);
     w.clear();
     let again: Vec<u64> = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(vec![]) })
@@ -230,6 +244,9 @@ async fn invalid_options_are_refused() {
         MemoizeOptions::new().lock(cachelock::LockOptions::new().lease(Duration::ZERO)),
     ] {
         let r = memoize(&b, "k", &o, || async { Ok::<_, Never>(1u8) }).await;
-        assert!(matches!(r, Err(cachelock::MemoizeError::Config(_))), "{r:?}");
+        assert!(
+            matches!(r, Err(cachelock::MemoizeError::Config(_))),
+            "{r:?}"
+        );
     }
 }

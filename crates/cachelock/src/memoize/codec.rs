@@ -83,7 +83,11 @@ pub enum Compression {
 
 impl From<bool> for Compression {
     fn from(on: bool) -> Self {
-        if on { Compression::Lz4 } else { Compression::None }
+        if on {
+            Compression::Lz4
+        } else {
+            Compression::None
+        }
     }
 }
 
@@ -406,7 +410,9 @@ impl Codec {
         }
         match (flags & FLAG_ENCRYPTED != 0, self.cipher.is_some()) {
             (true, false) => Err(Corrupt("value is encrypted and no encryption key is set")),
-            (false, true) => Err(Corrupt("value is not encrypted but an encryption key is set")),
+            (false, true) => Err(Corrupt(
+                "value is not encrypted but an encryption key is set",
+            )),
             _ => Ok(()),
         }
     }
@@ -633,8 +639,16 @@ mod tests {
                 // Another key cannot read an encrypted value moved to it.
                 if key.is_some() {
                     assert!(c.decode_entry("other", &raw, 1 << 20).is_err());
-                    assert!(codec(comp, Some(b"k2")).decode_entry("key", &raw, 1 << 20).is_err());
-                    assert!(codec(comp, None).decode_entry("key", &raw, 1 << 20).is_err());
+                    assert!(
+                        codec(comp, Some(b"k2"))
+                            .decode_entry("key", &raw, 1 << 20)
+                            .is_err()
+                    );
+                    assert!(
+                        codec(comp, None)
+                            .decode_entry("key", &raw, 1 << 20)
+                            .is_err()
+                    );
                 }
             }
         }
@@ -650,7 +664,10 @@ mod tests {
             assert!(c.decode_entry("key", &bad, 1 << 20).is_err(), "bit {i}");
         }
         for n in 0..raw.len() {
-            assert!(c.decode_entry("key", &raw[..n], 1 << 20).is_err(), "len {n}");
+            assert!(
+                c.decode_entry("key", &raw[..n], 1 << 20).is_err(),
+                "len {n}"
+            );
         }
     }
 

@@ -35,8 +35,9 @@ enum State {
     Finished(FlightOutcome),
 }
 
-static FLIGHTS: LazyLock<Mutex<HashMap<FlightKey, (u64, watch::Receiver<State>)>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+type FlightMap = HashMap<FlightKey, (u64, watch::Receiver<State>)>;
+
+static FLIGHTS: LazyLock<Mutex<FlightMap>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The leader's handle; dropping it without [`Flight::finish`] makes the
@@ -72,10 +73,11 @@ impl Flight {
     pub(crate) fn join(cache: &SharedBackend, key: &str) -> Joined {
         let fkey = (backend_id(cache), key.to_owned());
         let mut map = FLIGHTS.lock();
-        if let Some((_, rx)) = map.get(&fkey) {
-            if matches!(*rx.borrow(), State::Running) && rx.has_changed().is_ok() {
-                return Joined::Follower(Waiter { rx: rx.clone() });
-            }
+        if let Some((_, rx)) = map.get(&fkey)
+            && matches!(*rx.borrow(), State::Running)
+            && rx.has_changed().is_ok()
+        {
+            return Joined::Follower(Waiter { rx: rx.clone() });
         }
         let (tx, rx) = watch::channel(State::Running);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);

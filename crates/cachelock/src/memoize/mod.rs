@@ -177,7 +177,10 @@ impl fmt::Debug for MemoizeOptions {
             .field("expiration", &self.expiration)
             .field("force_overwrite", &self.force_overwrite)
             .field("compression", &self.compression)
-            .field("encryption", &self.encryption.as_ref().map(|_| "<redacted>"))
+            .field(
+                "encryption",
+                &self.encryption.as_ref().map(|_| "<redacted>"),
+            )
             .field("lock", &self.lock)
             .field("lock_key", &self.lock_key)
             .field("on_lock_timeout", &self.on_lock_timeout)
@@ -371,7 +374,9 @@ impl MemoizeOptions {
             lock.validate()?;
         }
         if self.lock_key.as_deref() == Some("") {
-            return Err(Error::InvalidConfig("the lock key must not be empty".into()));
+            return Err(Error::InvalidConfig(
+                "the lock key must not be empty".into(),
+            ));
         }
         Ok(())
     }
@@ -407,7 +412,11 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(cache: &'a SharedBackend, key: String, options: &'a MemoizeOptions) -> crate::Result<Self> {
+    fn new(
+        cache: &'a SharedBackend,
+        key: String,
+        options: &'a MemoizeOptions,
+    ) -> crate::Result<Self> {
         options.validate()?;
         let limit = options.chunk_size.min(cache.max_value_size());
         if limit < MIN_CHUNK_SIZE {
@@ -502,20 +511,20 @@ where
             pause = pause.min(t.saturating_sub(start.elapsed()));
         }
         tokio::time::sleep(pause).await;
-        if !options.force_overwrite {
-            if let Some(v) = poll().await {
-                return LockWait::Value(v);
-            }
+        if !options.force_overwrite
+            && let Some(v) = poll().await
+        {
+            return LockWait::Value(v);
         }
     }
 }
 
 /// Releases the lock, logging (not returning) a failure.
 pub(crate) async fn release(guard: Option<LockGuard>, key: &str) {
-    if let Some(guard) = guard {
-        if let Err(e) = guard.release().await {
-            tracing::error!(%key, lock = %e.key(), error = %e, "failed to release the memoize lock");
-        }
+    if let Some(guard) = guard
+        && let Err(e) = guard.release().await
+    {
+        tracing::error!(%key, lock = %e.key(), error = %e, "failed to release the memoize lock");
     }
 }
 

@@ -145,11 +145,7 @@ pub(crate) async fn store_plain(ctx: &Ctx<'_>, plain: &[u8], guard: Option<&mut 
     if try_inline {
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
             Ok(item) if item.len() <= ctx.limit => {
-                if let Err(e) = ctx
-                    .cache
-                    .set(&ctx.key, &item, ctx.options.expiration)
-                    .await
-                {
+                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
                     tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                 }
                 return;
@@ -221,22 +217,16 @@ impl ChunkWriter {
             return;
         }
         let index = self.next_index;
-        match ctx.codec.encode_chunk(
-            &ctx.key,
-            self.stream,
-            self.write_id,
-            index,
-            last,
-            segment,
-        ) {
+        match ctx
+            .codec
+            .encode_chunk(&ctx.key, self.stream, self.write_id, index, last, segment)
+        {
             Ok(item) => {
                 self.checksum.update(segment);
                 self.total_len += segment.len() as u64;
                 self.pending_bytes += item.len();
-                self.pending.push((
-                    codec::chunk_key(&ctx.key, self.write_id, index),
-                    item,
-                ));
+                self.pending
+                    .push((codec::chunk_key(&ctx.key, self.write_id, index), item));
                 match index.checked_add(1) {
                     Some(n) => self.next_index = n,
                     None => self.fail(ctx, "too many chunks"),
@@ -288,21 +278,22 @@ impl ChunkWriter {
             self.pending.clear();
             return false;
         }
-        self.first_write.get_or_insert_with(tokio::time::Instant::now);
+        self.first_write
+            .get_or_insert_with(tokio::time::Instant::now);
         self.pending.clear();
         self.pending_bytes = 0;
-        if let Some(g) = guard {
-            if let Err(e) = g.extend(None).await {
-                tracing::error!(key = %ctx.key, lock = %g.key(), error = %e,
+        if let Some(g) = guard
+            && let Err(e) = g.extend(None).await
+        {
+            tracing::error!(key = %ctx.key, lock = %g.key(), error = %e,
                     "could not extend the memoize lock while writing a large value; the write goes on");
-            }
         }
         true
     }
 
     /// Flushes what is queued and writes the manifest. Failures are logged.
-    pub(crate) async fn finish(mut self, ctx: &Ctx<'_>, mut guard: Option<&mut LockGuard>) -> bool {
-        if !self.flush(ctx, guard.as_deref_mut()).await {
+    pub(crate) async fn finish(mut self, ctx: &Ctx<'_>, guard: Option<&mut LockGuard>) -> bool {
+        if !self.flush(ctx, guard).await {
             return false;
         }
         self.refresh_old_chunks(ctx).await;
@@ -327,11 +318,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        if let Err(e) = ctx
-            .cache
-            .set(&ctx.key, &item, ctx.options.expiration)
-            .await
-        {
+        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
             return false;
         }
@@ -356,4 +343,3 @@ impl ChunkWriter {
         }
     }
 }
-

@@ -262,7 +262,6 @@ where
     T: Serialize + DeserializeOwned + Send + 'static,
     E: Send + 'static,
 {
-
     async fn step(&mut self) -> Option<Result<T, MemoizeError<E>>> {
         loop {
             match std::mem::replace(&mut self.phase, Phase::Done) {
@@ -335,7 +334,8 @@ where
 
     /// Reads the entry; sets the phase to `Hit`, or goes to `miss`.
     async fn start(&mut self, producer: Producer<T, E>) -> Result<(), MemoizeError<E>> {
-        let ctx = Ctx::new(&self.cache, self.full_key.clone(), &self.options).map_err(MemoizeError::Config)?;
+        let ctx = Ctx::new(&self.cache, self.full_key.clone(), &self.options)
+            .map_err(MemoizeError::Config)?;
         if !self.options.force_overwrite {
             match read_stream(&ctx).await {
                 Some(reader) => {
@@ -353,7 +353,8 @@ where
     /// The miss path: wait for the lock (polling the value), double-check,
     /// then produce.
     async fn miss(&mut self, producer: Producer<T, E>) -> Result<(), MemoizeError<E>> {
-        let ctx = Ctx::new(&self.cache, self.full_key.clone(), &self.options).map_err(MemoizeError::Config)?;
+        let ctx = Ctx::new(&self.cache, self.full_key.clone(), &self.options)
+            .map_err(MemoizeError::Config)?;
         let mut guard = None;
         if let Some(lock_options) = &self.options.lock {
             let waited = wait_for_lock(&ctx, lock_options, self.lock_key.clone(), || {
@@ -362,14 +363,14 @@ where
             .await;
             match waited {
                 LockWait::Acquired(g) => {
-                    if !self.options.force_overwrite {
-                        if let Some(reader) = read_stream(&ctx).await {
-                            release(Some(g), &ctx.key).await;
-                            drop(ctx);
-                            // Fall back no further: a second corrupt read ends the stream.
-                            self.phase = Phase::Hit(Box::new(reader), None);
-                            return Ok(());
-                        }
+                    if !self.options.force_overwrite
+                        && let Some(reader) = read_stream(&ctx).await
+                    {
+                        release(Some(g), &ctx.key).await;
+                        drop(ctx);
+                        // Fall back no further: a second corrupt read ends the stream.
+                        self.phase = Phase::Hit(Box::new(reader), None);
+                        return Ok(());
                     }
                     guard = Some(g);
                 }
@@ -418,7 +419,9 @@ async fn read_stream(ctx: &Ctx<'_>) -> Option<HitReader> {
             plain,
         }) => Ok(HitReader::inline(plain.into_owned())),
         Ok(Entry::Manifest(m)) if m.stream => HitReader::open(ctx, m).await,
-        Ok(_) => Err(Corrupt("a single value is stored under this key, not a stream")),
+        Ok(_) => Err(Corrupt(
+            "a single value is stored under this key, not a stream",
+        )),
         Err(c) => Err(c),
     };
     match result {
@@ -482,7 +485,8 @@ impl<T: Serialize, E> Fresh<T, E> {
             if writer.chunk_count() == 0 && self.buf.len() + INLINE_OVERHEAD <= ctx.limit {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await
+                        {
                             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                         }
                     }

@@ -154,8 +154,10 @@ impl Backend for Wrap {
         self.inner.set(key, value, ttl).await
     }
     async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
-        self.before(Op::SetMany(items.iter().map(|(k, _)| (*k).into()).collect()))
-            .await;
+        self.before(Op::SetMany(
+            items.iter().map(|(k, _)| (*k).into()).collect(),
+        ))
+        .await;
         self.set_fails(items.first().map_or("", |(k, _)| *k))?;
         self.inner.set_many(items, ttl).await
     }
@@ -316,7 +318,9 @@ fn segment() -> usize {
 }
 
 fn small_chunks() -> MemoizeOptions {
-    MemoizeOptions::new().chunk_size(SMALL_CHUNK).compression(false)
+    MemoizeOptions::new()
+        .chunk_size(SMALL_CHUNK)
+        .compression(false)
 }
 
 fn lock_opts(wait: Wait) -> LockOptions {
@@ -351,7 +355,10 @@ pub async fn unicode_and_non_string_values(b: SharedBackend) {
     let other = Rich { id: 0, ..rich() };
     assert_eq!(mz(&b, &k, &o, &c, other).await, rich());
     let k = unique_key("ints");
-    assert_eq!(mz(&b, &k, &o, &c, vec![1i64, -2, i64::MAX]).await, vec![1, -2, i64::MAX]);
+    assert_eq!(
+        mz(&b, &k, &o, &c, vec![1i64, -2, i64::MAX]).await,
+        vec![1, -2, i64::MAX]
+    );
     assert_eq!(mz(&b, &k, &o, &c, vec![0i64]).await, vec![1, -2, i64::MAX]);
     assert_eq!(c.get(), 3);
     // A unicode key.
@@ -423,11 +430,16 @@ pub async fn compressed_values(b: SharedBackend) {
     assert!(w.chunk_keys().is_empty());
     assert_eq!(mz(&b, &k, &o, &c, String::new()).await, v);
     // Read by a caller whose setting differs: the format says how it was written.
-    assert_eq!(mz(&b, &k, &o.clone().compression(false), &c, String::new()).await, v);
+    assert_eq!(
+        mz(&b, &k, &o.clone().compression(false), &c, String::new()).await,
+        v
+    );
     // Chunked and compressed.
     let k = unique_key("compressed-chunks");
     let o = MemoizeOptions::new().chunk_size(1024).compression(true);
-    let v: String = (0..5_000).map(|i| char::from(b'a' + (i % 7) as u8)).collect();
+    let v: String = (0..5_000)
+        .map(|i| char::from(b'a' + (i % 7) as u8))
+        .collect();
     w.clear();
     assert_eq!(mz(&b, &k, &o, &c, v.clone()).await, v);
     let chunks = w.chunk_keys();
@@ -497,7 +509,9 @@ pub async fn encryption_round_trip(b: SharedBackend) {
     let full = o.full_key(&CacheKey::from(k.as_str()));
     assert_eq!(
         full,
-        KeyBuilder::default().secret(b"0123456789abcdef".to_vec()).build(k.as_str())
+        KeyBuilder::default()
+            .secret(b"0123456789abcdef".to_vec())
+            .build(k.as_str())
     );
     assert_eq!(full.len(), 64);
     assert!(b.get(&k).await.unwrap().is_none());
@@ -505,9 +519,13 @@ pub async fn encryption_round_trip(b: SharedBackend) {
     assert!(!stored.windows(6).any(|w| w == b"secret"));
     // Without the key it is a miss (another key name, and the data is
     // refused if read under that name).
-    let plain = MemoizeOptions::new().keys(KeyBuilder::default().secret(b"0123456789abcdef".to_vec()));
+    let plain =
+        MemoizeOptions::new().keys(KeyBuilder::default().secret(b"0123456789abcdef".to_vec()));
     assert_eq!(plain.full_key(&CacheKey::from(k.as_str())), full);
-    assert_eq!(mz(&b, &k, &plain, &c, "recomputed".to_string()).await, "recomputed");
+    assert_eq!(
+        mz(&b, &k, &plain, &c, "recomputed".to_string()).await,
+        "recomputed"
+    );
     assert_eq!(c.get(), 2);
 }
 
@@ -515,7 +533,9 @@ pub async fn different_encryption_key_misses(b: SharedBackend) {
     let k = unique_key("enc-other");
     // Same key names (explicit secret), different encryption keys.
     let keys = KeyBuilder::new("ns").secret(b"names".to_vec());
-    let o1 = MemoizeOptions::new().keys(keys.clone()).encryption_key(b"key-one");
+    let o1 = MemoizeOptions::new()
+        .keys(keys.clone())
+        .encryption_key(b"key-one");
     let o2 = MemoizeOptions::new().keys(keys).encryption_key(b"key-two");
     assert_eq!(
         o1.full_key(&k.as_str().into()),
@@ -553,7 +573,11 @@ pub async fn get_error_still_returns_value(b: SharedBackend) {
     w.fail_get.store(true, Ordering::Relaxed);
     let logs = Logs::capture();
     assert_eq!(mz(&b, &k, &o, &c, 5u8).await, 5);
-    assert!(logs.text().contains("Error fetching data from cache"), "{}", logs.text());
+    assert!(
+        logs.text().contains("Error fetching data from cache"),
+        "{}",
+        logs.text()
+    );
     assert!(logs.text().contains(&k));
     assert!(logs.text().contains("ERROR"));
     // It was still stored.
@@ -566,7 +590,10 @@ pub async fn set_error_still_returns_value(b: SharedBackend) {
     let w = Wrap::new(b);
     let b = w.shared();
     let o = MemoizeOptions::new();
-    for (k, o) in [(unique_key("set-error"), o), (unique_key("set-many-error"), small_chunks())] {
+    for (k, o) in [
+        (unique_key("set-error"), o),
+        (unique_key("set-many-error"), small_chunks()),
+    ] {
         let c = Counter::default();
         w.fail_set.store(true, Ordering::Relaxed);
         let logs = Logs::capture();
@@ -574,7 +601,8 @@ pub async fn set_error_still_returns_value(b: SharedBackend) {
         assert_eq!(mz(&b, &k, &o, &c, v.clone()).await, v);
         let text = logs.text();
         assert!(
-            text.contains("Error setting data in cache") || text.contains("Unable to store cached data"),
+            text.contains("Error setting data in cache")
+                || text.contains("Unable to store cached data"),
             "{text}"
         );
         assert!(text.contains(&k));
@@ -615,7 +643,10 @@ pub async fn lock_held_during_compute_and_released(b: SharedBackend) {
     .await
     .unwrap();
     assert_eq!(v, 9);
-    let token = seen.lock().clone().expect("the lock key holds a token during compute");
+    let token = seen
+        .lock()
+        .clone()
+        .expect("the lock key holds a token during compute");
     assert_eq!(token.len(), 36, "a UUID token");
     assert_eq!(b.get(&lock_key).await.unwrap(), None, "released after");
 }
@@ -623,7 +654,12 @@ pub async fn lock_held_during_compute_and_released(b: SharedBackend) {
 pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
     let k = unique_key("appears");
     let o = MemoizeOptions::new().lock(lock_opts(Wait::Timeout(Duration::from_secs(20))));
-    let other = CacheLock::new(b.clone(), o.full_lock_key(&k.as_str().into()), lock_opts(Wait::NoWait)).unwrap();
+    let other = CacheLock::new(
+        b.clone(),
+        o.full_lock_key(&k.as_str().into()),
+        lock_opts(Wait::NoWait),
+    )
+    .unwrap();
     let held = other.acquire().await.unwrap();
     let c = Counter::default();
     let waiter = {
@@ -645,7 +681,10 @@ pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
     assert_eq!(v, 42);
     assert_eq!(c.get(), 0, "the waiter did not compute");
     // Served promptly after the value appeared, not after the lock.
-    assert!(waited < Duration::from_millis(300) + stored_at.elapsed() + Duration::from_millis(100), "{waited:?}");
+    assert!(
+        waited < Duration::from_millis(300) + stored_at.elapsed() + Duration::from_millis(100),
+        "{waited:?}"
+    );
     assert!(waited < Duration::from_secs(2), "{waited:?}");
     assert!(!held.is_lost());
     assert_eq!(held.release().await.unwrap(), cachelock::Released::Released);
@@ -662,10 +701,16 @@ pub async fn lock_timeout_computes_and_keeps_other_lock(b: SharedBackend) {
     assert_eq!(mz(&b, &k, &o, &c, 3u8).await, 3);
     assert_eq!(c.get(), 1);
     let text = logs.text();
-    assert!(text.contains("Timeout waiting on distributed cache lock"), "{text}");
+    assert!(
+        text.contains("Timeout waiting on distributed cache lock"),
+        "{text}"
+    );
     assert!(text.contains("ERROR"));
     // The other holder's lock is untouched.
-    assert_eq!(b.get(&lock_key).await.unwrap().as_deref(), Some(held.token().as_bytes()));
+    assert_eq!(
+        b.get(&lock_key).await.unwrap().as_deref(),
+        Some(held.token().as_bytes())
+    );
     assert_eq!(held.release().await.unwrap(), cachelock::Released::Released);
     // The value computed without the lock was stored.
     assert_eq!(mz(&b, &k, &o, &c, 4u8).await, 3);
@@ -676,7 +721,12 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
     let o = MemoizeOptions::new()
         .lock(lock_opts(Wait::Timeout(Duration::from_millis(100))))
         .on_lock_timeout(OnLockTimeout::Fail);
-    let other = CacheLock::new(b.clone(), o.full_lock_key(&k.as_str().into()), lock_opts(Wait::NoWait)).unwrap();
+    let other = CacheLock::new(
+        b.clone(),
+        o.full_lock_key(&k.as_str().into()),
+        lock_opts(Wait::NoWait),
+    )
+    .unwrap();
     let held = other.acquire().await.unwrap();
     let c = Counter::default();
     let r = memoize(&b, k.as_str(), &o, || async {
@@ -692,7 +742,10 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
     // NoWait + Fail: held elsewhere.
     let o = o.lock(lock_opts(Wait::NoWait));
     let r = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(1u8) }).await;
-    assert!(matches!(r, Err(MemoizeError::Lock(ref e)) if e.is_held()), "{r:?}");
+    assert!(
+        matches!(r, Err(MemoizeError::Lock(ref e)) if e.is_held()),
+        "{r:?}"
+    );
     let _ = held.release().await.unwrap();
 }
 
@@ -710,15 +763,26 @@ pub async fn expired_lease_is_taken_over(b: SharedBackend) {
     let start = tokio::time::Instant::now();
     assert_eq!(mz(&b, &k, &o, &c, 11u8).await, 11);
     assert_eq!(c.get(), 1);
-    assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 pub async fn compute_error_caches_nothing(b: SharedBackend) {
     let k = unique_key("compute-error");
     let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
     let lock_key = o.full_lock_key(&k.as_str().into());
-    let r: Result<u8, _> = memoize(&b, k.as_str(), &o, || async { Err(std::io::Error::other("boom")) }).await;
+    let r: Result<u8, _> = memoize(&b, k.as_str(), &o, || async {
+        Err(std::io::Error::other("boom"))
+    })
+    .await;
     match r {
         Err(MemoizeError::Compute(e)) => assert_eq!(e.to_string(), "boom"),
         other => panic!("{other:?}"),
@@ -765,9 +829,13 @@ pub async fn corrupt_entry_rebuilt_under_lock(b: SharedBackend) {
     let k = unique_key("corrupt");
     let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
     let lock_key = o.full_lock_key(&k.as_str().into());
-    b.set(&k, b"\x80\x03not a cachelock value", Duration::from_secs(60))
-        .await
-        .unwrap();
+    b.set(
+        &k,
+        b"\x80\x03not a cachelock value",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     let logs = Logs::capture();
     let locked = Arc::new(AtomicBool::new(false));
     let v: String = memoize(&b, k.as_str(), &o, || {
@@ -804,9 +872,14 @@ pub async fn concurrent_callers_compute_once(b: SharedBackend) {
         let calls = (0..64).map(|i| {
             let (b, k, o, c) = (b.clone(), k.clone(), o.clone(), c.clone());
             async move {
-                memoize(&b, k.as_str(), &o, || async move { slow_compute(&c, i).await })
-                    .await
-                    .unwrap()
+                memoize(
+                    &b,
+                    k.as_str(),
+                    &o,
+                    || async move { slow_compute(&c, i).await },
+                )
+                .await
+                .unwrap()
             }
         });
         let results = futures_util::future::join_all(calls).await;
@@ -829,9 +902,11 @@ pub async fn concurrent_processes_compute_once(b: SharedBackend) {
         for i in 0..8 {
             let (h, k, o, c) = (handle.clone(), k.clone(), o.clone(), c.clone());
             tasks.push(tokio::spawn(async move {
-                let v = memoize(&h, k.as_str(), &o, || async move { slow_compute(&c, p * 100 + i).await })
-                    .await
-                    .unwrap();
+                let v = memoize(&h, k.as_str(), &o, || async move {
+                    slow_compute(&c, p * 100 + i).await
+                })
+                .await
+                .unwrap();
                 (v, start.elapsed())
             }));
         }
@@ -844,7 +919,10 @@ pub async fn concurrent_processes_compute_once(b: SharedBackend) {
     let first = results[0].0;
     assert!(results.iter().all(|(v, _)| *v == first));
     let slowest = results.iter().map(|(_, d)| *d).max().unwrap();
-    assert!(slowest < Duration::from_millis(200 + 100), "slowest caller served after {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(200 + 100),
+        "slowest caller served after {slowest:?}"
+    );
 }
 
 pub async fn racing_writers_never_mix(b: SharedBackend) {
@@ -865,10 +943,16 @@ pub async fn racing_writers_never_mix(b: SharedBackend) {
             mz(&bb, &k, &o, &c, vb.clone())
         );
         assert_eq!((ra.as_str(), rb.as_str()), (va.as_str(), vb.as_str()));
-        let got = memoize(&b, k.as_str(), &reader, || async { Ok::<_, Never>("none".to_string()) })
-            .await
-            .unwrap();
-        assert!(got == va || got == vb, "mixed value read: {}", &got[..40.min(got.len())]);
+        let got = memoize(&b, k.as_str(), &reader, || async {
+            Ok::<_, Never>("none".to_string())
+        })
+        .await
+        .unwrap();
+        assert!(
+            got == va || got == vb,
+            "mixed value read: {}",
+            &got[..40.min(got.len())]
+        );
     }
 }
 
@@ -905,7 +989,9 @@ pub async fn hostile_manifest_is_a_miss(b: SharedBackend) {
             })
             .unwrap(),
         );
-        b.set(&k, &framed(&content), Duration::from_secs(60)).await.unwrap();
+        b.set(&k, &framed(&content), Duration::from_secs(60))
+            .await
+            .unwrap();
         let c = Counter::default();
         assert_eq!(mz(&b, &k, &MemoizeOptions::new(), &c, 5u8).await, 5);
         assert_eq!(c.get(), 1);
@@ -913,7 +999,9 @@ pub async fn hostile_manifest_is_a_miss(b: SharedBackend) {
         let k = unique_key("hostile-stream");
         let mut content = content.clone();
         content[4] = 1 << 2;
-        b.set(&k, &framed(&content), Duration::from_secs(60)).await.unwrap();
+        b.set(&k, &framed(&content), Duration::from_secs(60))
+            .await
+            .unwrap();
         let w = Wrap::new(b.clone());
         let items: Vec<u8> = futures_util::StreamExt::collect::<Vec<_>>(cachelock::memoize_iter(
             &w.shared(),
@@ -946,7 +1034,9 @@ pub async fn unknown_version_is_a_miss(b: SharedBackend) {
     let stored = b.get(&k).await.unwrap().unwrap();
     let mut content = stored[..stored.len() - 8].to_vec();
     content[2] = 2;
-    b.set(&k, &framed(&content), Duration::from_secs(60)).await.unwrap();
+    b.set(&k, &framed(&content), Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(mz(&b, &k, &o, &c, 2u8).await, 2);
     assert_eq!(c.get(), 2);
 }

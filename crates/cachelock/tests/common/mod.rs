@@ -45,3 +45,4 @@ pub fn unique_key(name: &str) -> String {
     )
 }
 pub mod memoize_cases;
+pub mod stream_cases;

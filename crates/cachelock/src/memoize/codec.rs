@@ -493,13 +493,13 @@ impl Codec {
     }
 
     /// Decodes chunk `index` of the write described by `m`.
-    pub(crate) fn decode_chunk(
+    pub(crate) fn decode_chunk<'a>(
         &self,
         key: &str,
         m: &Manifest,
         index: u32,
-        raw: &[u8],
-    ) -> Result<Vec<u8>, Corrupt> {
+        raw: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>, Corrupt> {
         let content = checked_frame(raw, KIND_CHUNK)?;
         if content.len() < CHUNK_HEADER_LEN {
             return Err(Corrupt("truncated chunk header"));
@@ -526,9 +526,9 @@ impl Codec {
         let (header, body) = content.split_at(CHUNK_HEADER_LEN);
         let body = self.open_body(header, key, body)?;
         if flags & FLAG_LZ4 != 0 {
-            decompress(&body, plain_len)
+            decompress(&body, plain_len).map(Cow::Owned)
         } else if body.len() == plain_len {
-            Ok(body.into_owned())
+            Ok(body)
         } else {
             Err(Corrupt("chunk length mismatch"))
         }

@@ -566,7 +566,7 @@ where
     let ctx = Ctx::new(cache, full_key, options).map_err(MemoizeError::Config)?;
 
     if !options.force_overwrite {
-        match read_value::<T>(&ctx).await {
+        match read_value::<T>(&ctx, false).await {
             ReadOutcome::Hit(v, _) => return Ok(v),
             ReadOutcome::Miss => {
                 tracing::debug!(key = %ctx.key, "Cache miss for key");
@@ -587,7 +587,7 @@ where
                     },
                     // The leader failed or was dropped: try again.
                     FlightOutcome::Retry => {
-                        if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx).await {
+                        if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
                             return Ok(v);
                         }
                     }
@@ -611,10 +611,11 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let options = ctx.options;
+    let keep_plain = flight.is_some();
     let mut guard = None;
     if let Some(lock_options) = &options.lock {
         let polled = wait_for_lock(ctx, lock_options, options.full_lock_key(key), || async {
-            match read_value::<T>(ctx).await {
+            match read_value::<T>(ctx, keep_plain).await {
                 ReadOutcome::Hit(v, plain) => Some((v, plain)),
                 _ => None,
             }
@@ -624,16 +625,16 @@ where
             LockWait::Acquired(g) => {
                 if !options.force_overwrite {
                     // Someone may have finished while we waited.
-                    if let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx).await {
+                    if let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx, keep_plain).await {
                         release(Some(g), &ctx.key).await;
-                        Flight::finish(flight, FlightOutcome::Done(plain));
+                        Flight::finish(flight, FlightOutcome::done(plain));
                         return Ok(v);
                     }
                 }
                 guard = Some(g);
             }
             LockWait::Value((v, plain)) => {
-                Flight::finish(flight, FlightOutcome::Done(plain));
+                Flight::finish(flight, FlightOutcome::done(plain));
                 return Ok(v);
             }
             LockWait::Without => {}

@@ -20,8 +20,8 @@ pub(crate) const BATCH_BYTES: usize = 8 << 20;
 
 /// What a read found.
 pub(crate) enum ReadOutcome<T> {
-    /// The decoded value, and its plaintext (postcard) bytes.
-    Hit(T, Bytes),
+    /// The decoded value, and its plaintext (postcard) bytes if asked for.
+    Hit(T, Option<Bytes>),
     /// Nothing stored.
     Miss,
     /// Something stored but unusable (corrupt, foreign, undecodable), or
@@ -43,7 +43,10 @@ pub(crate) fn log_corrupt(key: &str, reason: &Corrupt) {
 }
 
 /// Reads and decodes the value under `ctx.key`.
-pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
+pub(crate) async fn read_value<T: DeserializeOwned>(
+    ctx: &Ctx<'_>,
+    keep_plain: bool,
+) -> ReadOutcome<T> {
     let raw = match ctx.cache.get(&ctx.key).await {
         Ok(Some(raw)) => raw,
         Ok(None) => return ReadOutcome::Miss,
@@ -61,7 +64,8 @@ pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcom
             plain,
         }) => match decode_value::<T>(&plain) {
             Ok(v) => {
-                return ReadOutcome::Hit(v, Bytes::from(plain.into_owned()));
+                let plain = keep_plain.then(|| Bytes::from(plain.into_owned()));
+                return ReadOutcome::Hit(v, plain);
             }
             Err(c) => Err(c),
         },
@@ -71,7 +75,7 @@ pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcom
     };
     let result = plain.and_then(|p| decode_value::<T>(&p).map(|v| (v, p)));
     match result {
-        Ok((v, p)) => ReadOutcome::Hit(v, Bytes::from(p)),
+        Ok((v, p)) => ReadOutcome::Hit(v, keep_plain.then(|| Bytes::from(p))),
         Err(c) => {
             log_corrupt(&ctx.key, &c);
             ReadOutcome::Unusable
@@ -84,12 +88,17 @@ async fn read_chunks(ctx: &Ctx<'_>, m: &Manifest) -> Result<Vec<u8>, Corrupt> {
     if m.body.chunk_count > MAX_READ_CHUNKS || m.body.total_len > MAX_VALUE_LEN {
         return Err(Corrupt("manifest describes a value too large to read"));
     }
-    let plains = fetch_chunks(ctx, m, 0, m.body.chunk_count).await?;
-    let mut out = Vec::new();
+    let raws = fetch_raw(ctx, m, 0, m.body.chunk_count).await?;
+    // Reserve what the stored bytes can really expand to, not what the
+    // manifest claims.
+    let stored: usize = raws.iter().map(Bytes::len).sum();
+    let claimed = usize::try_from(m.body.total_len).unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(claimed.min(stored.saturating_mul(255)));
     let mut sum = Checksum::new();
-    for p in &plains {
-        sum.update(p);
-        out.extend_from_slice(p);
+    for (i, raw) in (0..m.body.chunk_count).zip(&raws) {
+        let plain = ctx.codec.decode_chunk(&ctx.key, m, i, raw)?;
+        sum.update(&plain);
+        out.extend_from_slice(&plain);
     }
     if sum.digest() != m.body.checksum || out.len() as u64 != m.body.total_len {
         return Err(Corrupt("value checksum mismatch"));
@@ -104,6 +113,25 @@ pub(crate) async fn fetch_chunks(
     start: u32,
     end: u32,
 ) -> Result<Vec<Vec<u8>>, Corrupt> {
+    let raws = fetch_raw(ctx, m, start, end).await?;
+    (start..end)
+        .zip(&raws)
+        .map(|(i, raw)| {
+            ctx.codec
+                .decode_chunk(&ctx.key, m, i, raw)
+                .map(|c| c.into_owned())
+        })
+        .collect()
+}
+
+/// Fetches the stored chunks `start..end` of `m` with one `get_many`; any
+/// missing chunk is an error.
+async fn fetch_raw(
+    ctx: &Ctx<'_>,
+    m: &Manifest,
+    start: u32,
+    end: u32,
+) -> Result<Vec<Bytes>, Corrupt> {
     let keys: Vec<String> = (start..end)
         .map(|i| codec::chunk_key(&ctx.key, m.body.write_id, i))
         .collect();
@@ -128,12 +156,7 @@ pub(crate) async fn fetch_chunks(
         tracing::debug!(key = %ctx.key, missing = %missing.join(", "), "Cache miss for key(s)");
         return Err(Corrupt("missing chunk"));
     }
-    let mut out = Vec::with_capacity(found.len());
-    for (i, raw) in (start..end).zip(found) {
-        let raw = raw.ok_or(Corrupt("missing chunk"))?;
-        out.push(ctx.codec.decode_chunk(&ctx.key, m, i, &raw)?);
-    }
-    Ok(out)
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// Stores a single value's plaintext: inline if it fits, else chunks and a

@@ -40,6 +40,8 @@ mod error;
 pub mod key;
 pub mod lock;
 
+#[cfg(feature = "memcached")]
+pub use backend::memcached::{MemcachedBackend, MemcachedOptions};
 pub use backend::memory::MemoryBackend;
 pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};

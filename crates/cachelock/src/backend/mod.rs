@@ -36,6 +36,8 @@ use bytes::Bytes;
 
 use crate::error::BackendResult;
 
+#[cfg(feature = "memcached")]
+pub mod memcached;
 pub mod memory;
 
 /// Memcached's default item size limit less 1 KiB of item overhead: the

@@ -243,6 +243,22 @@ where
     }
 }
 
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // Drop the async guard inside cachelock's runtime, so its release
+        // is spawned there.
+        if let Some(g) = self.inner.take() {
+            match &*RUNTIME {
+                Ok(rt) => {
+                    let _enter = rt.enter();
+                    drop(g);
+                }
+                Err(_) => drop(g),
+            }
+        }
+    }
+}
+
 /// The blocking iterator returned by [`memoize_iter`].
 #[derive(Debug)]
 pub struct MemoizeIter<T, E> {

@@ -60,6 +60,27 @@ fn block_on<F: Future>(fut: F) -> Result<F::Output> {
     }
 }
 
+/// Runs any future to completion on cachelock's blocking runtime, for
+/// what the facade does not wrap, such as connecting a backend, so that
+/// its connections belong to the runtime the facade uses:
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use cachelock::{MemcachedBackend, SharedBackend, blocking};
+///
+/// let cache: SharedBackend =
+///     Arc::new(blocking::run(MemcachedBackend::connect("memcached://127.0.0.1:11211")).unwrap()?);
+/// # Ok::<(), cachelock::BackendError>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] when called inside an async runtime or if the
+/// runtime could not be started.
+pub fn run<F: Future>(fut: F) -> Result<F::Output> {
+    block_on(fut)
+}
+
 /// A blocking [`CacheLock`](crate::CacheLock).
 #[derive(Debug, Clone)]
 pub struct CacheLock {

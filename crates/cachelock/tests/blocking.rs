@@ -152,3 +152,48 @@ async fn inside_a_runtime_it_refuses_instead_of_panicking() {
     let lock = blocking::CacheLock::new(b, "k", LockOptions::new()).unwrap();
     assert!(lock.acquire().is_err());
 }
+
+#[test]
+fn through_real_memcached() {
+    let Some(urls) = server_env("CACHELOCK_TEST_MEMCACHED_URLS") else {
+        return;
+    };
+    let b: SharedBackend = Arc::new(
+        blocking::run(cachelock::MemcachedBackend::connect(&urls))
+            .unwrap()
+            .unwrap(),
+    );
+    let k = key("memcached");
+    let calls = AtomicUsize::new(0);
+    let o = MemoizeOptions::new()
+        .lock(LockOptions::new())
+        .chunk_size(4096);
+    let big = "m".repeat(20_000) + &"n".repeat(20_000);
+    for _ in 0..2 {
+        let v: String = blocking::memoize(&b, k.as_str(), &o, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(big.clone())
+        })
+        .unwrap();
+        assert_eq!(v, big);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let lock = blocking::CacheLock::new(b, key("memcached-lock"), LockOptions::new()).unwrap();
+    let g = lock.acquire().unwrap();
+    assert!(lock.try_acquire().unwrap_err().is_held());
+    assert_eq!(g.release().unwrap(), cachelock::Released::Released);
+}
+
+/// As `common::server_env` (this file does not use the shared module).
+fn server_env(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ if std::env::var("CACHELOCK_TEST_SERVICES").is_ok_and(|v| v == "1") => {
+            panic!("{var} is not set although CACHELOCK_TEST_SERVICES=1")
+        }
+        _ => {
+            eprintln!("SKIPPED: {var} is not set; run scripts/test to start the test servers");
+            None
+        }
+    }
+}

@@ -250,3 +250,101 @@ async fn invalid_options_are_refused() {
         );
     }
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn waiters_share_the_leaders_lock_timeout() {
+    use cachelock::{CacheLock, LockOptions, MemoizeError, OnLockTimeout, Wait};
+    let b: SharedBackend = Arc::new(MemoryBackend::new());
+    let k = common::unique_key("flight-timeout");
+    let o = MemoizeOptions::new()
+        .lock(LockOptions::new().wait(Wait::Timeout(Duration::from_millis(200))))
+        .on_lock_timeout(OnLockTimeout::Fail);
+    let held = CacheLock::new(
+        b.clone(),
+        o.full_lock_key(&k.as_str().into()),
+        LockOptions::new(),
+    )
+    .unwrap()
+    .acquire()
+    .await
+    .unwrap();
+    let start = tokio::time::Instant::now();
+    let calls = (0..10).map(|_| {
+        let (b, k, o) = (b.clone(), k.clone(), o.clone());
+        async move { memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(1u8) }).await }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    for r in &results {
+        assert!(
+            matches!(r, Err(MemoizeError::Lock(e)) if e.is_timed_out()),
+            "{r:?}"
+        );
+    }
+    // Not ten timeouts one after another.
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
+    let _ = held.release().await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn waiters_do_not_queue_behind_failing_computes() {
+    let b: SharedBackend = Arc::new(MemoryBackend::new());
+    let k = common::unique_key("flight-error");
+    let o = MemoizeOptions::new();
+    let c = Counter::default();
+    let start = tokio::time::Instant::now();
+    let calls = (0..10).map(|_| {
+        let (b, k, o, c) = (b.clone(), k.clone(), o.clone(), c.clone());
+        async move {
+            memoize(&b, k.as_str(), &o, || async move {
+                c.hit();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err::<u8, _>(std::io::Error::other("down"))
+            })
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(e) if e.is_compute()))
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(c.get() <= 10);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_waiter_takes_over_from_a_dropped_leader() {
+    let b: SharedBackend = Arc::new(MemoryBackend::new());
+    let k = common::unique_key("flight-drop");
+    let o = MemoizeOptions::new();
+    let leader = {
+        let (b, k, o) = (b.clone(), k.clone(), o.clone());
+        tokio::spawn(async move {
+            memoize(&b, k.as_str(), &o, || async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok::<_, Never>(1u8)
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let c = Counter::default();
+    let follower = {
+        let (b, k, o, c) = (b.clone(), k.clone(), o.clone(), c.clone());
+        tokio::spawn(async move { mz(&b, &k, &o, &c, 2u8).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(c.get(), 0, "the follower waits for the leader");
+    leader.abort();
+    assert_eq!(follower.await.unwrap(), 2);
+    assert_eq!(c.get(), 1);
+}

@@ -25,8 +25,54 @@ type FlightKey = (usize, String);
 pub(crate) enum FlightOutcome {
     /// The value's postcard bytes.
     Done(Bytes),
-    /// No value to share: try again.
+    /// No value to share (the leader was dropped, or could not encode):
+    /// try again, in a new flight.
     Retry,
+    /// The leader's compute failed. Its error cannot be shared, so each
+    /// waiter goes on alone (under the lock, if one is configured) instead
+    /// of queueing behind one new leader after another.
+    ComputeFailed,
+    /// The leader could not take the lock and the options say fail: the
+    /// waiters fail the same way instead of each waiting out the timeout
+    /// again.
+    LockFailed(LockFailure),
+}
+
+/// A lock failure the waiters can rebuild as their own error.
+#[derive(Debug, Clone)]
+pub(crate) enum LockFailure {
+    /// [`Error::TimedOut`](crate::Error::TimedOut).
+    TimedOut {
+        key: String,
+        waited: std::time::Duration,
+    },
+    /// [`Error::Held`](crate::Error::Held).
+    Held { key: String },
+}
+
+impl LockFailure {
+    /// Captures `e` if it is one of the shareable lock failures.
+    pub(crate) fn from_error(e: &crate::Error) -> Option<Self> {
+        match e {
+            crate::Error::TimedOut { key, waited } => Some(Self::TimedOut {
+                key: key.clone(),
+                waited: *waited,
+            }),
+            crate::Error::Held { key } => Some(Self::Held { key: key.clone() }),
+            _ => None,
+        }
+    }
+
+    /// The error, rebuilt.
+    pub(crate) fn to_error(&self) -> crate::Error {
+        match self {
+            Self::TimedOut { key, waited } => crate::Error::TimedOut {
+                key: key.clone(),
+                waited: *waited,
+            },
+            Self::Held { key } => crate::Error::Held { key: key.clone() },
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -585,11 +585,20 @@ where
                         // Another type under the same key: go it alone.
                         Err(_) => return lead(&ctx, &key, compute, None).await,
                     },
-                    // The leader failed or was dropped: try again.
+                    // The leader was dropped: try again.
                     FlightOutcome::Retry => {
                         if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
                             return Ok(v);
                         }
+                    }
+                    FlightOutcome::ComputeFailed => {
+                        if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
+                            return Ok(v);
+                        }
+                        return lead(&ctx, &key, compute, None).await;
+                    }
+                    FlightOutcome::LockFailed(failure) => {
+                        return Err(MemoizeError::Lock(failure.to_error()));
                     }
                 },
             }
@@ -639,6 +648,9 @@ where
             }
             LockWait::Without => {}
             LockWait::Fail(e) => {
+                if let Some(failure) = flight::LockFailure::from_error(&e) {
+                    Flight::finish(flight, FlightOutcome::LockFailed(failure));
+                }
                 return Err(if matches!(e, Error::InvalidConfig(_)) {
                     MemoizeError::Config(e)
                 } else {
@@ -652,7 +664,7 @@ where
         Ok(v) => v,
         Err(e) => {
             release(guard, &ctx.key).await;
-            Flight::finish(flight, FlightOutcome::Retry);
+            Flight::finish(flight, FlightOutcome::ComputeFailed);
             return Err(MemoizeError::Compute(e));
         }
     };

@@ -348,3 +348,31 @@ async fn a_waiter_takes_over_from_a_dropped_leader() {
     assert_eq!(follower.await.unwrap(), 2);
     assert_eq!(c.get(), 1);
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn single_flight_can_be_turned_off() {
+    for (lock, computes) in [(false, 8), (true, 1)] {
+        let b: SharedBackend = Arc::new(MemoryBackend::new());
+        let k = common::unique_key("no-flight");
+        let mut o = MemoizeOptions::new().single_flight(false);
+        if lock {
+            o = o.lock(cachelock::LockOptions::new());
+        }
+        let c = Counter::default();
+        let calls = (0..8).map(|_| {
+            let (b, k, o, c) = (b.clone(), k.clone(), o.clone(), c.clone());
+            async move {
+                memoize(&b, k.as_str(), &o, || async move {
+                    c.hit();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, Never>(5u8)
+                })
+                .await
+                .unwrap()
+            }
+        });
+        let results = futures_util::future::join_all(calls).await;
+        assert!(results.iter().all(|v| *v == 5));
+        assert_eq!(c.get(), computes, "lock = {lock}");
+    }
+}

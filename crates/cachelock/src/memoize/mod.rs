@@ -168,6 +168,7 @@ pub struct MemoizeOptions {
     chunk_size: usize,
     poll_interval: Duration,
     poll_jitter: f64,
+    single_flight: bool,
 }
 
 impl fmt::Debug for MemoizeOptions {
@@ -187,6 +188,7 @@ impl fmt::Debug for MemoizeOptions {
             .field("chunk_size", &self.chunk_size)
             .field("poll_interval", &self.poll_interval)
             .field("poll_jitter", &self.poll_jitter)
+            .field("single_flight", &self.single_flight)
             .finish()
     }
 }
@@ -206,6 +208,7 @@ impl Default for MemoizeOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             poll_interval: Duration::from_millis(10),
             poll_jitter: 0.5,
+            single_flight: true,
         }
     }
 }
@@ -314,6 +317,16 @@ impl MemoizeOptions {
     #[must_use]
     pub fn poll_jitter(mut self, fraction: f64) -> Self {
         self.poll_jitter = fraction;
+        self
+    }
+
+    /// Whether concurrent [`memoize`] calls of this process for the same
+    /// backend and key share one attempt. Defaults to `true`; turn it off
+    /// to measure what the cache lock alone does (every call then reads,
+    /// waits and polls on its own).
+    #[must_use]
+    pub fn single_flight(mut self, on: bool) -> Self {
+        self.single_flight = on;
         self
     }
 
@@ -574,7 +587,7 @@ where
             ReadOutcome::Unusable => {}
         }
         // Share one attempt with the other callers of this process.
-        loop {
+        while options.single_flight {
             match Flight::join(cache, &ctx.key) {
                 Joined::Leader(flight) => {
                     return lead(&ctx, &key, compute, Some(flight)).await;

@@ -587,33 +587,35 @@ where
             ReadOutcome::Unusable => {}
         }
         // Share one attempt with the other callers of this process.
-        while options.single_flight {
-            match Flight::join(cache, &ctx.key) {
-                Joined::Leader(flight) => {
-                    return lead(&ctx, &key, compute, Some(flight)).await;
-                }
-                Joined::Follower(waiter) => match waiter.wait().await {
-                    FlightOutcome::Done(plain) => match store::decode_value::<T>(&plain) {
-                        Ok(v) => return Ok(v),
-                        // Another type under the same key: go it alone.
-                        Err(_) => return lead(&ctx, &key, compute, None).await,
+        if options.single_flight {
+            loop {
+                match Flight::join(cache, &ctx.key) {
+                    Joined::Leader(flight) => {
+                        return lead(&ctx, &key, compute, Some(flight)).await;
+                    }
+                    Joined::Follower(waiter) => match waiter.wait().await {
+                        FlightOutcome::Done(plain) => match store::decode_value::<T>(&plain) {
+                            Ok(v) => return Ok(v),
+                            // Another type under the same key: go it alone.
+                            Err(_) => return lead(&ctx, &key, compute, None).await,
+                        },
+                        // The leader was dropped: try again.
+                        FlightOutcome::Retry => {
+                            if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
+                                return Ok(v);
+                            }
+                        }
+                        FlightOutcome::ComputeFailed => {
+                            if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
+                                return Ok(v);
+                            }
+                            return lead(&ctx, &key, compute, None).await;
+                        }
+                        FlightOutcome::LockFailed(failure) => {
+                            return Err(MemoizeError::Lock(failure.to_error()));
+                        }
                     },
-                    // The leader was dropped: try again.
-                    FlightOutcome::Retry => {
-                        if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
-                            return Ok(v);
-                        }
-                    }
-                    FlightOutcome::ComputeFailed => {
-                        if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx, false).await {
-                            return Ok(v);
-                        }
-                        return lead(&ctx, &key, compute, None).await;
-                    }
-                    FlightOutcome::LockFailed(failure) => {
-                        return Err(MemoizeError::Lock(failure.to_error()));
-                    }
-                },
+                }
             }
         }
     }

@@ -114,13 +114,6 @@ fn backend_id(cache: &SharedBackend) -> usize {
     std::sync::Arc::as_ptr(cache) as *const () as usize
 }
 
-impl FlightOutcome {
-    /// `Done` with the bytes, or `Retry` without them.
-    pub(crate) fn done(plain: Option<Bytes>) -> Self {
-        plain.map_or(Self::Retry, Self::Done)
-    }
-}
-
 impl Flight {
     /// Joins the attempt for `key` on `cache`, or starts one.
     pub(crate) fn join(cache: &SharedBackend, key: &str) -> Joined {

@@ -1,6 +1,8 @@
 //! Reading and writing whole values: inline items, or chunks then a
 //! manifest.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
@@ -20,8 +22,9 @@ pub(crate) const BATCH_BYTES: usize = 8 << 20;
 
 /// What a read found.
 pub(crate) enum ReadOutcome<T> {
-    /// The decoded value, and its plaintext (postcard) bytes if asked for.
-    Hit(T, Option<Bytes>),
+    /// The decoded value, and its plaintext (postcard) bytes (shared with
+    /// the stored item when it is stored plainly: no copy).
+    Hit(T, Bytes),
     /// Nothing stored.
     Miss,
     /// Something stored but unusable (corrupt, foreign, undecodable), or
@@ -43,10 +46,7 @@ pub(crate) fn log_corrupt(key: &str, reason: &Corrupt) {
 }
 
 /// Reads and decodes the value under `ctx.key`.
-pub(crate) async fn read_value<T: DeserializeOwned>(
-    ctx: &Ctx<'_>,
-    keep_plain: bool,
-) -> ReadOutcome<T> {
+pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
     let raw = match ctx.cache.get(&ctx.key).await {
         Ok(Some(raw)) => raw,
         Ok(None) => return ReadOutcome::Miss,
@@ -64,7 +64,10 @@ pub(crate) async fn read_value<T: DeserializeOwned>(
             plain,
         }) => match decode_value::<T>(&plain) {
             Ok(v) => {
-                let plain = keep_plain.then(|| Bytes::from(plain.into_owned()));
+                let plain = match plain {
+                    Cow::Borrowed(s) => sub_bytes(&raw, s),
+                    Cow::Owned(v) => Bytes::from(v),
+                };
                 return ReadOutcome::Hit(v, plain);
             }
             Err(c) => Err(c),
@@ -75,11 +78,22 @@ pub(crate) async fn read_value<T: DeserializeOwned>(
     };
     let result = plain.and_then(|p| decode_value::<T>(&p).map(|v| (v, p)));
     match result {
-        Ok((v, p)) => ReadOutcome::Hit(v, keep_plain.then(|| Bytes::from(p))),
+        Ok((v, p)) => ReadOutcome::Hit(v, Bytes::from(p)),
         Err(c) => {
             log_corrupt(&ctx.key, &c);
             ReadOutcome::Unusable
         }
+    }
+}
+
+/// `s` (a slice of `raw`) as a `Bytes` sharing `raw`'s memory; a copy if
+/// it is not inside `raw` after all.
+fn sub_bytes(raw: &Bytes, s: &[u8]) -> Bytes {
+    let base = raw.as_ptr() as usize;
+    let start = (s.as_ptr() as usize).wrapping_sub(base);
+    match start.checked_add(s.len()) {
+        Some(end) if s.as_ptr() as usize >= base && end <= raw.len() => raw.slice(start..end),
+        _ => Bytes::copy_from_slice(s),
     }
 }
 

@@ -1,20 +1,19 @@
 //! Single flight within one process: concurrent memoize calls for the same
 //! backend and full key share one attempt (moka's `get_with` idea).
 //!
-//! The first caller becomes the leader and registers a watch channel under
-//! (backend address, key); later callers subscribe and wait. The leader
-//! publishes the value's encoded bytes (the waiters decode them, so `T`
-//! need not be `Clone`) or `Retry` (compute failed, nothing to share). A
-//! leader that is dropped without finishing closes the channel, which also
-//! wakes the waiters to retry.
+//! The first caller becomes the leader and registers a cell under (backend
+//! address, key); later callers find it and wait. The leader reads the
+//! cache and, on a miss, computes; it then publishes the value's encoded
+//! bytes (the waiters decode them, so `T` need not be `Clone`) or why there
+//! is none. A leader dropped without finishing publishes `Retry`, so a
+//! waiter takes over.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::backend::SharedBackend;
 
@@ -75,30 +74,28 @@ impl LockFailure {
     }
 }
 
-#[derive(Debug, Clone)]
-enum State {
-    Running,
-    Finished(FlightOutcome),
+#[derive(Debug, Default)]
+struct Cell {
+    outcome: Mutex<Option<FlightOutcome>>,
+    notify: Notify,
 }
 
-type FlightMap = HashMap<FlightKey, (u64, watch::Receiver<State>)>;
-
-static FLIGHTS: LazyLock<Mutex<FlightMap>> = LazyLock::new(|| Mutex::new(HashMap::new()));
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+static FLIGHTS: LazyLock<Mutex<HashMap<FlightKey, Arc<Cell>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// The leader's handle; dropping it without [`Flight::finish`] makes the
 /// waiters retry.
 #[derive(Debug)]
 pub(crate) struct Flight {
     key: FlightKey,
-    id: u64,
-    tx: watch::Sender<State>,
+    cell: Arc<Cell>,
+    finished: bool,
 }
 
 /// A waiter's handle.
 #[derive(Debug)]
 pub(crate) struct Waiter {
-    rx: watch::Receiver<State>,
+    cell: Arc<Cell>,
 }
 
 /// The result of joining.
@@ -111,7 +108,7 @@ pub(crate) enum Joined {
 }
 
 fn backend_id(cache: &SharedBackend) -> usize {
-    std::sync::Arc::as_ptr(cache) as *const () as usize
+    Arc::as_ptr(cache) as *const () as usize
 }
 
 impl Flight {
@@ -119,48 +116,63 @@ impl Flight {
     pub(crate) fn join(cache: &SharedBackend, key: &str) -> Joined {
         let fkey = (backend_id(cache), key.to_owned());
         let mut map = FLIGHTS.lock();
-        if let Some((_, rx)) = map.get(&fkey)
-            && matches!(*rx.borrow(), State::Running)
-            && rx.has_changed().is_ok()
-        {
-            return Joined::Follower(Waiter { rx: rx.clone() });
+        if let Some(cell) = map.get(&fkey) {
+            return Joined::Follower(Waiter { cell: cell.clone() });
         }
-        let (tx, rx) = watch::channel(State::Running);
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        map.insert(fkey.clone(), (id, rx));
-        Joined::Leader(Flight { key: fkey, id, tx })
+        let cell = Arc::new(Cell::default());
+        map.insert(fkey.clone(), cell.clone());
+        Joined::Leader(Flight {
+            key: fkey,
+            cell,
+            finished: false,
+        })
     }
 
-    /// Publishes the outcome (if leading) and leaves the map.
+    /// Publishes the outcome (if leading): the cell leaves the map first,
+    /// so a later caller starts afresh, then the waiters are woken.
     pub(crate) fn finish(flight: Option<Flight>, outcome: FlightOutcome) {
-        if let Some(f) = flight {
-            f.tx.send_replace(State::Finished(outcome));
+        if let Some(mut f) = flight {
+            f.publish(outcome);
         }
+    }
+
+    fn publish(&mut self, outcome: FlightOutcome) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        {
+            let mut map = FLIGHTS.lock();
+            if map
+                .get(&self.key)
+                .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+            {
+                map.remove(&self.key);
+            }
+        }
+        *self.cell.outcome.lock() = Some(outcome);
+        self.cell.notify.notify_waiters();
     }
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        let mut map = FLIGHTS.lock();
-        if map.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-            map.remove(&self.key);
-        }
+        self.publish(FlightOutcome::Retry);
     }
 }
 
 impl Waiter {
     /// Waits for the leader to finish or go away.
-    pub(crate) async fn wait(mut self) -> FlightOutcome {
+    pub(crate) async fn wait(self) -> FlightOutcome {
         loop {
-            if let State::Finished(o) = &*self.rx.borrow_and_update() {
-                return o.clone();
+            let notified = self.cell.notify.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a wake-up in between is not lost.
+            notified.as_mut().enable();
+            if let Some(outcome) = self.cell.outcome.lock().clone() {
+                return outcome;
             }
-            if self.rx.changed().await.is_err() {
-                return match &*self.rx.borrow() {
-                    State::Finished(o) => o.clone(),
-                    State::Running => FlightOutcome::Retry,
-                };
-            }
+            notified.await;
         }
     }
 }

@@ -220,12 +220,12 @@ impl LockGuard {
     }
 }
 
-/// [`crate::memoize`] for synchronous callers: `compute` is a plain
+/// [`crate::memoize()`] for synchronous callers: `compute` is a plain
 /// closure, run on the calling thread.
 ///
 /// # Errors
 ///
-/// As [`crate::memoize`]; [`MemoizeError::Config`] when called inside an
+/// As [`crate::memoize()`]; [`MemoizeError::Config`] when called inside an
 /// async runtime.
 pub fn memoize<T, E, F>(
     cache: &SharedBackend,

@@ -20,7 +20,7 @@
 //!   write.
 //! * The *plaintext* is postcard of the value, or for a stream a sequence of
 //!   frames `varint length || postcard(item)`. It is cut into segments of
-//!   [`ManifestBody::segment_size`] bytes; each segment is compressed and
+//!   `segment_size` bytes (a manifest field); each segment is compressed and
 //!   encrypted on its own and stored as one chunk.
 
 use std::borrow::Cow;

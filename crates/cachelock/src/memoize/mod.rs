@@ -11,10 +11,13 @@
 //!   lock a caller also polls the value (every
 //!   [`poll_interval`](MemoizeOptions::poll_interval), 5 ms plus jitter by
 //!   default) and returns it as soon as it appears.
-//! * **Single flight in one process**: concurrent callers for the same
-//!   backend and full key share one attempt; the others wait for it and
-//!   decode its result without touching the cache. If the leading call
-//!   fails or is dropped, one of the waiters takes over.
+//! * **Single flight in one process** (on by default): concurrent callers
+//!   for the same backend and full key share one attempt, the first read
+//!   included; the others wait for it and decode its result without
+//!   touching the cache, so a burst of 1,000 tasks makes one read. If the
+//!   leading call is dropped, a waiter takes over; if its compute fails,
+//!   each waiter goes on alone; if it could not take the lock and the
+//!   options say fail, the waiters fail alike.
 //! * A corrupt, partial or undecodable entry is a logged miss that is
 //!   rebuilt under the lock.
 //! * A compute error reaches the caller as [`MemoizeError::Compute`] and

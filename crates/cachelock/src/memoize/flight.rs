@@ -24,10 +24,10 @@ type FlightKey = (usize, String);
 pub(crate) enum FlightOutcome {
     /// The value's postcard bytes.
     Done(Bytes),
-    /// No value to share (the leader was dropped, or could not encode):
-    /// try again, in a new flight.
+    /// The leader was dropped: try again, in a new flight.
     Retry,
-    /// The leader's compute failed. Its error cannot be shared, so each
+    /// The leader's compute failed (or its value could not be encoded).
+    /// Its error cannot be shared, so each
     /// waiter goes on alone (under the lock, if one is configured) instead
     /// of queueing behind one new leader after another.
     ComputeFailed,

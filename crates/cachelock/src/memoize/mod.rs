@@ -716,14 +716,16 @@ where
     };
     match postcard::to_allocvec(&value) {
         Ok(plain) => {
+            // The waiters of this process need not wait for the store.
+            let plain = Bytes::from(plain);
+            Flight::finish(flight, FlightOutcome::Done(plain.clone()));
             store_plain(ctx, &plain, guard.as_mut()).await;
             release(guard, &ctx.key).await;
-            Flight::finish(flight, FlightOutcome::Done(Bytes::from(plain)));
         }
         Err(e) => {
             tracing::error!(key = %ctx.key, error = %e, "Failed to serialize data for cache key");
+            Flight::finish(flight, FlightOutcome::ComputeFailed);
             release(guard, &ctx.key).await;
-            Flight::finish(flight, FlightOutcome::Retry);
         }
     }
     Ok(value)

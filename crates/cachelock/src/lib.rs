@@ -43,6 +43,9 @@ pub mod lock;
 #[cfg(feature = "memcached")]
 pub use backend::memcached::{MemcachedBackend, MemcachedOptions};
 pub use backend::memory::MemoryBackend;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use backend::redis::{RedisBackend, RedisOptions};
 pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use key::{CacheKey, KeyBuilder};

@@ -39,6 +39,9 @@ use crate::error::BackendResult;
 #[cfg(feature = "memcached")]
 pub mod memcached;
 pub mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 /// Memcached's default item size limit less 1 KiB of item overhead: the
 /// Djblets `CACHE_CHUNK_SIZE`. Used when a backend does not know better.

@@ -311,6 +311,12 @@ pub fn string_encoding_to(n: usize, ch: char) -> String {
     std::iter::repeat_n(ch, n - 2).collect()
 }
 
+/// Options for tests on shared servers: values expire after 10 minutes
+/// (not the default 30 days).
+pub fn opts() -> MemoizeOptions {
+    MemoizeOptions::new().expiration(Duration::from_secs(600))
+}
+
 const SMALL_CHUNK: usize = 256;
 
 fn segment() -> usize {
@@ -318,9 +324,7 @@ fn segment() -> usize {
 }
 
 fn small_chunks() -> MemoizeOptions {
-    MemoizeOptions::new()
-        .chunk_size(SMALL_CHUNK)
-        .compression(false)
+    opts().chunk_size(SMALL_CHUNK).compression(false)
 }
 
 fn lock_opts(wait: Wait) -> LockOptions {
@@ -332,7 +336,7 @@ fn lock_opts(wait: Wait) -> LockOptions {
 
 pub async fn compute_once_then_hit(b: SharedBackend) {
     let k = unique_key("once");
-    let o = MemoizeOptions::new();
+    let o = opts();
     let c = Counter::default();
     assert_eq!(mz(&b, &k, &o, &c, "abc123".to_string()).await, "abc123");
     assert_eq!(mz(&b, &k, &o, &c, "other".to_string()).await, "abc123");
@@ -344,7 +348,7 @@ pub async fn compute_once_then_hit(b: SharedBackend) {
 }
 
 pub async fn unicode_and_non_string_values(b: SharedBackend) {
-    let o = MemoizeOptions::new();
+    let o = opts();
     let c = Counter::default();
     let k = unique_key("unicode");
     let s = "ℝ𝓊𝓈𝓉 🦀 — ünïcödé".to_string();
@@ -370,7 +374,7 @@ pub async fn unicode_and_non_string_values(b: SharedBackend) {
 
 pub async fn stored_none_is_a_hit(b: SharedBackend) {
     let k = unique_key("none");
-    let o = MemoizeOptions::new();
+    let o = opts();
     let c = Counter::default();
     assert_eq!(mz::<Option<u32>>(&b, &k, &o, &c, None).await, None);
     assert_eq!(mz(&b, &k, &o, &c, Some(5u32)).await, None);
@@ -423,7 +427,7 @@ pub async fn compressed_values(b: SharedBackend) {
     // Compresses to one inline item although it is 100 kB.
     let k = unique_key("compressed");
     let v = "abcdefgh".repeat(12_500);
-    let o = MemoizeOptions::new().compression(true);
+    let o = opts().compression(true);
     assert_eq!(mz(&b, &k, &o, &c, v.clone()).await, v);
     let stored = w.inner.get(&k).await.unwrap().unwrap();
     assert!(stored.len() < 2_000, "{} bytes stored", stored.len());
@@ -436,7 +440,7 @@ pub async fn compressed_values(b: SharedBackend) {
     );
     // Chunked and compressed.
     let k = unique_key("compressed-chunks");
-    let o = MemoizeOptions::new().chunk_size(1024).compression(true);
+    let o = opts().chunk_size(1024).compression(true);
     let v: String = (0..5_000)
         .map(|i| char::from(b'a' + (i % 7) as u8))
         .collect();
@@ -459,12 +463,9 @@ pub async fn preloaded_entries_read_without_computing(b: SharedBackend) {
     // Entries written earlier (by another caller, with other settings) are
     // read without calling compute.
     for (o, v) in [
-        (MemoizeOptions::new(), "small".to_string()),
+        (opts(), "small".to_string()),
         (small_chunks(), "y".repeat(3_000)),
-        (
-            MemoizeOptions::new().chunk_size(SMALL_CHUNK),
-            "z".repeat(50_000),
-        ),
+        (opts().chunk_size(SMALL_CHUNK), "z".repeat(50_000)),
     ] {
         let k = unique_key("preloaded");
         let c = Counter::default();
@@ -499,7 +500,7 @@ pub async fn missing_chunk_recomputes_once(b: SharedBackend) {
 
 pub async fn encryption_round_trip(b: SharedBackend) {
     let k = unique_key("enc");
-    let o = MemoizeOptions::new().encryption_key(b"0123456789abcdef");
+    let o = opts().encryption_key(b"0123456789abcdef");
     let c = Counter::default();
     let v = "secret text".to_string();
     assert_eq!(mz(&b, &k, &o, &c, v.clone()).await, v);
@@ -519,8 +520,7 @@ pub async fn encryption_round_trip(b: SharedBackend) {
     assert!(!stored.windows(6).any(|w| w == b"secret"));
     // Without the key it is a miss (another key name, and the data is
     // refused if read under that name).
-    let plain =
-        MemoizeOptions::new().keys(KeyBuilder::default().secret(b"0123456789abcdef".to_vec()));
+    let plain = opts().keys(KeyBuilder::default().secret(b"0123456789abcdef".to_vec()));
     assert_eq!(plain.full_key(&CacheKey::from(k.as_str())), full);
     assert_eq!(
         mz(&b, &k, &plain, &c, "recomputed".to_string()).await,
@@ -533,10 +533,8 @@ pub async fn different_encryption_key_misses(b: SharedBackend) {
     let k = unique_key("enc-other");
     // Same key names (explicit secret), different encryption keys.
     let keys = KeyBuilder::new("ns").secret(b"names".to_vec());
-    let o1 = MemoizeOptions::new()
-        .keys(keys.clone())
-        .encryption_key(b"key-one");
-    let o2 = MemoizeOptions::new().keys(keys).encryption_key(b"key-two");
+    let o1 = opts().keys(keys.clone()).encryption_key(b"key-one");
+    let o2 = opts().keys(keys).encryption_key(b"key-two");
     assert_eq!(
         o1.full_key(&k.as_str().into()),
         o2.full_key(&k.as_str().into())
@@ -554,7 +552,7 @@ pub async fn different_encryption_key_misses(b: SharedBackend) {
 
 pub async fn encrypted_non_string_chunked(b: SharedBackend) {
     let k = unique_key("enc-chunks");
-    let o = MemoizeOptions::new()
+    let o = opts()
         .chunk_size(SMALL_CHUNK)
         .encryption_key(b"0123456789abcdef");
     let c = Counter::default();
@@ -568,7 +566,7 @@ pub async fn get_error_still_returns_value(b: SharedBackend) {
     let w = Wrap::new(b);
     let b = w.shared();
     let k = unique_key("get-error");
-    let o = MemoizeOptions::new();
+    let o = opts();
     let c = Counter::default();
     w.fail_get.store(true, Ordering::Relaxed);
     let logs = Logs::capture();
@@ -589,7 +587,7 @@ pub async fn get_error_still_returns_value(b: SharedBackend) {
 pub async fn set_error_still_returns_value(b: SharedBackend) {
     let w = Wrap::new(b);
     let b = w.shared();
-    let o = MemoizeOptions::new();
+    let o = opts();
     for (k, o) in [
         (unique_key("set-error"), o),
         (unique_key("set-many-error"), small_chunks()),
@@ -618,7 +616,7 @@ pub async fn lock_not_taken_on_hit(b: SharedBackend) {
     let w = Wrap::new(b);
     let b = w.shared();
     let k = unique_key("lock-hit");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
+    let o = opts().lock(lock_opts(Wait::Forever));
     let c = Counter::default();
     mz(&b, &k, &o, &c, 1u8).await;
     assert_eq!(w.count(|op| matches!(op, Op::Add(_))), 1);
@@ -629,7 +627,7 @@ pub async fn lock_not_taken_on_hit(b: SharedBackend) {
 
 pub async fn lock_held_during_compute_and_released(b: SharedBackend) {
     let k = unique_key("lock-held");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
+    let o = opts().lock(lock_opts(Wait::Forever));
     let lock_key = o.full_lock_key(&k.as_str().into());
     assert_eq!(lock_key, format!("_lock_:{k}"));
     let seen = Arc::new(Mutex::new(None));
@@ -653,7 +651,7 @@ pub async fn lock_held_during_compute_and_released(b: SharedBackend) {
 
 pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
     let k = unique_key("appears");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Timeout(Duration::from_secs(20))));
+    let o = opts().lock(lock_opts(Wait::Timeout(Duration::from_secs(20))));
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
@@ -676,7 +674,7 @@ pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
     let elsewhere = Wrap::new(b.clone()).shared();
     let c2 = Counter::default();
     let stored_at = tokio::time::Instant::now();
-    mz(&elsewhere, &k, &MemoizeOptions::new(), &c2, 42u32).await;
+    mz(&elsewhere, &k, &opts(), &c2, 42u32).await;
     let (v, waited) = waiter.await.unwrap();
     assert_eq!(v, 42);
     assert_eq!(c.get(), 0, "the waiter did not compute");
@@ -692,7 +690,7 @@ pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
 
 pub async fn lock_timeout_computes_and_keeps_other_lock(b: SharedBackend) {
     let k = unique_key("timeout");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Timeout(Duration::from_millis(200))));
+    let o = opts().lock(lock_opts(Wait::Timeout(Duration::from_millis(200))));
     let lock_key = o.full_lock_key(&k.as_str().into());
     let other = CacheLock::new(b.clone(), lock_key.clone(), lock_opts(Wait::NoWait)).unwrap();
     let held = other.acquire().await.unwrap();
@@ -718,7 +716,7 @@ pub async fn lock_timeout_computes_and_keeps_other_lock(b: SharedBackend) {
 
 pub async fn lock_timeout_fail_option(b: SharedBackend) {
     let k = unique_key("timeout-fail");
-    let o = MemoizeOptions::new()
+    let o = opts()
         .lock(lock_opts(Wait::Timeout(Duration::from_millis(100))))
         .on_lock_timeout(OnLockTimeout::Fail);
     let other = CacheLock::new(
@@ -751,7 +749,7 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
 
 pub async fn expired_lease_is_taken_over(b: SharedBackend) {
     let k = unique_key("expired");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Timeout(Duration::from_secs(10))));
+    let o = opts().lock(lock_opts(Wait::Timeout(Duration::from_secs(10))));
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
@@ -777,7 +775,7 @@ pub async fn expired_lease_is_taken_over(b: SharedBackend) {
 
 pub async fn compute_error_caches_nothing(b: SharedBackend) {
     let k = unique_key("compute-error");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
+    let o = opts().lock(lock_opts(Wait::Forever));
     let lock_key = o.full_lock_key(&k.as_str().into());
     let r: Result<u8, _> = memoize(&b, k.as_str(), &o, || async {
         Err(std::io::Error::other("boom"))
@@ -797,8 +795,8 @@ pub async fn compute_error_caches_nothing(b: SharedBackend) {
 pub async fn force_overwrite_takes_the_lock(b: SharedBackend) {
     let k = unique_key("force");
     let c = Counter::default();
-    mz(&b, &k, &MemoizeOptions::new(), &c, 1u8).await;
-    let o = MemoizeOptions::new()
+    mz(&b, &k, &opts(), &c, 1u8).await;
+    let o = opts()
         .force_overwrite(true)
         .lock(lock_opts(Wait::Timeout(Duration::from_millis(100))))
         .on_lock_timeout(OnLockTimeout::Fail);
@@ -816,7 +814,7 @@ pub async fn force_overwrite_takes_the_lock(b: SharedBackend) {
     .unwrap();
     assert_eq!(v, 2);
     assert!(seen.load(Ordering::SeqCst));
-    assert_eq!(mz(&b, &k, &MemoizeOptions::new(), &c, 0u8).await, 2);
+    assert_eq!(mz(&b, &k, &opts(), &c, 0u8).await, 2);
     // Lock held elsewhere: force_overwrite waits for it too.
     let other = CacheLock::new(b.clone(), lock_key, lock_opts(Wait::NoWait)).unwrap();
     let held = other.acquire().await.unwrap();
@@ -827,7 +825,7 @@ pub async fn force_overwrite_takes_the_lock(b: SharedBackend) {
 
 pub async fn corrupt_entry_rebuilt_under_lock(b: SharedBackend) {
     let k = unique_key("corrupt");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
+    let o = opts().lock(lock_opts(Wait::Forever));
     let lock_key = o.full_lock_key(&k.as_str().into());
     b.set(
         &k,
@@ -864,7 +862,7 @@ async fn slow_compute(c: &Counter, v: u64) -> Result<u64, Never> {
 pub async fn concurrent_callers_compute_once(b: SharedBackend) {
     for lock in [false, true] {
         let k = unique_key("concurrent");
-        let mut o = MemoizeOptions::new();
+        let mut o = opts();
         if lock {
             o = o.lock(lock_opts(Wait::Forever));
         }
@@ -893,7 +891,7 @@ pub async fn concurrent_processes_compute_once(b: SharedBackend) {
     // single-flight), 8 callers each: the lock plus value polling gives one
     // compute, and every caller is served soon after it is stored.
     let k = unique_key("processes");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Timeout(Duration::from_secs(10))));
+    let o = opts().lock(lock_opts(Wait::Timeout(Duration::from_secs(10))));
     let c = Counter::default();
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::new();
@@ -935,7 +933,7 @@ pub async fn racing_writers_never_mix(b: SharedBackend) {
     let (ba, bb) = (wa.shared(), wb.shared());
     let va = "a".repeat(2_000);
     let vb = "b".repeat(2_000);
-    let reader = MemoizeOptions::new();
+    let reader = opts();
     for _ in 0..20 {
         let c = Counter::default();
         let (ra, rb) = tokio::join!(
@@ -993,7 +991,7 @@ pub async fn hostile_manifest_is_a_miss(b: SharedBackend) {
             .await
             .unwrap();
         let c = Counter::default();
-        assert_eq!(mz(&b, &k, &MemoizeOptions::new(), &c, 5u8).await, 5);
+        assert_eq!(mz(&b, &k, &opts(), &c, 5u8).await, 5);
         assert_eq!(c.get(), 1);
         // Streams refuse it too, without fetching it all.
         let k = unique_key("hostile-stream");
@@ -1006,7 +1004,7 @@ pub async fn hostile_manifest_is_a_miss(b: SharedBackend) {
         let items: Vec<u8> = futures_util::StreamExt::collect::<Vec<_>>(cachelock::memoize_iter(
             &w.shared(),
             k.as_str(),
-            &MemoizeOptions::new(),
+            &opts(),
             vec![Ok::<_, Never>(1u8), Ok(2)],
         ))
         .await
@@ -1029,7 +1027,7 @@ pub async fn hostile_manifest_is_a_miss(b: SharedBackend) {
 pub async fn unknown_version_is_a_miss(b: SharedBackend) {
     let k = unique_key("version");
     let c = Counter::default();
-    let o = MemoizeOptions::new();
+    let o = opts();
     mz(&b, &k, &o, &c, 1u8).await;
     let stored = b.get(&k).await.unwrap().unwrap();
     let mut content = stored[..stored.len() - 8].to_vec();
@@ -1044,7 +1042,7 @@ pub async fn unknown_version_is_a_miss(b: SharedBackend) {
 pub async fn wrong_type_is_a_miss(b: SharedBackend) {
     let k = unique_key("wrong-type");
     let c = Counter::default();
-    let o = MemoizeOptions::new();
+    let o = opts();
     mz(&b, &k, &o, &c, "a string".to_string()).await;
     assert_eq!(mz(&b, &k, &o, &c, 77u64).await, 77);
     assert_eq!(mz(&b, &k, &o, &c, 0u64).await, 77);

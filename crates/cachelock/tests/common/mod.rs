@@ -48,4 +48,5 @@ pub fn unique_key(name: &str) -> String {
     )
 }
 pub mod memoize_cases;
+pub mod stampede;
 pub mod stream_cases;

@@ -11,7 +11,7 @@ use cachelock::{
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use super::memoize_cases::{Counter, Logs, Never, Op, Wrap, rich};
+use super::memoize_cases::{Counter, Logs, Never, Op, Wrap, opts, rich};
 use super::unique_key;
 
 /// Expands every stream case into a test for one backend.
@@ -69,7 +69,7 @@ async fn collect<T, E: std::fmt::Debug>(
 }
 
 fn small() -> MemoizeOptions {
-    MemoizeOptions::new().chunk_size(256).compression(false)
+    opts().chunk_size(256).compression(false)
 }
 
 fn lock_opts(wait: Wait) -> LockOptions {
@@ -77,7 +77,7 @@ fn lock_opts(wait: Wait) -> LockOptions {
 }
 
 pub async fn stream_round_trip_then_hit(b: SharedBackend) {
-    for o in [MemoizeOptions::new(), small()] {
+    for o in [opts(), small()] {
         let k = unique_key("stream");
         let items: Vec<(u32, String)> = (0..100).map(|i| (i, format!("item {i} ✓"))).collect();
         let c = Counter::default();
@@ -238,7 +238,7 @@ pub async fn early_drop_releases_lock_and_writes_no_manifest(b: SharedBackend) {
 
 pub async fn producer_error_is_passed_on(b: SharedBackend) {
     let k = unique_key("producer-error");
-    let o = MemoizeOptions::new().lock(lock_opts(Wait::Forever));
+    let o = opts().lock(lock_opts(Wait::Forever));
     let lock_key = o.full_lock_key(&k.as_str().into());
     let items = vec![Ok(1u8), Ok(2), Err(std::io::Error::other("boom")), Ok(4)];
     let got: Vec<_> = memoize_iter(&b, k.as_str(), &o, items).collect().await;
@@ -309,7 +309,7 @@ pub async fn empty_and_unicode_streams(b: SharedBackend) {
 pub async fn compressed_and_encrypted_streams(b: SharedBackend) {
     for (comp, enc) in [(true, false), (false, true), (true, true)] {
         let k = unique_key("codec-stream");
-        let mut o = MemoizeOptions::new().chunk_size(1024).compression(comp);
+        let mut o = opts().chunk_size(1024).compression(comp);
         if enc {
             o = o.encryption_key(b"0123456789abcdef");
         }
@@ -485,7 +485,7 @@ pub async fn stream_value_appearing_while_waiting(b: SharedBackend) {
 pub async fn values_and_streams_do_not_mix(b: SharedBackend) {
     let k = unique_key("mix");
     let c = Counter::default();
-    let v: Vec<u32> = memoize(&b, k.as_str(), &MemoizeOptions::new(), || async {
+    let v: Vec<u32> = memoize(&b, k.as_str(), &opts(), || async {
         Ok::<_, Never>(vec![1, 2])
     })
     .await
@@ -496,7 +496,7 @@ pub async fn values_and_streams_do_not_mix(b: SharedBackend) {
         collect(memoize_stream(
             &b,
             k.as_str(),
-            &MemoizeOptions::new(),
+            &opts(),
             counted(vec![7u32], &c)
         ))
         .await,
@@ -504,7 +504,7 @@ pub async fn values_and_streams_do_not_mix(b: SharedBackend) {
     );
     assert_eq!(c.get(), 1);
     // And back as a value: a miss.
-    let v: Vec<u32> = memoize(&b, k.as_str(), &MemoizeOptions::new(), || async {
+    let v: Vec<u32> = memoize(&b, k.as_str(), &opts(), || async {
         Ok::<_, Never>(vec![3])
     })
     .await

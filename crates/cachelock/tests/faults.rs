@@ -18,9 +18,15 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cachelock::{BackendError, CacheLock, Error, LockOptions, Released, Wait};
+use cachelock::{
+    BackendError, CacheKey, CacheLock, Error, LockOptions, MemoizeError, MemoizeOptions,
+    OnLockTimeout, Released, SharedBackend, Wait, memoize,
+};
 use common::rig::{Kind, Rig, RigOptions, assert_recovers, bounded, retry_unavailable};
 use common::{logs, unique_key};
 use tokio::time::Instant;
@@ -56,6 +62,7 @@ on_both!(
     holder_paused_past_its_lease,
     eviction_under_memory_pressure,
     tokens_never_logged_above_debug,
+    memoize_computes_anyway_when_down_slow_or_locked_out,
 );
 
 fn lock(rig_backend: &cachelock::SharedBackend, key: &str, lease: Duration) -> CacheLock {
@@ -77,6 +84,93 @@ async fn token_under(b: &cachelock::SharedBackend, key: &str) -> Option<String> 
 }
 
 // ---------------------------------------------------------------------------
+// Memoize helpers
+
+/// Memoize settings for the scenarios: chunks of `chunk` bytes, no
+/// compression (so the stored size is the value's), a short lock.
+fn memo_options(chunk: usize) -> MemoizeOptions {
+    MemoizeOptions::new()
+        .expiration(LONG)
+        .compression(false)
+        .chunk_size(chunk)
+        .lock(
+            LockOptions::new()
+                .lease(Duration::from_secs(5))
+                .wait(Wait::Timeout(Duration::from_secs(1))),
+        )
+}
+
+/// `len` bytes that do not compress, different for each `seed`.
+fn big_value(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Counts computes.
+#[derive(Clone, Default)]
+struct Computes(Arc<AtomicUsize>);
+
+impl Computes {
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Memoizes `value` under `key`; the compute counts itself.
+async fn memo(
+    b: &SharedBackend,
+    key: &str,
+    o: &MemoizeOptions,
+    n: &Computes,
+    value: &[u8],
+) -> Vec<u8> {
+    memo_result(b, key, o, n, value).await.unwrap()
+}
+
+async fn memo_result(
+    b: &SharedBackend,
+    key: &str,
+    o: &MemoizeOptions,
+    n: &Computes,
+    value: &[u8],
+) -> Result<Vec<u8>, MemoizeError<Infallible>> {
+    let (n, v) = (n.clone(), value.to_vec());
+    memoize(b, key, o, move || async move {
+        n.0.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Infallible>(v)
+    })
+    .await
+}
+
+/// Calls memoize until a call is served from the cache (no compute), for at
+/// most 40 calls; every value returned on the way must be `value`.
+async fn assert_cached_soon(
+    b: &SharedBackend,
+    key: &str,
+    o: &MemoizeOptions,
+    n: &Computes,
+    value: &[u8],
+) {
+    for _ in 0..40 {
+        let before = n.get();
+        let got = memo(b, key, o, n, value).await;
+        assert!(got == value, "wrong value ({} bytes)", got.len());
+        if n.get() == before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the value was never cached again");
+}
+
+// ---------------------------------------------------------------------------
 // Server killed and restarted
 
 async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
@@ -90,6 +184,15 @@ async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
         let mut old = lock.try_acquire().await.unwrap();
         // Exclusion while the lease holds.
         assert!(lock.try_acquire().await.unwrap_err().is_held());
+        let (mk, mo, n) = (
+            unique_key("restart-memo"),
+            memo_options(16 * 1024),
+            Computes::default(),
+        );
+        let value = big_value(1, 200_000);
+        assert!(memo(&b, &mk, &mo, &n, &value).await == value);
+        assert_cached_soon(&b, &mk, &mo, &n, &value).await;
+        assert_eq!(n.get(), 1);
 
         rig.kill();
         // While it is down: typed errors, quickly; nobody gets the lock.
@@ -100,6 +203,11 @@ async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
         assert!(e.is_unavailable(), "{e:?}");
         assert!(!old.is_lost(), "a failed extend keeps the lease as it was");
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // Memoize computes anyway while the server is down.
+        let t = Instant::now();
+        assert!(memo(&b, &mk, &mo, &n, &value).await == value);
+        assert_eq!(n.get(), 2);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
         // Restarted empty: the next acquire works (once the client noticed).
         rig.spawn();
@@ -119,6 +227,10 @@ async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
             "the new holder's key is untouched"
         );
         assert_eq!(new.release().await.unwrap(), Released::Released);
+        // The restarted server lost the value: memoize recomputes it.
+        assert!(memo(&b, &mk, &mo, &n, &value).await == value);
+        assert!(n.get() >= 3, "recomputed after the restart");
+        assert_cached_soon(&b, &mk, &mo, &n, &value).await;
         assert_recovers(&b).await;
     })
     .await;
@@ -166,6 +278,17 @@ async fn latency_above_the_response_timeout(kind: Kind) {
         let e = free.try_acquire().await.unwrap_err();
         assert!(e.is_unavailable(), "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        // Memoize returns the computed value, whole, in bounded time.
+        let (mk, mo, n) = (
+            unique_key("slow-memo"),
+            memo_options(16 * 1024),
+            Computes::default(),
+        );
+        let value = big_value(3, 100_000);
+        let t = Instant::now();
+        assert!(memo(&b, &mk, &mo, &n, &value).await == value);
+        assert_eq!(n.get(), 1);
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
 
         rig.proxy.heal();
         // Late replies of timed-out requests are never taken as the answer
@@ -207,6 +330,7 @@ async fn latency_above_the_response_timeout(kind: Kind) {
             .unwrap();
         assert_eq!(g.release().await.unwrap(), Released::Released);
         assert_eq!(guard.release().await.unwrap(), Released::Released);
+        assert_cached_soon(&b, &mk, &mo, &n, &value).await;
         assert_recovers(&b).await;
     })
     .await;
@@ -270,6 +394,49 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
             .await
             .unwrap();
         assert_eq!(g.release().await.unwrap(), Released::Released);
+
+        // Memoize, chunked (300 kB in 16 kB chunks). A write whose replies
+        // are cut after the first: the caller gets its computed value.
+        let (mk, mo, n) = (
+            unique_key("cut-memo"),
+            memo_options(16 * 1024),
+            Computes::default(),
+        );
+        let (v1, v2, v3) = (
+            big_value(11, 300_000),
+            big_value(12, 300_000),
+            big_value(13, 300_000),
+        );
+        rig.proxy.cut_after_bytes(20);
+        assert!(memo(&b, &mk, &mo, &n, &v1).await == v1);
+        rig.proxy.heal();
+        // Whatever was left half-written is never read as a value.
+        assert!(memo(&b, &mk, &mo, &n, &v1).await == v1);
+        assert_cached_soon(&b, &mk, &mo, &n, &v1).await;
+        // A second write (force_overwrite) cut the same way over a stored
+        // value: later reads see one whole value, never chunks of both.
+        rig.proxy.cut_after_bytes(20);
+        let forced = mo.clone().force_overwrite(true);
+        assert!(memo(&b, &mk, &forced, &n, &v2).await == v2);
+        rig.proxy.heal();
+        for _ in 0..5 {
+            let got = memo(&b, &mk, &mo, &n, &v3).await;
+            assert!(got == v1 || got == v2 || got == v3, "mixed value");
+        }
+        // Reads cut in the middle of the chunks: the caller still gets the
+        // right value (recomputed), and after heal it is cached.
+        let (rk, rn) = (unique_key("cut-read"), Computes::default());
+        assert!(memo(&b, &rk, &mo, &rn, &v1).await == v1);
+        assert_cached_soon(&b, &rk, &mo, &rn, &v1).await;
+        let stored = rn.get();
+        for cut in [100_000, 150_000, 250_000] {
+            rig.proxy.cut_after_bytes(cut);
+            rig.proxy.cut_all();
+            assert!(memo(&b, &rk, &mo, &rn, &v1).await == v1);
+        }
+        assert!(rn.get() > stored, "a cut read was recomputed");
+        rig.proxy.heal();
+        assert_cached_soon(&b, &rk, &mo, &rn, &v1).await;
         assert_recovers(&b).await;
     })
     .await;
@@ -341,12 +508,20 @@ async fn eviction_under_memory_pressure(kind: Kind) {
         let vk = unique_key("evicted-value");
         let value: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
         b.set(&vk, &value, LONG).await.unwrap();
+        let (mk, mo, n) = (
+            unique_key("evicted-memo"),
+            memo_options(64 * 1024),
+            Computes::default(),
+        );
+        let memo_value = big_value(21, 400_000);
+        assert!(memo(&b, &mk, &mo, &n, &memo_value).await == memo_value);
+        assert_cached_soon(&b, &mk, &mo, &n, &memo_value).await;
 
         // Another client fills the cache until the lock key is evicted.
         // Small values of sizes around the token's, so the lock item's slab
         // class (Memcached evicts per class) fills up, and large ones.
         let small = [b'x'; 64];
-        let large = vec![b'y'; 100_000];
+        let large = vec![b'y'; 130_000];
         let mut evicted = false;
         for i in 0..100_000u32 {
             let k = format!("{key}:fill:{i}");
@@ -355,7 +530,13 @@ async fn eviction_under_memory_pressure(kind: Kind) {
                 .await
                 .unwrap();
             if i % 50 == 0 {
-                let _ = filler.set(&format!("{k}:big"), &large, LONG).await;
+                // Sizes across the large slab classes, chunks' included.
+                let len = 20_000 + (i as usize * 7919) % 110_000;
+                let _ = filler.set(&format!("{k}:big"), &large[..len], LONG).await;
+            }
+            if i % 5_000 == 0 {
+                // Memoize while the cache is being filled: always right.
+                assert!(memo(&b, &mk, &mo, &n, &memo_value).await == memo_value);
             }
             // Checked seldom: a read marks the item active, which keeps it
             // from being evicted for a while.
@@ -365,6 +546,26 @@ async fn eviction_under_memory_pressure(kind: Kind) {
             }
         }
         assert!(evicted, "the lock key was never evicted");
+        let manifest_gone = filler
+            .get(&mo.full_key(&CacheKey::from(mk.as_str())))
+            .await
+            .unwrap()
+            .is_none();
+        let before = n.get();
+        assert!(memo(&b, &mk, &mo, &n, &memo_value).await == memo_value);
+        eprintln!(
+            "{:?}: manifest evicted: {manifest_gone}, computes {}",
+            rig.kind,
+            n.get()
+        );
+        if manifest_gone {
+            assert_eq!(n.get(), before + 1, "an evicted value is rebuilt");
+        }
+        assert!(
+            n.get() > 1,
+            "the filling evicted part of the memoized value, which was rebuilt"
+        );
+        assert_cached_soon(&b, &mk, &mo, &n, &memo_value).await;
 
         // Every value read is the right one or absent.
         if let Some(v) = b.get(&vk).await.unwrap() {
@@ -463,4 +664,90 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Memoize's "compute anyway" paths
+
+async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
+    let options = RigOptions {
+        response_timeout: Duration::from_millis(300),
+        ..RigOptions::default()
+    };
+    let Some(mut rig) = Rig::start_with(kind, options).await else {
+        return;
+    };
+    bounded(Duration::from_secs(60), async {
+        let b = rig.backend.clone();
+        let value = big_value(31, 50_000);
+
+        // The lock is held elsewhere past the wait: computed anyway, and
+        // the other holder's lock is left alone.
+        let other = rig.another_client().await;
+        let key = unique_key("memo-locked-out");
+        let mo = memo_options(16 * 1024).lock(
+            LockOptions::new()
+                .lease(Duration::from_secs(10))
+                .wait(Wait::Timeout(Duration::from_millis(300))),
+        );
+        let lock_key = mo.full_lock_key(&CacheKey::from(key.as_str()));
+        let holder = CacheLock::new(other.clone(), lock_key.clone(), LockOptions::default())
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap();
+        let n = Computes::default();
+        let t = Instant::now();
+        assert!(memo(&b, &key, &mo, &n, &value).await == value);
+        assert_eq!(n.get(), 1);
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // With OnLockTimeout::Fail: a typed error and no compute.
+        let fail = mo.clone().on_lock_timeout(OnLockTimeout::Fail);
+        let key2 = unique_key("memo-locked-out-fail");
+        let lock_key2 = fail.full_lock_key(&CacheKey::from(key2.as_str()));
+        let holder2 = CacheLock::new(other.clone(), lock_key2, LockOptions::default())
+            .unwrap()
+            .try_acquire()
+            .await
+            .unwrap();
+        let n2 = Computes::default();
+        let err = memo_result(&b, &key2, &fail, &n2, &value)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MemoizeError::Lock(_)), "{err:?}");
+        assert_eq!(n2.get(), 0);
+        assert_eq!(
+            token_under(&other, &lock_key).await.as_deref(),
+            Some(holder.token())
+        );
+        assert_eq!(holder.release().await.unwrap(), Released::Released);
+        assert_eq!(holder2.release().await.unwrap(), Released::Released);
+
+        // Black-holed (every read, lock and write times out): computed.
+        let (k3, n3) = (unique_key("memo-black-hole"), Computes::default());
+        rig.proxy.black_hole(true);
+        let t = Instant::now();
+        assert!(memo(&b, &k3, &mo, &n3, &value).await == value);
+        assert_eq!(n3.get(), 1);
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+        rig.proxy.heal();
+
+        // Down: computed, every time, quickly.
+        rig.kill();
+        let t = Instant::now();
+        for i in 1..=3 {
+            assert!(memo(&b, &k3, &mo, &n3, &value).await == value);
+            assert_eq!(n3.get(), 1 + i);
+        }
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+        rig.spawn();
+        assert_cached_soon(&b, &k3, &mo, &n3, &value).await;
+        assert_recovers(&b).await;
+    })
+    .await;
 }

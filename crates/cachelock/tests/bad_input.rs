@@ -280,3 +280,288 @@ async fn values_at_and_over_the_size_limit() {
         check_value_limits("memcached", &b).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Memoize: foreign, corrupt and hostile bytes in the cache
+
+mod memoize_input {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use cachelock::{CacheKey, KeyBuilder, MemoizeOptions, SharedBackend, memoize, memoize_iter};
+    use futures_util::StreamExt;
+    use serde::{Deserialize, Serialize};
+
+    use super::{LONG, backends, common::unique_key};
+
+    /// The manifest's fields as stored (postcard), to find chunk keys and
+    /// to forge hostile manifests.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Body {
+        total_len: u64,
+        chunk_count: u32,
+        segment_size: u32,
+        write_id: u64,
+        checksum: u64,
+    }
+
+    /// `content` followed by its XXH3-64, as every stored item ends.
+    fn framed(content: &[u8]) -> Vec<u8> {
+        let mut v = content.to_vec();
+        v.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(content).to_le_bytes());
+        v
+    }
+
+    /// A small xorshift generator: reproducible "random" bytes.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Computes(Arc<AtomicUsize>);
+    impl Computes {
+        fn get(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn memo(
+        b: &SharedBackend,
+        key: &str,
+        o: &MemoizeOptions,
+        n: &Computes,
+        value: &[u8],
+    ) -> Vec<u8> {
+        let (n, v) = (n.clone(), value.to_vec());
+        memoize(b, key, o, move || async move {
+            n.0.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(v)
+        })
+        .await
+        .unwrap()
+    }
+
+    fn chunked() -> MemoizeOptions {
+        MemoizeOptions::new()
+            .expiration(LONG)
+            .compression(false)
+            .chunk_size(1024)
+    }
+
+    /// The stored manifest of `key` and the keys of its chunks.
+    async fn chunk_keys(b: &SharedBackend, o: &MemoizeOptions, key: &str) -> (String, Vec<String>) {
+        let full = o.full_key(&CacheKey::from(key));
+        let raw = b.get(&full).await.unwrap().expect("a stored manifest");
+        assert_eq!(&raw[..4], &[0xC1, 0x0C, 1, 2], "a manifest");
+        let body: Body = postcard::from_bytes(&raw[5..raw.len() - 8]).unwrap();
+        let keys = (0..body.chunk_count)
+            .map(|i| format!("{full}:#{:016x}:{i}", body.write_id))
+            .collect::<Vec<_>>();
+        for k in &keys {
+            assert!(b.get(k).await.unwrap().is_some(), "chunk key {k} exists");
+        }
+        (full, keys)
+    }
+
+    /// Random bytes (some with a valid-looking header) planted under the
+    /// value key, one chunk key, or every chunk key: memoize recomputes and
+    /// returns the right value every time, and stores it again.
+    #[tokio::test]
+    async fn random_bytes_under_value_manifest_and_chunk_keys() {
+        for (name, b) in backends().await {
+            let mut rng = Rng(0x5EED_1234_ABCD_0001);
+            let o = chunked();
+            for round in 0..24u32 {
+                let key = unique_key("planted");
+                let len = 5_000 + (rng.next() % 5_000) as usize;
+                let value = rng.bytes(len);
+                let n = Computes::default();
+                assert!(memo(&b, &key, &o, &n, &value).await == value);
+                let (full, chunks) = chunk_keys(&b, &o, &key).await;
+                let junk_len = (rng.next() % 2_000) as usize;
+                let mut junk = rng.bytes(junk_len);
+                if round % 2 == 0 && junk.len() >= 4 {
+                    // Past the magic, version and kind checks.
+                    junk[..4].copy_from_slice(&[0xC1, 0x0C, 1, 1 + (round % 3) as u8]);
+                }
+                match round % 3 {
+                    0 => b.set(&full, &junk, LONG).await.unwrap(),
+                    1 => {
+                        let i = (rng.next() as usize) % chunks.len();
+                        b.set(&chunks[i], &junk, LONG).await.unwrap()
+                    }
+                    _ => {
+                        for c in &chunks {
+                            b.set(c, &junk, LONG).await.unwrap();
+                        }
+                    }
+                }
+                let t = Instant::now();
+                let got = memo(&b, &key, &o, &n, &value).await;
+                assert!(got == value, "{name}: round {round}: wrong value");
+                assert_eq!(n.get(), 2, "{name}: round {round}: recomputed");
+                assert!(
+                    t.elapsed() < Duration::from_secs(2),
+                    "{name}: {:?}",
+                    t.elapsed()
+                );
+                assert!(memo(&b, &key, &o, &n, &value).await == value);
+                assert_eq!(n.get(), 2, "{name}: round {round}: stored again");
+                // The same junk as an inline value and as a stream.
+                let ik = unique_key("planted-inline");
+                b.set(&ik, &junk, LONG).await.unwrap();
+                let m = Computes::default();
+                assert!(memo(&b, &ik, &MemoizeOptions::new(), &m, b"ok").await == b"ok");
+                assert_eq!(m.get(), 1);
+                let sk = unique_key("planted-stream");
+                b.set(&sk, &junk, LONG).await.unwrap();
+                let items: Vec<u32> =
+                    memoize_iter(&b, sk.as_str(), &o, (0..50u32).map(Ok::<_, Infallible>))
+                        .map(|r| r.unwrap())
+                        .collect()
+                        .await;
+                assert_eq!(items, (0..50).collect::<Vec<_>>(), "{name}");
+            }
+        }
+    }
+
+    /// The chunks of another write of the same key, copied under this
+    /// write's chunk keys (what an interrupted or racing writer could
+    /// leave): never decoded as part of the value.
+    #[tokio::test]
+    async fn chunks_of_another_write_are_never_mixed_in() {
+        for (name, b) in backends().await {
+            let o = chunked();
+            let key = unique_key("mixed");
+            let (v1, v2, v3) = (vec![1u8; 6_000], vec![2u8; 6_000], vec![3u8; 6_000]);
+            let n = Computes::default();
+            memo(&b, &key, &o, &n, &v1).await;
+            let (_, old_chunks) = chunk_keys(&b, &o, &key).await;
+            let mut old = Vec::new();
+            for k in &old_chunks {
+                old.push(b.get(k).await.unwrap().unwrap());
+            }
+            memo(&b, &key, &o.clone().force_overwrite(true), &n, &v2).await;
+            let (_, new_chunks) = chunk_keys(&b, &o, &key).await;
+            assert_ne!(old_chunks, new_chunks, "each write has its own chunk keys");
+            // One old chunk in the middle of the new write.
+            b.set(&new_chunks[2], &old[2], LONG).await.unwrap();
+            assert!(memo(&b, &key, &o, &n, &v3).await == v3, "{name}");
+            assert_eq!(n.get(), 3, "{name}");
+            // Every chunk of the old write in place of the new one's.
+            let (_, newest) = chunk_keys(&b, &o, &key).await;
+            for (k, raw) in newest.iter().zip(&old) {
+                b.set(k, raw, LONG).await.unwrap();
+            }
+            let got = memo(&b, &key, &o, &n, &v2).await;
+            assert!(got == v2, "{name}: mixed or stale chunks were decoded");
+            assert_eq!(n.get(), 4, "{name}");
+        }
+    }
+
+    /// Manifests (and inline items) with a valid checksum that claim 10^9
+    /// chunks, a huge length or a huge decompressed size: refused at once,
+    /// without a large allocation or fetch, and recomputed.
+    #[tokio::test]
+    async fn hostile_claims_return_quickly_and_recompute() {
+        let manifest = |flags: u8, total_len: u64, chunk_count: u32, segment_size: u32| {
+            let mut content = vec![0xC1, 0x0C, 1, 2, flags];
+            content.extend(
+                postcard::to_allocvec(&Body {
+                    total_len,
+                    chunk_count,
+                    segment_size,
+                    write_id: 7,
+                    checksum: 0,
+                })
+                .unwrap(),
+            );
+            framed(&content)
+        };
+        let inline_lz4 = |claim: u32| {
+            let mut content = vec![0xC1, 0x0C, 1, 1, 1];
+            content.extend_from_slice(&claim.to_le_bytes());
+            content.extend_from_slice(&[0x1F, 0, 0, 0]);
+            framed(&content)
+        };
+        for (name, b) in backends().await {
+            let seg = 1_000u32;
+            let hostile = [
+                manifest(0, 1_000_000_000 * u64::from(seg), 1_000_000_000, seg),
+                manifest(0, u64::from(u32::MAX) * 64, u32::MAX, 64),
+                manifest(0, 1 << 40, (1u64 << 40).div_ceil(1 << 19) as u32, 1 << 19),
+                manifest(0, 65_536 * 1_000, 65_536, 1_000),
+                manifest(4, 1_000_000_000 * u64::from(seg), 1_000_000_000, seg),
+                manifest(0, u64::MAX, u32::MAX, u32::MAX),
+                inline_lz4(u32::MAX),
+                inline_lz4(64 << 20),
+            ];
+            for (i, raw) in hostile.iter().enumerate() {
+                let key = unique_key("hostile-claim");
+                b.set(&key, raw, LONG).await.unwrap();
+                let n = Computes::default();
+                let t = Instant::now();
+                assert!(memo(&b, &key, &MemoizeOptions::new(), &n, b"safe").await == b"safe");
+                assert_eq!(n.get(), 1, "{name}: claim {i}");
+                let sk = unique_key("hostile-claim-stream");
+                b.set(&sk, raw, LONG).await.unwrap();
+                let items: Vec<u8> = memoize_iter(
+                    &b,
+                    sk.as_str(),
+                    &MemoizeOptions::new(),
+                    [Ok::<_, Infallible>(1u8), Ok(2)],
+                )
+                .map(|r| r.unwrap())
+                .collect()
+                .await;
+                assert_eq!(items, vec![1, 2], "{name}: claim {i}");
+                assert!(
+                    t.elapsed() < Duration::from_secs(2),
+                    "{name}: claim {i} took {:?}",
+                    t.elapsed()
+                );
+            }
+        }
+    }
+
+    /// A value encrypted with another key (same key names), a plain value
+    /// read with a key, and an encrypted one read without: each a miss and
+    /// a recompute, chunked and inline.
+    #[tokio::test]
+    async fn wrong_encryption_key_is_a_miss() {
+        for (name, b) in backends().await {
+            let names = KeyBuilder::new("bad-input").secret(b"names".to_vec());
+            let base = MemoizeOptions::new()
+                .keys(names)
+                .expiration(LONG)
+                .chunk_size(1024);
+            let one = base.clone().encryption_key(b"key one");
+            let two = base.clone().encryption_key(b"key two");
+            for len in [100usize, 10_000] {
+                let key = unique_key("wrong-enc");
+                let n = Computes::default();
+                let (v1, v2, v3) = (vec![1u8; len], vec![2u8; len], vec![3u8; len]);
+                assert!(memo(&b, &key, &one, &n, &v1).await == v1);
+                assert!(memo(&b, &key, &two, &n, &v2).await == v2, "{name}");
+                assert_eq!(n.get(), 2, "{name}: {len}");
+                assert!(memo(&b, &key, &base, &n, &v3).await == v3, "{name}");
+                assert_eq!(n.get(), 3, "{name}: {len}");
+                assert!(memo(&b, &key, &one, &n, &v1).await == v1, "{name}");
+                assert_eq!(n.get(), 4, "{name}: {len}");
+                assert!(memo(&b, &key, &one, &n, &v2).await == v1, "{name}: a hit");
+                assert_eq!(n.get(), 4, "{name}: {len}");
+            }
+        }
+    }
+}

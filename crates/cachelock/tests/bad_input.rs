@@ -564,4 +564,58 @@ mod memoize_input {
             }
         }
     }
+
+    /// The fuzz target's entry point decodes what memoize really stores
+    /// (so the fuzzer starts from the real format), and refuses it under
+    /// the wrong key or with a chunk missing.
+    #[tokio::test]
+    async fn fuzz_entry_point_decodes_real_items() {
+        use cachelock::memoize::codec::fuzz_decode;
+        let b: SharedBackend = Arc::new(cachelock::MemoryBackend::new());
+        let max = b.max_value_size();
+        // (Encrypted: inline, since an encrypted manifest hides its chunk keys.)
+        for o in [
+            chunked(),
+            MemoizeOptions::new().encryption_key(b"k1"),
+            MemoizeOptions::new(),
+        ] {
+            let key = unique_key("fuzz-entry");
+            let value: Vec<String> = (0..300).map(|i| format!("item {i}")).collect();
+            let v = value.clone();
+            memoize(
+                &b,
+                key.as_str(),
+                &o,
+                || async move { Ok::<_, Infallible>(v) },
+            )
+            .await
+            .unwrap();
+            let full = o.full_key(&CacheKey::from(key.as_str()));
+            let entry = b.get(&full).await.unwrap().unwrap();
+            let chunks = if entry[3] == 2 {
+                let body: Body = postcard::from_bytes(&entry[5..entry.len() - 8]).unwrap();
+                let mut chunks = Vec::new();
+                for i in 0..body.chunk_count {
+                    let k = format!("{full}:#{:016x}:{i}", body.write_id);
+                    chunks.push(b.get(&k).await.unwrap().unwrap());
+                }
+                chunks
+            } else {
+                Vec::new()
+            };
+            let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
+            let secret = o.full_key(&CacheKey::from("x")).len() == 64;
+            let enc: Option<&[u8]> = secret.then_some(b"k1");
+            let (plain, _) = fuzz_decode(&full, &entry, &refs, enc, max).unwrap();
+            let decoded: Vec<String> = postcard::from_bytes(&plain).unwrap();
+            assert_eq!(decoded, value);
+            if secret {
+                assert!(fuzz_decode(&full, &entry, &refs, Some(b"k2"), max).is_err());
+                assert!(fuzz_decode(&full, &entry, &refs, None, max).is_err());
+            }
+            if !refs.is_empty() {
+                assert!(fuzz_decode(&full, &entry, &refs[1..], enc, max).is_err());
+            }
+        }
+    }
 }

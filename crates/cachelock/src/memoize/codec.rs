@@ -608,6 +608,63 @@ pub(crate) fn take_varint(b: &[u8]) -> Result<Option<(u64, usize)>, Corrupt> {
     Ok(None)
 }
 
+/// Decodes stored items the way a memoize read does: `entry` as found under
+/// the value's key `key`, then, for a manifest, `chunks` as its chunks 0, 1,
+/// ... (all of them must be given), checking the whole-value checksum and
+/// length; then walks the plaintext as stream frames (`varint length ||
+/// bytes`). Returns the plaintext and the number of whole frames, or why
+/// the items were refused.
+///
+/// For the `memoize_decode` fuzz target only; not part of the API.
+#[doc(hidden)]
+pub fn fuzz_decode(
+    key: &str,
+    entry: &[u8],
+    chunks: &[&[u8]],
+    encryption_key: Option<&[u8]>,
+    max_value_size: usize,
+) -> Result<(Vec<u8>, usize), &'static str> {
+    let codec = Codec {
+        compression: Compression::Lz4,
+        cipher: encryption_key.map(|k| Arc::new(Cipher::new(k))),
+    };
+    let plain = match codec
+        .decode_entry(key, entry, max_value_size)
+        .map_err(|c| c.0)?
+    {
+        Entry::Inline { plain, .. } => plain.into_owned(),
+        Entry::Manifest(m) => {
+            let count = usize::try_from(m.body.chunk_count).map_err(|_| "too many chunks")?;
+            if count > chunks.len() {
+                return Err("missing chunk");
+            }
+            let mut out = Vec::new();
+            let mut sum = Checksum::new();
+            for (i, raw) in (0..m.body.chunk_count).zip(chunks) {
+                let plain = codec.decode_chunk(key, &m, i, raw).map_err(|c| c.0)?;
+                sum.update(&plain);
+                out.extend_from_slice(&plain);
+            }
+            if sum.digest() != m.body.checksum || out.len() as u64 != m.body.total_len {
+                return Err("value checksum mismatch");
+            }
+            out
+        }
+    };
+    let mut frames = 0;
+    let mut rest = plain.as_slice();
+    while let Ok(Some((len, used))) = take_varint(rest) {
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| used.checked_add(len))
+            .filter(|end| *end <= rest.len());
+        let Some(end) = end else { break };
+        rest = rest.get(end..).unwrap_or_default();
+        frames += 1;
+    }
+    Ok((plain, frames))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

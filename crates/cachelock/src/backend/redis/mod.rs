@@ -307,14 +307,18 @@ enum Link {
     Cluster(ClusterConnection),
 }
 
-/// A standalone connection that is replaced when a reply times out.
+/// A standalone connection that is replaced when a reply times out, or when
+/// it failed as unavailable other than by an I/O error.
 ///
 /// The `redis` crate's manager replaces a connection only when it reports an
-/// error. One that merely stops answering (a half-open TCP connection after
-/// a host or network failure, a black-holed route) would time out every
-/// operation until the kernel gives up on it, many minutes later. So after a
-/// timed-out reply the connection is dropped, as redis-py does, and the next
-/// operation connects afresh.
+/// I/O error. One that merely stops answering (a half-open TCP connection
+/// after a host or network failure, a black-holed route) would time out
+/// every operation until the kernel gives up on it, many minutes later. So
+/// after a timed-out reply the connection is dropped, as redis-py does, and
+/// the next operation connects afresh. Likewise after a reconnect whose
+/// handshake failed without an I/O error (a reply cut in the middle, a
+/// server still loading): the manager would return that error to every
+/// later operation forever, without trying again.
 struct SingleLink {
     client: ::redis::Client,
     config: ConnectionManagerConfig,
@@ -335,8 +339,8 @@ impl Link {
     }
 
     /// Drops the standalone connection of `generation` after a reply on it
-    /// timed out (once, however many operations timed out on it). The next
-    /// operation connects again.
+    /// timed out or it failed for good (once, however many operations failed
+    /// on it). The next operation connects again.
     fn discard(&self, generation: u64) {
         let Link::Single(single) = self else {
             return;
@@ -349,7 +353,7 @@ impl Link {
         {
             Ok(fresh) => {
                 *current = (generation + 1, fresh);
-                tracing::debug!("a Redis reply timed out; the connection will be replaced");
+                tracing::debug!("a Redis connection failed; it will be replaced");
             }
             Err(e) => tracing::warn!(error = %e, "could not prepare a new Redis connection"),
         }
@@ -640,15 +644,27 @@ impl RedisBackend {
                 other => other,
             }
         };
-        let outcome = match tokio::time::timeout(limit, run).await {
+        let (outcome, replace) = match tokio::time::timeout(limit, run).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => map_error(key, &e, started.elapsed()),
-            Err(_) => BackendError::TimedOut {
-                key: key.to_owned(),
-                after: started.elapsed(),
-            },
+            Ok(Err(e)) => {
+                let mapped = map_error(key, &e, started.elapsed());
+                // The crate reconnects by itself after an I/O error, but a
+                // reconnect that failed otherwise (its handshake reply cut
+                // mid-way parses as garbage, a restarting server answers
+                // LOADING) is kept and handed to every later operation at
+                // once, with no new attempt, for good. Replace it.
+                let stuck = mapped.is_unavailable() && !e.is_io_error();
+                (mapped, stuck)
+            }
+            Err(_) => (
+                BackendError::TimedOut {
+                    key: key.to_owned(),
+                    after: started.elapsed(),
+                },
+                true,
+            ),
         };
-        if outcome.is_timeout() {
+        if replace || outcome.is_timeout() {
             self.link.discard(generation);
         }
         Err(outcome)

@@ -595,9 +595,11 @@ pub(crate) fn take_varint(b: &[u8]) -> Result<Option<(u64, usize)>, Corrupt> {
             return Err(Corrupt("frame length varint too long"));
         }
         let bits = u64::from(byte & 0x7f);
-        n |= bits
-            .checked_shl(7 * i as u32)
-            .ok_or(Corrupt("frame length overflow"))?;
+        // The tenth byte holds bit 63 only: more would be shifted out.
+        if i == 9 && bits > 1 {
+            return Err(Corrupt("frame length overflow"));
+        }
+        n |= bits << (7 * i);
         if byte & 0x80 == 0 {
             return Ok(Some((n, i + 1)));
         }
@@ -771,6 +773,12 @@ mod tests {
             assert_eq!(take_varint(&v[..v.len() - 1]).unwrap(), None);
         }
         assert!(take_varint(&[0xff; 11]).is_err());
+        // A tenth byte over 1 would overflow 64 bits: refused, not truncated.
+        let mut over = vec![0xff; 9];
+        over.push(0x7f);
+        assert!(take_varint(&over).is_err());
+        over[9] = 0x02;
+        assert!(take_varint(&over).is_err());
     }
 
     #[test]

@@ -641,6 +641,38 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         assert!(r.is_err());
         rig.spawn();
         assert_recovers(&b).await;
+
+        // Memoize's own locks: a compute that outlives its lease (the
+        // release finds the lease gone), and a lock held elsewhere.
+        let mo = MemoizeOptions::new().expiration(LONG).lock(
+            LockOptions::new()
+                .lease(Duration::from_secs(1))
+                .wait(Wait::Timeout(Duration::from_millis(300))),
+        );
+        let mk = unique_key("log-tokens-memo");
+        let slow: u32 = memoize(&b, mk.as_str(), &mo, || async {
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+            Ok::<_, Infallible>(7)
+        })
+        .await
+        .unwrap();
+        assert_eq!(slow, 7);
+        let mk2 = unique_key("log-tokens-memo-held");
+        let held = CacheLock::new(
+            b.clone(),
+            mo.full_lock_key(&CacheKey::from(mk2.as_str())),
+            LockOptions::default(),
+        )
+        .unwrap()
+        .try_acquire()
+        .await
+        .unwrap();
+        tokens.push(held.token().to_owned());
+        let v: u32 = memoize(&b, mk2.as_str(), &mo, || async { Ok::<_, Infallible>(8) })
+            .await
+            .unwrap();
+        assert_eq!(v, 8);
+        held.release().await.unwrap();
         tokens
     })
     .await;
@@ -658,6 +690,21 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         logs.at("DEBUG").iter().any(|l| l.contains(&tokens[0])),
         "tokens do appear at DEBUG, so the capture works"
     );
+    // Every token that was logged at all (memoize's own lock tokens
+    // included) is logged at DEBUG only.
+    let mut tokens = tokens;
+    for line in logs.at("DEBUG") {
+        for part in line.split("token=").skip(1) {
+            let t: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
+                .collect();
+            if t.len() == 36 {
+                tokens.push(t);
+            }
+        }
+    }
+    assert!(tokens.len() > 8, "{tokens:?}");
     for t in &tokens {
         for line in &above_debug {
             assert!(

@@ -62,6 +62,16 @@ pub enum BackendError {
         /// The server's message or a description of the bad reply.
         message: String,
     },
+    /// A backend URL was refused before any connection was tried: unknown
+    /// scheme, malformed address, or a scheme this build does not support.
+    /// A password in the URL is replaced with `***`.
+    #[error("invalid cache backend URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL, password redacted. [`key`](Self::key) returns it.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 impl BackendError {
@@ -89,6 +99,7 @@ impl BackendError {
             | Self::ValueTooLarge { key, .. }
             | Self::InvalidKey { key, .. }
             | Self::Protocol { key, .. } => key,
+            Self::InvalidUrl { url, .. } => url,
         }
     }
 

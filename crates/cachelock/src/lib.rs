@@ -41,6 +41,10 @@ pub mod key;
 pub mod lock;
 
 pub use backend::memory::MemoryBackend;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use backend::sqlite::SqliteBackend;
+pub use backend::url::{BackendUrl, connect};
 pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use key::{CacheKey, KeyBuilder};

@@ -37,6 +37,9 @@ use bytes::Bytes;
 use crate::error::BackendResult;
 
 pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+pub mod url;
 
 /// Memcached's default item size limit less 1 KiB of item overhead: the
 /// Djblets `CACHE_CHUNK_SIZE`. Used when a backend does not know better.

@@ -421,7 +421,6 @@ impl Drop for PendingAdd {
 
 /// What [`LockGuard::release`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[must_use]
 pub enum Released {
     /// The key held our token and was deleted.
     Released,
@@ -437,9 +436,19 @@ pub enum Released {
 /// Proof of holding a [`CacheLock`]; releases the lock when dropped.
 ///
 /// Prefer [`release`](Self::release), which reports what happened. A guard
-/// dropped without release hands the release to a background task on the
-/// tokio runtime it was acquired on; with no runtime left it logs an error
-/// and the lock expires with its lease. `Drop` never blocks and never panics.
+/// dropped without release inside a tokio runtime hands the release to a
+/// background task; dropped outside any runtime, it logs an error and the
+/// lock expires with its lease. `Drop` never blocks and never panics.
+///
+/// A guard is released at most once, which the type system enforces:
+///
+/// ```compile_fail
+/// # async fn f(lock: cachelock::CacheLock) {
+/// let guard = lock.acquire().await.unwrap();
+/// let _ = guard.release().await;
+/// let _ = guard.release().await; // error: use of moved value
+/// # }
+/// ```
 #[must_use = "the lock is released as soon as the guard is dropped"]
 #[clippy::has_significant_drop]
 #[derive(Debug)]
@@ -450,7 +459,6 @@ pub struct LockGuard {
     lease: Duration,
     deadline: Instant,
     lost: bool,
-    handle: Option<Handle>,
     armed: bool,
 }
 
@@ -463,7 +471,6 @@ impl LockGuard {
             lease: lock.options.lease,
             deadline,
             lost: false,
-            handle: Handle::try_current().ok(),
             armed: true,
         }
     }
@@ -615,9 +622,8 @@ impl Drop for LockGuard {
         if !self.armed {
             return;
         }
-        let handle = Handle::try_current().ok().or_else(|| self.handle.take());
-        match handle {
-            Some(handle) => {
+        match Handle::try_current() {
+            Ok(handle) => {
                 let backend = self.backend.clone();
                 let key = std::mem::take(&mut self.key);
                 let token = std::mem::take(&mut self.token);
@@ -629,7 +635,7 @@ impl Drop for LockGuard {
                     }
                 });
             }
-            None => tracing::error!(
+            Err(_) => tracing::error!(
                 key = %self.key,
                 "cache lock guard dropped without release and with no runtime to release it; \
                  the lock stays until its lease runs out"

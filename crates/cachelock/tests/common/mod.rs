@@ -4,6 +4,9 @@
 #![allow(dead_code, unused_macros, clippy::unwrap_used)]
 
 pub mod conformance;
+pub mod fault_proxy;
+pub mod lock_cases;
+pub mod logs;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

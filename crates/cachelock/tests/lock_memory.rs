@@ -1,0 +1,183 @@
+//! CacheLock on the in-memory backend, on paused time (no real sleeps).
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cachelock::{
+    Backend, BackendResult, CacheLock, Error, LockOptions, MemoryBackend, SharedBackend, Wait,
+};
+
+lock_tests!(
+    Some(Arc::new(MemoryBackend::new()) as SharedBackend),
+    paused = true
+);
+
+fn memory() -> SharedBackend {
+    Arc::new(MemoryBackend::new())
+}
+
+#[test]
+fn invalid_options_are_refused_when_built() {
+    let b = memory();
+    let bad = [
+        LockOptions::default().lease(Duration::ZERO),
+        LockOptions::default().retry_interval(Duration::ZERO),
+        LockOptions::default().wait(Wait::Timeout(Duration::ZERO)),
+        LockOptions::default().jitter(-0.1),
+        LockOptions::default().jitter(f64::NAN),
+    ];
+    for opts in bad {
+        let err = CacheLock::new(b.clone(), "k", opts.clone()).unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{opts:?}: {err:?}");
+    }
+    let err = CacheLock::new(b, "", LockOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("cache key"), "{err}");
+}
+
+#[test]
+fn dropped_guard_outside_a_runtime_logs_an_error() {
+    let b = memory();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let guard = rt
+        .block_on(
+            CacheLock::new(b.clone(), "k", LockOptions::default())
+                .unwrap()
+                .acquire(),
+        )
+        .unwrap();
+    drop(rt);
+    let (logs, _g) = common::logs::capture();
+    drop(guard);
+    let errors = logs.at("ERROR");
+    assert_eq!(errors.len(), 1, "{:?}", logs.lines());
+    assert!(errors[0].contains("dropped without release"), "{errors:?}");
+}
+
+/// A test double around the in-memory backend: counts `add` calls and can
+/// hold back `add`'s reply (after the add took effect), as a slow network does.
+#[derive(Debug)]
+struct SlowAdds {
+    inner: MemoryBackend,
+    adds: AtomicUsize,
+    reply_delay: Duration,
+}
+
+#[async_trait]
+impl Backend for SlowAdds {
+    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[&str]) -> BackendResult<Vec<Option<Bytes>>> {
+        self.inner.get_many(keys).await
+    }
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
+        self.inner.set_many(items, ttl).await
+    }
+    async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        self.adds.fetch_add(1, Ordering::SeqCst);
+        let added = self.inner.add(key, value, ttl).await?;
+        tokio::time::sleep(self.reply_delay).await;
+        Ok(added)
+    }
+    async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
+        self.inner.touch(key, ttl).await
+    }
+    async fn delete(&self, key: &str) -> BackendResult<bool> {
+        self.inner.delete(key).await
+    }
+    async fn incr(&self, key: &str, delta: u64) -> BackendResult<u64> {
+        self.inner.incr(key, delta).await
+    }
+}
+
+fn slow(reply_delay: Duration) -> Arc<SlowAdds> {
+    Arc::new(SlowAdds {
+        inner: MemoryBackend::new(),
+        adds: AtomicUsize::new(0),
+        reply_delay,
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn timed_wait_ends_exactly_at_the_deadline() {
+    let b = memory();
+    let _holder = CacheLock::new(b.clone(), "j", LockOptions::default())
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let waiter = CacheLock::new(
+        b,
+        "j",
+        LockOptions::default().retry_interval(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let start = tokio::time::Instant::now();
+    assert!(
+        waiter
+            .acquire_timeout(Duration::from_secs(10))
+            .await
+            .unwrap_err()
+            .is_timed_out()
+    );
+    // The last sleep is cut to the time left: no overshoot at all here.
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_sleeps_are_the_interval_plus_up_to_a_quarter() {
+    for (jitter, range) in [(0.0, 101..=101), (0.25, 81..=101)] {
+        let b = slow(Duration::ZERO);
+        let shared: SharedBackend = b.clone();
+        let _holder = CacheLock::new(shared.clone(), "j", LockOptions::default())
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let waiter = CacheLock::new(
+            shared,
+            "j",
+            LockOptions::default()
+                .retry_interval(Duration::from_millis(100))
+                .jitter(jitter),
+        )
+        .unwrap();
+        let _ = waiter.acquire_timeout(Duration::from_secs(10)).await;
+        // One add by the holder; the rest are the waiter's attempts.
+        let attempts = b.adds.load(Ordering::SeqCst) - 1;
+        assert!(
+            range.contains(&attempts),
+            "jitter {jitter}: {attempts} attempts"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_acquire_leaves_no_lock_behind() {
+    // The add reaches the cache, but its reply is slow and the caller gives
+    // up first: the interrupted acquire must not keep the lock for a lease.
+    let b = slow(Duration::from_millis(100));
+    let shared: SharedBackend = b.clone();
+    let l = CacheLock::new(shared, "cancel", LockOptions::default()).unwrap();
+    let attempt = tokio::time::timeout(Duration::from_millis(50), l.acquire()).await;
+    assert!(attempt.is_err(), "the acquire was cut short");
+    assert!(
+        b.inner.get("cancel").await.unwrap().is_some(),
+        "the add did take effect"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        b.inner.get("cancel").await.unwrap().is_none(),
+        "and was cleaned up"
+    );
+}

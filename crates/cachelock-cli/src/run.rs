@@ -72,6 +72,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
     .map_err(Fail::error)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Fail::error)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(Fail::error)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(Fail::error)?;
 
     let wait = match (args.no_wait, args.wait) {
         (true, _) => Wait::NoWait,
@@ -82,6 +83,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
         r = lock.acquire_with(wait) => r,
         _ = sigint.recv() => return Ok(128 + Signal::SIGINT as u8),
         _ = sigterm.recv() => return Ok(128 + Signal::SIGTERM as u8),
+        _ = sighup.recv() => return Ok(128 + Signal::SIGHUP as u8),
     };
     let mut guard = match acquired {
         Ok(g) => g,
@@ -182,6 +184,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
             }
             _ = sigint.recv() => send(Signal::SIGINT),
             _ = sigterm.recv() => send(Signal::SIGTERM),
+            _ = sighup.recv() => send(Signal::SIGHUP),
         }
     };
 

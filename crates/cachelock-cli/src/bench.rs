@@ -63,6 +63,9 @@ pub struct ContendedArgs {
     /// ones (mutual-exclusion check).
     #[arg(long)]
     pub check: bool,
+    /// Skip the lock (shows what the violation and overlap checks catch).
+    #[arg(long)]
+    pub no_lock: bool,
     #[command(flatten)]
     pub out: Output,
 }
@@ -154,6 +157,29 @@ fn progress(len: u64, out: &Output, unit: &str) -> ProgressBar {
     bar
 }
 
+/// The order of the table's columns.
+const COLUMNS: &[&str] = &[
+    "workload",
+    "backend",
+    "lock",
+    "procs",
+    "tasks",
+    "cycles",
+    "compute_s",
+    "seconds",
+    "cycles_per_s",
+    "p50_us",
+    "acquisitions",
+    "acq_per_s",
+    "violations",
+    "overlaps",
+    "per_worker_min",
+    "per_worker_max",
+    "computes",
+    "p50_s",
+    "max_s",
+];
+
 /// Prints the results: a two-row table, or one JSON line.
 fn report(out: &Output, obj: &Value) {
     if out.json {
@@ -163,12 +189,17 @@ fn report(out: &Output, obj: &Value) {
     let Some(map) = obj.as_object() else {
         return;
     };
-    let cells: Vec<(String, String)> = map
-        .iter()
+    // Table columns in a readable order (JSON objects are sorted by key).
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by_key(|k| COLUMNS.iter().position(|c| c == k).unwrap_or(COLUMNS.len()));
+    let cells: Vec<(String, String)> = keys
+        .into_iter()
+        .filter_map(|k| Some((k, map.get(k)?)))
         .map(|(k, v)| {
             let v = match v {
                 Value::String(s) => s.clone(),
                 Value::Number(n) => match n.as_f64() {
+                    Some(f) if n.is_f64() && f.fract() == 0.0 => format!("{f:.0}"),
                     Some(f) if n.is_f64() => format!("{f:.3}"),
                     _ => n.to_string(),
                 },
@@ -243,7 +274,7 @@ async fn cycle(global: &Global, args: CycleArgs) -> Result<u8, Fail> {
             "cycles": args.n,
             "seconds": seconds,
             "cycles_per_s": (n / seconds).round(),
-            "p50_us": (median(lat) * 1e6).round(),
+            "p50_us": (median(lat) * 1e7).round() / 10.0,
         }),
     );
     Ok(0)
@@ -421,10 +452,14 @@ async fn contended_worker(backend: SharedBackend, args: &WorkerArgs) -> Result<V
         if left.is_zero() {
             break;
         }
-        let guard = match lock.acquire_timeout(left).await {
-            Ok(g) => g,
-            Err(e) if e.is_timed_out() => break,
-            Err(e) => return Err(Fail::error(format!("acquire: {e}"))),
+        let guard = if args.no_lock {
+            None
+        } else {
+            match lock.acquire_timeout(left).await {
+                Ok(g) => Some(g),
+                Err(e) if e.is_timed_out() => break,
+                Err(e) => return Err(Fail::error(format!("acquire: {e}"))),
+            }
         };
         let t0 = mono_ns();
         let cur = backend
@@ -439,14 +474,16 @@ async fn contended_worker(backend: SharedBackend, args: &WorkerArgs) -> Result<V
             .await
             .map_err(|e| Fail::error(format!("write counter: {e}")))?;
         let t1 = mono_ns();
-        let released = guard
-            .release()
-            .await
-            .map_err(|e| Fail::error(format!("release: {e}")))?;
-        if released != Released::Released {
-            return Err(Fail::error(format!(
-                "the lock was lost before release ({released:?})"
-            )));
+        if let Some(guard) = guard {
+            let released = guard
+                .release()
+                .await
+                .map_err(|e| Fail::error(format!("release: {e}")))?;
+            if released != Released::Released {
+                return Err(Fail::error(format!(
+                    "the lock was lost before release ({released:?})"
+                )));
+            }
         }
         acquisitions += 1;
         if args.check {
@@ -497,7 +534,7 @@ async fn contended(global: &Global, args: ContendedArgs) -> Result<u8, Fail> {
         retry_interval: args.retry_interval,
         check: args.check,
         tasks: 1,
-        no_lock: false,
+        no_lock: args.no_lock,
     };
     let bar = progress(args.procs as u64, &args.out, "workers done");
     let reports = run_workers(global, &url, &backend, args.procs, &wargs, &bar).await?;
@@ -524,6 +561,7 @@ async fn contended(global: &Global, args: ContendedArgs) -> Result<u8, Fail> {
     let mut obj = json!({
         "workload": "contended",
         "backend": url.kind(),
+        "lock": !args.no_lock,
         "procs": args.procs,
         "seconds": seconds,
         "acquisitions": acquisitions,

@@ -688,3 +688,24 @@ fn bench_contended_on_memory_runs_tasks() {
     assert_eq!(v["overlaps"], 0, "{v}");
     assert!(v["acquisitions"].as_u64().unwrap() > 0);
 }
+
+/// The checks can fail: without the lock, 4 processes doing GET-then-SET
+/// lose updates and their critical sections overlap.
+#[test]
+fn bench_contended_without_the_lock_shows_violations() {
+    let env = Env::new();
+    let v = json_lines(&env.run(&[
+        "bench",
+        "contended",
+        "--procs",
+        "4",
+        "--duration",
+        "1s",
+        "--check",
+        "--no-lock",
+        "--json",
+    ]));
+    assert_eq!(v["lock"], false);
+    assert!(v["violations"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["overlaps"].as_u64().unwrap() > 0, "{v}");
+}

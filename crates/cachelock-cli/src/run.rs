@@ -143,7 +143,17 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
         tokio::select! {
             st = child.wait() => break st,
             _ = renew.tick(), if !lost => {
-                let why = match guard.extend(None).await {
+                // Bounded, so a hung backend cannot stop us from seeing
+                // the command end or forwarding a signal for long.
+                let extended = tokio::time::timeout(period, guard.extend(None))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(cachelock::Error::Backend(cachelock::BackendError::TimedOut {
+                            key: key.clone(),
+                            after: period,
+                        }))
+                    });
+                let why = match extended {
                     Ok(()) => {
                         if warned_unavailable {
                             eprintln!("cachelock: renewed the lease on {key} again");

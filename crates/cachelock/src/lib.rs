@@ -40,6 +40,8 @@ mod error;
 pub mod key;
 pub mod lock;
 
+#[cfg(feature = "memcached")]
+pub use backend::memcached::{MemcachedBackend, MemcachedOptions};
 pub use backend::memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

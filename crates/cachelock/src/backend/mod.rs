@@ -36,6 +36,8 @@ use bytes::Bytes;
 
 use crate::error::BackendResult;
 
+#[cfg(feature = "memcached")]
+pub mod memcached;
 pub mod memory;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

@@ -1,0 +1,780 @@
+//! The Memcached backend: the meta protocol over a small pooled tokio
+//! client, with keys spread over several servers by consistent hashing.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cachelock::BackendError> {
+//! use cachelock::backend::memcached::{MemcachedBackend, MemcachedOptions};
+//! use std::time::Duration;
+//!
+//! let one = MemcachedBackend::connect("memcached://127.0.0.1:11211").await?;
+//! let many = MemcachedBackend::connect_with(
+//!     "memcached://10.0.0.1:11211,10.0.0.2:11211,10.0.0.3:11211",
+//!     MemcachedOptions::new().response_timeout(Duration::from_secs(1)),
+//! )
+//! .await?;
+//! # let _ = (one, many); Ok(()) }
+//! ```
+//!
+//! # Why our own client
+//!
+//! No maintained Rust crate does what the lock needs: the meta protocol
+//! (`ms` in add mode, `mg` with CAS and touch, `md` with a CAS guard, `ma`
+//! with auto-vivify) together with async pooling over several servers.
+//! When this was written, `memcache` was blocking and spoke only the
+//! classic ASCII and binary protocols (no meta commands); `memcache-async`
+//! drives one stream with the classic protocols; `async-memcached` has a
+//! meta-protocol trait but one connection per client, with no pool and no
+//! key distribution over servers. The part of the protocol needed here is
+//! small, so it is written out in [`proto`] (pure, fuzzable functions)
+//! plus a small pooled transport.
+//!
+//! # Operations
+//!
+//! | operation | commands | round trips |
+//! |---|---|---|
+//! | `get` / `touch` / `ttl` | `mg v` / `mg T` / `mg t` | 1 |
+//! | `set` / `add` / `delete` | `ms` / `ms ME` / `md` | 1 |
+//! | `incr` | `ma N0 J<delta> D<delta> v` (auto-vivify) | 1 |
+//! | `get_many` / `set_many` | one pipelined write per server, servers in parallel | 1 |
+//! | `delete_if_eq` (lock release) | `mg v c`, compare, `md C<cas>` | 2 |
+//! | `extend_if_eq` | `mg v c`, compare, `ms C<cas> T<ttl>` (same value) | 2 |
+//!
+//! Token operations are atomic thanks to the CAS guard: the item is only
+//! deleted or re-stored if it is still the very item that was read. (The
+//! `E` flag and `md x` that would allow more need memcached 1.6.27; 1.6.18
+//! has neither, and `mg` ignores `C`, so there is no one-trip form.)
+//!
+//! Pipelined batches do not use quiet mode: it would save only the `EN` /
+//! `HD` reply lines, not a round trip, and unquieted replies arrive one per
+//! command in order, so an error reply can be pinned on its exact key.
+//!
+//! # TTLs
+//!
+//! Memcached counts whole seconds with a clock that ticks once a second: an
+//! item stored with exptime `T` lives between `T - 1` and `T` seconds (a
+//! 1-second item can vanish after a few milliseconds). So that an item
+//! never expires **before** its TTL (a lock's lease must not end early),
+//! the TTL is rounded up to whole seconds and one second is added: a 1 ms
+//! or 1 s TTL is sent as `T2` and lives 1 to 2 s; it never becomes `0`,
+//! which would mean "never expires". Items therefore outlive their TTL by
+//! up to a second. TTLs over 30 days are sent as an absolute Unix time, as
+//! memcached requires. [`ttl`](Backend::ttl) reports the remaining time
+//! less that extra second (a lower bound).
+//!
+//! # Keys and values
+//!
+//! Keys memcached cannot take as they are (over 250 bytes, spaces, control
+//! or non-ASCII characters) are sent base64-encoded with the `b` flag; keys
+//! too long even for that are hashed (see [`proto::WireKey`]). Values are
+//! limited to the smallest `item_size_max` reported by the servers at
+//! connect time less 1 KiB of item overhead (1 MiB - 1 KiB by default); a
+//! larger value is refused with [`BackendError::ValueTooLarge`], as is one
+//! the server itself refuses as too large.
+//!
+//! # Several servers
+//!
+//! Keys are spread by ketama-style consistent hashing over the servers as
+//! named in the URL; a server that is down makes only its own keys
+//! [`Unavailable`](BackendError::Unavailable).
+
+pub mod proto;
+
+mod pool;
+mod ring;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::future::join_all;
+
+use self::pool::{Pool, Until};
+use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
+use self::ring::Ring;
+use super::{Backend, TokenCheck};
+use crate::error::{BackendError, BackendResult};
+
+/// The default connect timeout: 1 second.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default response timeout: 2 seconds (ample for a 1 MiB value).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The default number of connections per server: 8.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8;
+/// Memcached's default item size (`-I`), used when no server says.
+pub const DEFAULT_ITEM_SIZE: usize = 1024 * 1024;
+/// Bytes of an item reserved for its header, key and CAS.
+pub const ITEM_OVERHEAD: usize = 1024;
+/// Memcached's default port.
+pub const DEFAULT_PORT: u16 = 11211;
+
+/// The longest relative TTL memcached accepts; longer ones are sent as
+/// absolute Unix times.
+const MAX_RELATIVE_TTL: u64 = 30 * 24 * 60 * 60;
+/// How often a token operation is retried when the item's CAS changed
+/// between the read and the guarded write (a concurrent touch-less update
+/// of the same value, in practice never).
+const CAS_RETRIES: usize = 3;
+
+/// Settings for [`MemcachedBackend::connect_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemcachedOptions {
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    max_connections: usize,
+}
+
+impl Default for MemcachedOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl MemcachedOptions {
+    /// The defaults: [`DEFAULT_CONNECT_TIMEOUT`],
+    /// [`DEFAULT_RESPONSE_TIMEOUT`], [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long to wait for a TCP connection; a server that is down
+    /// answers [`BackendError::Unavailable`] within this time.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for a reply (and for a free pooled connection)
+    /// before [`BackendError::TimedOut`].
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// The most connections opened to each server (at least 1).
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+}
+
+/// A [`Backend`] on one or more Memcached servers (meta protocol, memcached
+/// 1.6.10 or later). See the [module docs](self).
+pub struct MemcachedBackend {
+    servers: Vec<Pool>,
+    ring: Ring,
+    max_value_size: usize,
+}
+
+impl std::fmt::Debug for MemcachedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemcachedBackend")
+            .field("servers", &self.servers)
+            .field("max_value_size", &self.max_value_size)
+            .finish()
+    }
+}
+
+/// Splits `memcached://h1:p1,h2:p2` (or a bare `h1:p1,h2:p2`) into
+/// `host:port` addresses; a missing port is [`DEFAULT_PORT`].
+fn parse_servers(url: &str) -> BackendResult<Vec<String>> {
+    let bad =
+        |why: &str| BackendError::protocol("", format!("invalid memcached URL {url:?}: {why}"));
+    let mut servers = Vec::new();
+    for part in url.trim().split(',') {
+        let part = part.trim();
+        let part = part.strip_prefix("memcached://").unwrap_or(part);
+        let part = part.strip_suffix('/').unwrap_or(part);
+        if part.is_empty() {
+            return Err(bad("empty server address"));
+        }
+        if part.contains(['/', '?', '@', '#', ' ']) || part.contains("://") {
+            return Err(bad("expected host:port addresses"));
+        }
+        let has_port = match part.rsplit_once(':') {
+            Some((host, _)) if part.starts_with('[') && !host.ends_with(']') => false,
+            Some((_, port)) => {
+                port.parse::<u16>()
+                    .map_err(|_| bad(&format!("bad port in {part:?}")))?;
+                true
+            }
+            None => false,
+        };
+        servers.push(if has_port {
+            part.to_owned()
+        } else {
+            format!("{part}:{DEFAULT_PORT}")
+        });
+    }
+    Ok(servers)
+}
+
+/// The second added to every TTL because of memcached's coarse clock (see
+/// the module docs).
+const CLOCK_SLACK: u64 = 1;
+
+/// A TTL as memcached's exptime: whole seconds rounded up, plus
+/// [`CLOCK_SLACK`]; absolute Unix time beyond 30 days.
+fn exptime(ttl: Duration) -> i64 {
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+        .saturating_add(CLOCK_SLACK);
+    if secs <= MAX_RELATIVE_TTL {
+        return secs as i64;
+    }
+    // Memcached takes an absolute time here; it reads it as a signed
+    // 32-bit number.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    now.saturating_add(secs).min(i32::MAX as u64) as i64
+}
+
+impl MemcachedBackend {
+    /// Connects with the default [`MemcachedOptions`]. `url` is
+    /// `memcached://h1:p1,h2:p2,...` or a bare `h1:p1,h2:p2,...` list.
+    ///
+    /// Asks every server for its `item_size_max` (in parallel). Servers
+    /// that are down are tolerated (their keys are unavailable until they
+    /// come back); if none answers, the result is
+    /// [`BackendError::Unavailable`].
+    pub async fn connect(url: &str) -> BackendResult<Self> {
+        Self::connect_with(url, MemcachedOptions::default()).await
+    }
+
+    /// Connects with the given options (see [`connect`](Self::connect)).
+    pub async fn connect_with(url: &str, options: MemcachedOptions) -> BackendResult<Self> {
+        let addrs = parse_servers(url)?;
+        let ring = Ring::new(&addrs);
+        let servers: Vec<Pool> = addrs
+            .into_iter()
+            .map(|addr| {
+                Pool::new(
+                    addr,
+                    options.connect_timeout,
+                    options.response_timeout,
+                    options.max_connections,
+                    proto::DEFAULT_MAX_VALUE_LEN,
+                )
+            })
+            .collect();
+        let answers = join_all(servers.iter().map(|s| s.stats_settings())).await;
+        let mut item_size: Option<usize> = None;
+        let mut last_error = None;
+        for (server, answer) in servers.iter().zip(answers) {
+            match answer {
+                Ok(stats) => {
+                    let size = stats
+                        .iter()
+                        .find(|(name, _)| name == "item_size_max")
+                        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                        .unwrap_or(DEFAULT_ITEM_SIZE);
+                    item_size = Some(item_size.map_or(size, |s| s.min(size)));
+                }
+                Err(e) => {
+                    tracing::warn!(addr = server.addr(), error = %e, "memcached server unreachable at connect");
+                    last_error = Some(e);
+                }
+            }
+        }
+        let item_size = match (item_size, last_error) {
+            (Some(size), _) => size,
+            (None, Some(e)) => return Err(e),
+            (None, None) => DEFAULT_ITEM_SIZE,
+        };
+        let max_value_size = item_size.saturating_sub(ITEM_OVERHEAD).max(1);
+        Ok(Self {
+            servers,
+            ring,
+            max_value_size,
+        })
+    }
+
+    /// The servers, as `host:port`, in URL order.
+    pub fn servers(&self) -> Vec<&str> {
+        self.servers.iter().map(Pool::addr).collect()
+    }
+
+    fn server(&self, index: usize, key: &str) -> BackendResult<&Pool> {
+        // `ring` was built from `servers`, so the index is always in range.
+        self.servers
+            .get(index)
+            .ok_or_else(|| BackendError::protocol(key, "no memcached server for this key"))
+    }
+
+    /// One command, one reply.
+    async fn one(&self, key: &str, request: &[u8], read_only: bool) -> BackendResult<Response> {
+        let mut replies = self
+            .server(self.ring.server_for(key), key)?
+            .request(key, request, Until::Count(1), read_only)
+            .await?;
+        replies
+            .pop()
+            .ok_or_else(|| BackendError::protocol(key, "no reply"))
+    }
+
+    fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
+        if value.len() > self.max_value_size {
+            return Err(BackendError::ValueTooLarge {
+                key: key.to_owned(),
+                size: value.len(),
+                limit: self.max_value_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Turns an unexpected reply into an error naming `key`.
+    fn unexpected(&self, key: &str, value_len: usize, reply: Response) -> BackendError {
+        match reply {
+            Response::Error {
+                kind: ErrorKind::Server,
+                message,
+            } if message.contains("too large") => BackendError::ValueTooLarge {
+                key: key.to_owned(),
+                size: value_len,
+                limit: self.max_value_size,
+            },
+            Response::Error { kind, message } => {
+                BackendError::protocol(key, format!("memcached replied {kind:?}: {message}"))
+            }
+            Response::Meta { status, .. } => {
+                BackendError::protocol(key, format!("unexpected memcached reply {status:?}"))
+            }
+        }
+    }
+
+    /// `mg <key> v c`: the value and its CAS token, if present.
+    async fn get_with_cas(&self, key: &str, wire: &WireKey) -> BackendResult<Option<(Bytes, u64)>> {
+        let mut req = Vec::new();
+        let flags = GetFlags {
+            value: true,
+            cas: true,
+            ..GetFlags::default()
+        };
+        proto::encode_get(&mut req, wire, &flags);
+        match self.one(key, &req, true).await? {
+            Response::Meta {
+                status: Status::Miss,
+                ..
+            } => Ok(None),
+            Response::Meta {
+                status: Status::Value,
+                flags: proto::ReplyFlags { cas: Some(cas), .. },
+                value: Some(value),
+            } => Ok(Some((value, cas))),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    /// Groups item indices by server.
+    fn by_server(&self, keys: impl Iterator<Item = (usize, impl AsRef<str>)>) -> Vec<Vec<usize>> {
+        let mut groups = vec![Vec::new(); self.servers.len()];
+        for (i, key) in keys {
+            let server = self.ring.server_for(key.as_ref());
+            if let Some(group) = groups.get_mut(server) {
+                group.push(i);
+            }
+        }
+        groups
+    }
+}
+
+#[async_trait]
+impl Backend for MemcachedBackend {
+    async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
+        let mut req = Vec::new();
+        let flags = GetFlags {
+            value: true,
+            ..GetFlags::default()
+        };
+        proto::encode_get(&mut req, &WireKey::new(key), &flags);
+        match self.one(key, &req, true).await? {
+            Response::Meta {
+                status: Status::Miss,
+                ..
+            } => Ok(None),
+            Response::Meta {
+                status: Status::Value,
+                value: Some(value),
+                ..
+            } => Ok(Some(value)),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> BackendResult<Vec<Option<Bytes>>> {
+        let mut out: Vec<Option<Bytes>> = vec![None; keys.len()];
+        let groups = self.by_server(keys.iter().enumerate());
+        let flags = GetFlags {
+            value: true,
+            ..GetFlags::default()
+        };
+        let batches = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, group)| !group.is_empty())
+            .map(|(server, group)| {
+                let mut req = Vec::new();
+                for &i in group {
+                    let key = keys.get(i).copied().unwrap_or_default();
+                    proto::encode_get(&mut req, &WireKey::new(key), &flags);
+                }
+                let first = group
+                    .first()
+                    .and_then(|&i| keys.get(i))
+                    .copied()
+                    .unwrap_or_default();
+                async move {
+                    let pool = self.server(server, first)?;
+                    let replies = pool
+                        .request(first, &req, Until::Count(group.len()), true)
+                        .await?;
+                    Ok::<_, BackendError>((group, replies))
+                }
+            });
+        for result in join_all(batches).await {
+            let (group, replies) = result?;
+            for (&i, reply) in group.iter().zip(replies) {
+                let key = keys.get(i).copied().unwrap_or_default();
+                let value = match reply {
+                    Response::Meta {
+                        status: Status::Miss,
+                        ..
+                    } => None,
+                    Response::Meta {
+                        status: Status::Value,
+                        value: Some(value),
+                        ..
+                    } => Some(value),
+                    other => return Err(self.unexpected(key, 0, other)),
+                };
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = value;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
+        self.check_size(key, value)?;
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            ttl: exptime(ttl),
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        match self.one(key, &req, false).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(()),
+            other => Err(self.unexpected(key, value.len(), other)),
+        }
+    }
+
+    async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
+        for (key, value) in items {
+            self.check_size(key, value)?;
+        }
+        let flags = SetFlags {
+            ttl: exptime(ttl),
+            ..SetFlags::default()
+        };
+        let groups = self.by_server(items.iter().map(|(k, _)| *k).enumerate());
+        let batches = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, group)| !group.is_empty())
+            .map(|(server, group)| {
+                let mut req = Vec::new();
+                for &i in group {
+                    if let Some((key, value)) = items.get(i) {
+                        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+                    }
+                }
+                let first = group
+                    .first()
+                    .and_then(|&i| items.get(i))
+                    .map_or("", |(k, _)| *k);
+                async move {
+                    let pool = self.server(server, first)?;
+                    let replies = pool
+                        .request(first, &req, Until::Count(group.len()), false)
+                        .await?;
+                    Ok::<_, BackendError>((group, replies))
+                }
+            });
+        for result in join_all(batches).await {
+            let (group, replies) = result?;
+            for (&i, reply) in group.iter().zip(replies) {
+                let (key, value) = items.get(i).copied().unwrap_or_default();
+                if reply.status() != Some(Status::Ok) {
+                    return Err(self.unexpected(key, value.len(), reply));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        self.check_size(key, value)?;
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            mode: SetMode::Add,
+            ttl: exptime(ttl),
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        match self.one(key, &req, false).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(true),
+            Response::Meta {
+                status: Status::NotStored,
+                ..
+            } => Ok(false),
+            other => Err(self.unexpected(key, value.len(), other)),
+        }
+    }
+
+    async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
+        let mut req = Vec::new();
+        let flags = GetFlags {
+            touch: Some(exptime(ttl)),
+            ..GetFlags::default()
+        };
+        proto::encode_get(&mut req, &WireKey::new(key), &flags);
+        match self.one(key, &req, false).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(true),
+            Response::Meta {
+                status: Status::Miss,
+                ..
+            } => Ok(false),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> BackendResult<bool> {
+        let mut req = Vec::new();
+        proto::encode_delete(&mut req, &WireKey::new(key), None, false, None);
+        match self.one(key, &req, false).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(true),
+            Response::Meta {
+                status: Status::NotFound,
+                ..
+            } => Ok(false),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    async fn incr(&self, key: &str, delta: u64) -> BackendResult<u64> {
+        let mut req = Vec::new();
+        // On a miss the item is created holding `delta` with no expiry.
+        proto::encode_incr(&mut req, &WireKey::new(key), delta, Some((0, delta)));
+        // Two clients vivifying at once: the loser gets NS; the item exists
+        // now, so a second try increments it.
+        for _ in 0..2 {
+            match self.one(key, &req, false).await? {
+                Response::Meta {
+                    status: Status::Value,
+                    value: Some(value),
+                    ..
+                } => {
+                    return std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            BackendError::protocol(key, "memcached returned a non-numeric counter")
+                        });
+                }
+                Response::Meta {
+                    status: Status::NotStored,
+                    ..
+                } => continue,
+                Response::Error {
+                    kind: ErrorKind::Client,
+                    message,
+                } if message.contains("non-numeric") => {
+                    return Err(BackendError::protocol(
+                        key,
+                        "cannot increment a value that is not a decimal number",
+                    ));
+                }
+                other => return Err(self.unexpected(key, 0, other)),
+            }
+        }
+        Err(BackendError::protocol(key, "counter could not be created"))
+    }
+
+    async fn delete_if_eq(
+        &self,
+        key: &str,
+        expected: &[u8],
+        _hold: Duration,
+    ) -> BackendResult<TokenCheck> {
+        let wire = WireKey::new(key);
+        for _ in 0..CAS_RETRIES {
+            let Some((value, cas)) = self.get_with_cas(key, &wire).await? else {
+                return Ok(TokenCheck::Missing);
+            };
+            if value.as_ref() != expected {
+                return Ok(TokenCheck::Mismatch);
+            }
+            let mut req = Vec::new();
+            proto::encode_delete(&mut req, &wire, Some(cas), false, None);
+            match self.one(key, &req, false).await? {
+                Response::Meta {
+                    status: Status::Ok, ..
+                } => return Ok(TokenCheck::Matched),
+                Response::Meta {
+                    status: Status::NotFound,
+                    ..
+                } => return Ok(TokenCheck::Missing),
+                // Changed since we read it: look again.
+                Response::Meta {
+                    status: Status::Exists,
+                    ..
+                } => continue,
+                other => return Err(self.unexpected(key, 0, other)),
+            }
+        }
+        Ok(TokenCheck::Mismatch)
+    }
+
+    async fn extend_if_eq(
+        &self,
+        key: &str,
+        expected: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<TokenCheck> {
+        let wire = WireKey::new(key);
+        for _ in 0..CAS_RETRIES {
+            let Some((value, cas)) = self.get_with_cas(key, &wire).await? else {
+                return Ok(TokenCheck::Missing);
+            };
+            if value.as_ref() != expected {
+                return Ok(TokenCheck::Mismatch);
+            }
+            let mut req = Vec::new();
+            let flags = SetFlags {
+                ttl: exptime(ttl),
+                compare_cas: Some(cas),
+                ..SetFlags::default()
+            };
+            proto::encode_set(&mut req, &wire, expected, &flags);
+            match self.one(key, &req, false).await? {
+                Response::Meta {
+                    status: Status::Ok, ..
+                } => return Ok(TokenCheck::Matched),
+                Response::Meta {
+                    status: Status::NotFound,
+                    ..
+                } => return Ok(TokenCheck::Missing),
+                Response::Meta {
+                    status: Status::Exists,
+                    ..
+                } => continue,
+                other => return Err(self.unexpected(key, expected.len(), other)),
+            }
+        }
+        Ok(TokenCheck::Mismatch)
+    }
+
+    /// `mg <key> t`, less the second added when it was stored. An
+    /// item with no expiry reads as `None`.
+    async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
+        let mut req = Vec::new();
+        let flags = GetFlags {
+            ttl: true,
+            ..GetFlags::default()
+        };
+        proto::encode_get(&mut req, &WireKey::new(key), &flags);
+        match self.one(key, &req, true).await? {
+            Response::Meta {
+                status: Status::Miss,
+                ..
+            } => Ok(None),
+            Response::Meta {
+                status: Status::Ok,
+                flags,
+                ..
+            } => Ok(flags
+                .ttl
+                .and_then(|t| u64::try_from(t).ok())
+                .map(|t| Duration::from_secs(t.saturating_sub(CLOCK_SLACK)))),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    fn atomic_token_ops(&self) -> bool {
+        true
+    }
+
+    fn max_value_size(&self) -> usize {
+        self.max_value_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        assert_eq!(
+            parse_servers("memcached://127.0.0.1:21211,127.0.0.1:21212").unwrap(),
+            ["127.0.0.1:21211", "127.0.0.1:21212"]
+        );
+        assert_eq!(
+            parse_servers("a:1, memcached://b:2 ,c").unwrap(),
+            ["a:1", "b:2", "c:11211"]
+        );
+        assert_eq!(
+            parse_servers("[::1]:5,[::1]").unwrap(),
+            ["[::1]:5", "[::1]:11211"]
+        );
+        for bad in [
+            "",
+            "memcached://",
+            "a:1,,b:2",
+            "a:notaport",
+            "a:99999",
+            "redis://x:1",
+            "a:1/db",
+        ] {
+            assert!(parse_servers(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ttls_round_up_and_go_absolute() {
+        assert_eq!(exptime(Duration::ZERO), 1, "never 0");
+        assert_eq!(exptime(Duration::from_millis(1)), 2);
+        assert_eq!(exptime(Duration::from_secs(1)), 2);
+        assert_eq!(exptime(Duration::from_millis(1500)), 3);
+        assert_eq!(exptime(Duration::from_secs(60)), 61);
+        assert_eq!(
+            exptime(Duration::from_secs(MAX_RELATIVE_TTL - 1)),
+            MAX_RELATIVE_TTL as i64
+        );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let abs = exptime(Duration::from_secs(MAX_RELATIVE_TTL));
+        assert!(
+            (abs - now - MAX_RELATIVE_TTL as i64 - 1).abs() <= 2,
+            "{abs}"
+        );
+        assert_eq!(exptime(Duration::from_secs(u64::MAX)), i32::MAX as i64);
+    }
+}

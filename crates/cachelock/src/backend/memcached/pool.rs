@@ -1,0 +1,324 @@
+//! The pooled tokio transport: a few TCP connections per server.
+//!
+//! Each request (or pipelined batch) borrows one connection, writes the
+//! whole batch in one write, reads until every reply has arrived, and gives
+//! the connection back. A connection goes back to the pool only after a
+//! clean exchange: any I/O error, timeout, parse error, error line from the
+//! server, or a cancelled future drops it, so a connection is never reused
+//! out of step. After an I/O error all idle connections to that server are
+//! dropped too (the server probably went away), and idle connections are
+//! checked for a close by the server before reuse, so the first operation
+//! after a server restart opens a fresh connection.
+//!
+//! Connections are opened lazily with `TCP_NODELAY`, within the connect
+//! timeout; at most `max_connections` are in use per server at once
+//! (further callers wait for one, within the response timeout).
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use super::proto::{self, ProtoError, Response};
+use crate::error::{BackendError, BackendResult};
+
+/// How a pipelined exchange ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// After this many replies (one per command; no quiet mode).
+    Count(usize),
+}
+
+/// Read buffers larger than this are not kept with an idle connection.
+const KEEP_BUFFER: usize = 256 * 1024;
+/// How much room to make in the read buffer before each read.
+const READ_CHUNK: usize = 64 * 1024;
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    /// False if the server closed the connection (or sent something
+    /// unasked) while it sat idle.
+    fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Why an exchange failed.
+enum Failure {
+    Io(io::Error),
+    Closed,
+    Proto(ProtoError),
+    Timeout,
+}
+
+/// The connections to one server.
+pub(crate) struct Pool {
+    addr: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    max_value_len: usize,
+    idle: Mutex<Vec<Conn>>,
+    permits: Semaphore,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("addr", &self.addr)
+            .field("idle", &self.idle.lock().len())
+            .field("available", &self.permits.available_permits())
+            .finish()
+    }
+}
+
+/// A frame the transport can read: a meta reply or a whole stats reply.
+trait Frame: Sized {
+    fn parse(buf: &[u8], max_value_len: usize) -> Result<Option<(Self, usize)>, ProtoError>;
+    /// Whether the connection may be reused after this frame.
+    fn clean(&self) -> bool;
+}
+
+impl Frame for Response {
+    fn parse(buf: &[u8], max_value_len: usize) -> Result<Option<(Self, usize)>, ProtoError> {
+        proto::parse_with_limit(buf, max_value_len)
+    }
+    fn clean(&self) -> bool {
+        !matches!(self, Response::Error { .. })
+    }
+}
+
+type Stats = Vec<(String, String)>;
+
+impl Frame for Stats {
+    fn parse(buf: &[u8], _: usize) -> Result<Option<(Self, usize)>, ProtoError> {
+        proto::parse_stats(buf)
+    }
+    fn clean(&self) -> bool {
+        true
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(
+        addr: String,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        max_connections: usize,
+        max_value_len: usize,
+    ) -> Self {
+        Self {
+            addr,
+            connect_timeout,
+            response_timeout,
+            max_value_len,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(max_connections.max(1)),
+        }
+    }
+
+    /// The server's address, as given.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `request` (one or more pipelined commands) and reads the
+    /// replies. `key` names the operation in errors. With `retry_reads`,
+    /// a request that failed on a reused connection with an I/O error is
+    /// sent once more on a fresh one; only pass it for requests that are
+    /// safe to repeat (reads).
+    pub(crate) async fn request(
+        &self,
+        key: &str,
+        request: &[u8],
+        until: Until,
+        retry_reads: bool,
+    ) -> BackendResult<Vec<Response>> {
+        self.run(key, request, until, retry_reads).await
+    }
+
+    /// Asks `stats settings`.
+    pub(crate) async fn stats_settings(&self) -> BackendResult<Stats> {
+        let mut req = Vec::new();
+        proto::encode_stats_settings(&mut req);
+        let mut frames: Vec<Stats> = self.run("", &req, Until::Count(1), true).await?;
+        Ok(frames.pop().unwrap_or_default())
+    }
+
+    async fn run<F: Frame>(
+        &self,
+        key: &str,
+        request: &[u8],
+        until: Until,
+        retry_reads: bool,
+    ) -> BackendResult<Vec<F>> {
+        let _permit =
+            match tokio::time::timeout(self.response_timeout, self.permits.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(self.unavailable(key, "connection pool closed")),
+                Err(_) => {
+                    return Err(BackendError::TimedOut {
+                        key: key.to_owned(),
+                        after: self.response_timeout,
+                    });
+                }
+            };
+        let (mut conn, reused) = match self.take_idle() {
+            Some(conn) => (conn, true),
+            None => (self.connect(key).await?, false),
+        };
+        let mut outcome = self.exchange(&mut conn, request, until).await;
+        if reused && retry_reads && matches!(outcome, Err(Failure::Io(_) | Failure::Closed)) {
+            tracing::debug!(addr = %self.addr, "pooled memcached connection was dead; retrying on a fresh one");
+            self.purge();
+            conn = self.connect(key).await?;
+            outcome = self.exchange(&mut conn, request, until).await;
+        }
+        match outcome {
+            Ok((frames, clean)) => {
+                if clean {
+                    self.put_idle(conn);
+                }
+                Ok(frames)
+            }
+            Err(failure) => Err(self.fail(key, failure)),
+        }
+    }
+
+    fn fail(&self, key: &str, failure: Failure) -> BackendError {
+        match failure {
+            Failure::Io(e) => {
+                self.purge();
+                self.unavailable(key, e)
+            }
+            Failure::Closed => {
+                self.purge();
+                self.unavailable(key, "connection closed by the server")
+            }
+            Failure::Timeout => BackendError::TimedOut {
+                key: key.to_owned(),
+                after: self.response_timeout,
+            },
+            Failure::Proto(e) => {
+                tracing::warn!(addr = %self.addr, error = %e, "bad reply from memcached; dropping the connection");
+                BackendError::protocol(key, format!("{}: {e}", self.addr))
+            }
+        }
+    }
+
+    fn unavailable(&self, key: &str, reason: impl std::fmt::Display) -> BackendError {
+        BackendError::unavailable(key, format!("memcached {}: {reason}", self.addr))
+    }
+
+    async fn connect(&self, key: &str) -> BackendResult<Conn> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.addr.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.purge();
+                return Err(self.unavailable(key, format!("connect failed: {e}")));
+            }
+            Err(_) => {
+                return Err(self.unavailable(
+                    key,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                ));
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .map_err(|e| self.unavailable(key, format!("TCP_NODELAY: {e}")))?;
+        tracing::debug!(addr = %self.addr, "opened memcached connection");
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+        })
+    }
+
+    async fn exchange<F: Frame>(
+        &self,
+        conn: &mut Conn,
+        request: &[u8],
+        until: Until,
+    ) -> Result<(Vec<F>, bool), Failure> {
+        let work = async {
+            conn.buf.clear();
+            let Conn { stream, buf } = &mut *conn;
+            let (mut reader, mut writer) = stream.split();
+            // Write and read at the same time: a big pipelined batch whose
+            // replies fill the socket buffers must not deadlock with the
+            // server (it stops reading while it cannot write).
+            let write = async { writer.write_all(request).await.map_err(Failure::Io) };
+            let read = async {
+                let mut frames = Vec::new();
+                let mut clean = true;
+                loop {
+                    // Take every complete frame already buffered.
+                    while let Some((frame, used)) =
+                        F::parse(buf, self.max_value_len).map_err(Failure::Proto)?
+                    {
+                        buf.advance(used);
+                        clean &= frame.clean();
+                        frames.push(frame);
+                        let Until::Count(n) = until;
+                        if frames.len() >= n {
+                            // Anything left over was not asked for.
+                            clean &= buf.is_empty();
+                            return Ok((frames, clean));
+                        }
+                    }
+                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    let n = reader.read_buf(buf).await.map_err(Failure::Io)?;
+                    if n == 0 {
+                        return Err(Failure::Closed);
+                    }
+                }
+            };
+            let ((), out) = tokio::try_join!(write, read)?;
+            Ok(out)
+        };
+        let result = match tokio::time::timeout(self.response_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Timeout),
+        };
+        if conn.buf.capacity() > KEEP_BUFFER {
+            conn.buf = BytesMut::with_capacity(16 * 1024);
+        }
+        result
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock();
+        while let Some(conn) = idle.pop() {
+            if conn.looks_alive() {
+                return Some(conn);
+            }
+            tracing::debug!(addr = %self.addr, "dropping a pooled memcached connection the server closed");
+        }
+        None
+    }
+
+    /// Connections exist only while a permit is held or in the idle list,
+    /// so the list never holds more than `max_connections`.
+    fn put_idle(&self, conn: Conn) {
+        self.idle.lock().push(conn);
+    }
+
+    fn purge(&self) {
+        self.idle.lock().clear();
+    }
+}

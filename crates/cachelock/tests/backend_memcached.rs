@@ -1,0 +1,454 @@
+//! The Memcached backend against real servers: the conformance suite and
+//! the lock cases on one server and on three, a server that is down, a
+//! server that restarts (a private memcached started by the test), timeouts
+//! and broken connections (through the fault proxy), and bad replies (a
+//! scripted fake server).
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cachelock::backend::memcached::{MemcachedBackend, MemcachedOptions};
+use cachelock::{Backend, BackendError, SharedBackend};
+use common::fault_proxy::FaultProxy;
+use common::unique_key;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// The test servers' URL list (`memcached://a,b,c`).
+fn urls() -> Option<String> {
+    common::server_env("CACHELOCK_TEST_MEMCACHED_URLS")
+}
+
+/// The servers as `host:port`.
+fn addrs() -> Option<Vec<String>> {
+    Some(
+        urls()?
+            .trim_start_matches("memcached://")
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect(),
+    )
+}
+
+async fn one_server() -> Option<SharedBackend> {
+    let first = addrs()?.into_iter().next()?;
+    let b = MemcachedBackend::connect(&format!("memcached://{first}"))
+        .await
+        .expect("connect to the first test memcached");
+    Some(Arc::new(b))
+}
+
+async fn three_servers() -> Option<SharedBackend> {
+    let b = MemcachedBackend::connect(&urls()?)
+        .await
+        .expect("connect to the test memcacheds");
+    assert_eq!(b.servers().len(), 3, "{b:?}");
+    Some(Arc::new(b))
+}
+
+mod one {
+    use super::common;
+    use crate::{conformance_tests, lock_tests};
+    conformance_tests!(super::one_server().await, paused = false);
+    lock_tests!(super::one_server().await, paused = false);
+}
+
+mod three {
+    use super::common;
+    use crate::{conformance_tests, lock_tests};
+    conformance_tests!(super::three_servers().await, paused = false);
+    lock_tests!(super::three_servers().await, paused = false);
+}
+
+/// A loopback port nothing listens on (just closed).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("local address").port()
+}
+
+#[tokio::test]
+async fn keys_spread_over_all_three_servers() {
+    let Some(addrs) = addrs() else { return };
+    let all = three_servers().await.unwrap();
+    let keys: Vec<String> = (0..90).map(|i| unique_key(&format!("spread{i}"))).collect();
+    for k in &keys {
+        all.set(k, k.as_bytes(), LONG).await.unwrap();
+    }
+    // Each key sits on exactly one server, and every server got some.
+    let mut total = 0;
+    for addr in &addrs {
+        let single = MemcachedBackend::connect(addr).await.unwrap();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let found = single
+            .get_many(&refs)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .count();
+        assert!(found >= 10, "{addr} holds only {found} of 90 keys");
+        total += found;
+    }
+    assert_eq!(total, keys.len());
+}
+
+#[tokio::test]
+async fn a_down_server_fails_only_its_keys() {
+    let Some(addrs) = addrs() else { return };
+    let dead = format!("127.0.0.1:{}", closed_port());
+    let url = format!("memcached://{},{},{dead}", addrs[0], addrs[1]);
+    let b = MemcachedBackend::connect_with(
+        &url,
+        MemcachedOptions::new().connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .expect("connect tolerates one server down");
+    let (mut ok, mut down) = (Vec::new(), Vec::new());
+    for i in 0..60 {
+        let k = unique_key(&format!("down{i}"));
+        let start = Instant::now();
+        match b.set(&k, b"v", LONG).await {
+            Ok(()) => ok.push(k),
+            Err(e) => {
+                assert!(
+                    matches!(e, BackendError::Unavailable { .. }),
+                    "down server gives Unavailable: {e:?}"
+                );
+                assert!(e.to_string().contains(&dead), "names the server: {e}");
+                assert_eq!(e.key(), k);
+                assert!(start.elapsed() < Duration::from_secs(3), "no hang");
+                down.push(k);
+            }
+        }
+    }
+    assert!(
+        !ok.is_empty() && !down.is_empty(),
+        "keys on both kinds of server: {} ok, {} down",
+        ok.len(),
+        down.len()
+    );
+    for k in &ok {
+        assert_eq!(b.get(k).await.unwrap().as_deref(), Some(&b"v"[..]));
+    }
+    for k in &down {
+        assert!(b.get(k).await.unwrap_err().is_unavailable());
+        assert!(b.add(k, b"v", LONG).await.unwrap_err().is_unavailable());
+    }
+    let live: Vec<&str> = ok.iter().map(String::as_str).collect();
+    assert!(b.get_many(&live).await.unwrap().iter().all(Option::is_some));
+}
+
+#[tokio::test]
+async fn connect_refuses_bad_urls_and_all_servers_down() {
+    for bad in ["", "redis://127.0.0.1:1", "127.0.0.1:notaport", "a:1,,b:2"] {
+        assert!(MemcachedBackend::connect(bad).await.is_err(), "{bad:?}");
+    }
+    let url = format!("127.0.0.1:{},127.0.0.1:{}", closed_port(), closed_port());
+    let err = MemcachedBackend::connect(&url).await.unwrap_err();
+    assert!(matches!(err, BackendError::Unavailable { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn ttls_over_30_days_are_kept() {
+    let Some(b) = one_server().await else { return };
+    let k = unique_key("long-ttl");
+    let ttl = Duration::from_secs(31 * 24 * 3600);
+    b.set(&k, b"v", ttl).await.unwrap();
+    let left = b.ttl(&k).await.unwrap().expect("has a TTL");
+    // Memcached converts an absolute time with whole-second clocks, so
+    // allow a second or two either way.
+    assert!(
+        left > ttl - Duration::from_secs(10) && left <= ttl + Duration::from_secs(2),
+        "sent as absolute time, read back as {left:?}"
+    );
+    assert!(b.touch(&k, ttl * 2).await.unwrap());
+    let left = b.ttl(&k).await.unwrap().unwrap();
+    assert!(left > ttl * 2 - Duration::from_secs(10), "{left:?}");
+    // A counter made by incr has no expiry: memcached says -1, we say None.
+    let c = unique_key("counter");
+    b.incr(&c, 3).await.unwrap();
+    assert_eq!(b.ttl(&c).await.unwrap(), None);
+    assert!(b.get(&c).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn exactly_max_value_size_with_the_longest_key_stores() {
+    let Some(b) = one_server().await else { return };
+    assert_eq!(
+        b.max_value_size(),
+        1024 * 1024 - 1024,
+        "from stats settings"
+    );
+    let base = unique_key("max");
+    let k = format!("{base}{}", "k".repeat(250 - base.len()));
+    assert_eq!(k.len(), 250);
+    let v: Vec<u8> = (0..b.max_value_size()).map(|i| (i % 253) as u8).collect();
+    b.set(&k, &v, LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&v[..]));
+    let items = [(k.as_str(), v.as_slice())];
+    b.set_many(&items, LONG).await.unwrap();
+    b.delete(&k).await.unwrap();
+    let err = b
+        .set_many(&[(k.as_str(), &[0u8; 1024 * 1024][..])], LONG)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackendError::ValueTooLarge { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn token_ops_guard_with_cas() {
+    // After the token was read, another writer replaces it: the CAS guard
+    // stops the delete (seen here as the next read's mismatch).
+    let Some(b) = three_servers().await else {
+        return;
+    };
+    let k = unique_key("cas");
+    b.set(&k, b"mine", LONG).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let b = b.clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                b.delete_if_eq(&k, b"mine", LONG).await.unwrap()
+            } else {
+                b.extend_if_eq(&k, b"mine", LONG).await.unwrap()
+            }
+        }));
+    }
+    let mut deleted = 0;
+    for t in tasks {
+        if t.await.unwrap() == cachelock::TokenCheck::Matched {
+            deleted += 1;
+        }
+    }
+    assert!(deleted >= 1);
+    assert_eq!(b.get(&k).await.unwrap(), None, "some delete went through");
+}
+
+fn memcached_addr() -> Option<SocketAddr> {
+    Some(addrs()?[0].parse().expect("memcached test URL is IP:PORT"))
+}
+
+#[tokio::test]
+async fn response_timeout_and_broken_connections() {
+    let Some(upstream) = memcached_addr() else {
+        return;
+    };
+    let proxy = FaultProxy::start(upstream).await;
+    let b = MemcachedBackend::connect_with(
+        &proxy.addr().to_string(),
+        MemcachedOptions::new()
+            .connect_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let k = unique_key("proxy");
+    b.set(&k, b"v", LONG).await.unwrap();
+
+    proxy.black_hole(true);
+    let start = Instant::now();
+    let err = b.get(&k).await.unwrap_err();
+    assert!(matches!(err, BackendError::TimedOut { .. }), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    proxy.heal();
+    // The timed-out connection was dropped; a fresh one works.
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v"[..]));
+
+    // Cut in the middle of a large reply.
+    let big = unique_key("proxy-big");
+    b.set(&big, &vec![1u8; 200_000], LONG).await.unwrap();
+    proxy.cut_after_bytes(1000);
+    proxy.cut_all();
+    let err = b.get(&big).await.unwrap_err();
+    assert!(err.is_unavailable() && !err.is_timeout(), "{err:?}");
+    proxy.heal();
+    assert_eq!(b.get(&big).await.unwrap().map(|v| v.len()), Some(200_000));
+
+    // Every pooled connection cut while idle: the next write still works.
+    proxy.cut_all();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.set(&k, b"w", LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"w"[..]));
+}
+
+/// A fake memcached: answers `stats settings`, then `reply` to any command.
+async fn fake_server(reply: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the fake server");
+    let addr = listener.local_addr().expect("fake server address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    if line.starts_with("stats") {
+                        w.write_all(b"STAT item_size_max 1048576\r\nEND\r\n")
+                            .await
+                            .expect("fake server write");
+                    } else if line.starts_with("ms ") {
+                        let len: usize = line
+                            .split(' ')
+                            .nth(2)
+                            .expect("ms length")
+                            .parse()
+                            .expect("ms length");
+                        let mut data = vec![0u8; len + 2];
+                        r.read_exact(&mut data).await.expect("fake server read");
+                        w.write_all(reply).await.expect("fake server write");
+                    } else {
+                        w.write_all(reply).await.expect("fake server write");
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bad_replies_are_typed_errors() {
+    let garbage = fake_server(b"HELLO THERE\r\n").await;
+    let b = MemcachedBackend::connect(&garbage.to_string())
+        .await
+        .unwrap();
+    let err = b.get("k").await.unwrap_err();
+    assert!(matches!(err, BackendError::Protocol { .. }), "{err:?}");
+    assert_eq!(err.key(), "k");
+
+    let too_large = fake_server(b"SERVER_ERROR object too large for cache\r\n").await;
+    let b = MemcachedBackend::connect(&too_large.to_string())
+        .await
+        .unwrap();
+    let err = b.set("k", b"small", LONG).await.unwrap_err();
+    assert!(matches!(err, BackendError::ValueTooLarge { .. }), "{err:?}");
+
+    let wrong = fake_server(b"NS\r\n").await;
+    let b = MemcachedBackend::connect(&wrong.to_string()).await.unwrap();
+    let err = b.get("k").await.unwrap_err();
+    assert!(matches!(err, BackendError::Protocol { .. }), "{err:?}");
+
+    let huge = fake_server(b"VA 99999999999999\r\n").await;
+    let b = MemcachedBackend::connect(&huge.to_string()).await.unwrap();
+    let err = b.get("k").await.unwrap_err();
+    assert!(matches!(err, BackendError::Protocol { .. }), "{err:?}");
+}
+
+/// A memcached of the test's own, on a fixed port, killed on drop.
+struct PrivateMemcached {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateMemcached {
+    fn start(port: u16) -> Self {
+        let mut cmd = Command::new("memcached");
+        cmd.args(["-l", "127.0.0.1", "-U", "0", "-m", "16", "-p"])
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        if root {
+            cmd.args(["-u", "nobody"]);
+        }
+        let child = cmd.spawn().expect("start memcached");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "memcached did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMemcached {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn server_restart_op_fails_then_recovers() {
+    if urls().is_none() {
+        return;
+    }
+    let mut server = PrivateMemcached::start(closed_port());
+    let url = format!("memcached://127.0.0.1:{}", server.port);
+    let b = MemcachedBackend::connect_with(
+        &url,
+        MemcachedOptions::new().connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let k = unique_key("restart");
+    b.set(&k, b"before", LONG).await.unwrap();
+    assert!(b.get(&k).await.unwrap().is_some());
+
+    server.stop();
+    let start = Instant::now();
+    let err = b.get(&k).await.unwrap_err();
+    assert!(matches!(err, BackendError::Unavailable { .. }), "{err:?}");
+    let err = b.set(&k, b"x", LONG).await.unwrap_err();
+    assert!(matches!(err, BackendError::Unavailable { .. }), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(2), "no hang");
+
+    let _server = PrivateMemcached::start(server.port);
+    assert_eq!(
+        b.get(&k).await.unwrap(),
+        None,
+        "a restarted memcached is empty"
+    );
+    b.set(&k, b"after", LONG).await.unwrap();
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"after"[..]));
+    assert!(b.add(&unique_key("restart-add"), b"t", LONG).await.unwrap());
+}
+
+#[tokio::test]
+async fn server_restart_between_ops_is_not_noticed() {
+    if urls().is_none() {
+        return;
+    }
+    let mut server = PrivateMemcached::start(closed_port());
+    let url = format!("127.0.0.1:{}", server.port);
+    let b = MemcachedBackend::connect(&url).await.unwrap();
+    let k = unique_key("restart2");
+    b.set(&k, b"before", LONG).await.unwrap();
+    // The pooled connection dies with the server; nothing is sent meanwhile.
+    server.stop();
+    let _server = PrivateMemcached::start(server.port);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Writes are not retried, so this shows the dead idle connection was
+    // noticed and dropped before use.
+    assert!(b.add(&k, b"after", LONG).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"after"[..]));
+}

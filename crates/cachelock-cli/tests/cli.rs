@@ -709,3 +709,97 @@ fn bench_contended_without_the_lock_shows_violations() {
     assert!(v["violations"].as_u64().unwrap() > 0, "{v}");
     assert!(v["overlaps"].as_u64().unwrap() > 0, "{v}");
 }
+
+/// A private Memcached on a free port, killed when dropped.
+struct PrivateMemcached {
+    child: Child,
+    url: String,
+}
+
+impl PrivateMemcached {
+    fn start() -> Option<Self> {
+        if Command::new("memcached").arg("-h").output().is_err() {
+            eprintln!("SKIPPED: no memcached binary");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("memcached");
+        cmd.args([
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "0",
+            "-m",
+            "16",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if std::env::var("USER").is_ok_and(|u| u == "root") || is_root() {
+            cmd.args(["-u", "root"]);
+        }
+        let child = cmd.spawn().unwrap();
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "memcached did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Self {
+            child,
+            url: format!("memcached://127.0.0.1:{port}"),
+        })
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+impl Drop for PrivateMemcached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cache server dies under a running command: renewals fail, and once
+/// the lease has run out by the local clock the lock counts as lost and
+/// --kill-on-loss stops the command.
+#[test]
+fn server_gone_during_run_loses_the_lease() {
+    let Some(mut server) = PrivateMemcached::start() else {
+        return;
+    };
+    let env = Env::with_backend(&server.url);
+    let k = key("server-gone");
+    let holder = env.spawn(&[
+        "run",
+        "--lease",
+        "1s",
+        "--kill-on-loss",
+        &k,
+        "--",
+        "sleep",
+        "20",
+    ]);
+    env.wait_held(&k);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let (out, took) = wait_output(holder, Duration::from_secs(6));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("could not renew the lease"), "{err}");
+    assert!(err.contains("lost the lock"), "{err}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}

@@ -196,6 +196,9 @@ impl BackendUrl {
             #[cfg(not(feature = "sqlite"))]
             Self::Sqlite(_) => Err(self.unsupported("sqlite")),
             Self::Redis(_) | Self::RedisCluster(_) => Err(self.unsupported("redis")),
+            #[cfg(feature = "memcached")]
+            Self::Memcached(url) => Ok(Arc::new(crate::MemcachedBackend::connect(url).await?)),
+            #[cfg(not(feature = "memcached"))]
             Self::Memcached(_) => Err(self.unsupported("memcached")),
         }
     }
@@ -204,9 +207,7 @@ impl BackendUrl {
     fn unsupported(&self, feature: &str) -> BackendError {
         BackendError::InvalidUrl {
             url: self.to_string(),
-            reason: format!(
-                "scheme not supported in this build (the {feature} backend is not compiled in)"
-            ),
+            reason: format!("scheme not supported in this build (it has no {feature} backend)"),
         }
     }
 }

@@ -446,6 +446,26 @@ fn mutual_exclusion_on_redis() {
 }
 
 #[test]
+fn mutual_exclusion_on_redis_cluster() {
+    let Some(urls) = server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS") else {
+        return;
+    };
+    let hosts: Vec<&str> = urls
+        .split(',')
+        .map(|u| u.trim().trim_start_matches("redis://"))
+        .collect();
+    let url = format!("redis+cluster://{}", hosts.join(","));
+    let env = Env::with_backend(&url);
+    let out = env.run(&["status", &key("probe")]);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{url}: {}",
+        stderr(&out)
+    );
+    mutual_exclusion(&env, 8);
+}
+
+#[test]
 fn mutual_exclusion_on_memcached() {
     if let Some(env) = server_backend("CACHELOCK_TEST_MEMCACHED_URLS") {
         mutual_exclusion(&env, 8);

@@ -43,6 +43,9 @@ pub mod lock;
 #[cfg(feature = "memcached")]
 pub use backend::memcached::{MemcachedBackend, MemcachedOptions};
 pub use backend::memory::MemoryBackend;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use backend::redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::SqliteBackend;

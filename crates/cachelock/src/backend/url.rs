@@ -195,6 +195,16 @@ impl BackendUrl {
             Self::Sqlite(path) => Ok(Arc::new(crate::SqliteBackend::open(path).await?)),
             #[cfg(not(feature = "sqlite"))]
             Self::Sqlite(_) => Err(self.unsupported("sqlite")),
+            #[cfg(feature = "redis")]
+            Self::Redis(url) => Ok(Arc::new(crate::RedisBackend::connect(url).await?)),
+            #[cfg(feature = "redis")]
+            Self::RedisCluster(nodes) => {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                Ok(Arc::new(
+                    crate::RedisBackend::connect_cluster(&nodes).await?,
+                ))
+            }
+            #[cfg(not(feature = "redis"))]
             Self::Redis(_) | Self::RedisCluster(_) => Err(self.unsupported("redis")),
             #[cfg(feature = "memcached")]
             Self::Memcached(url) => Ok(Arc::new(crate::MemcachedBackend::connect(url).await?)),

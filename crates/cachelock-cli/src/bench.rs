@@ -444,7 +444,9 @@ async fn contended_worker(backend: SharedBackend, args: &WorkerArgs) -> Result<V
     )
     .map_err(Fail::error)?;
     sleep_until_us(args.start_us).await;
-    let deadline = Instant::now() + args.duration;
+    // The run ends at the common start + duration for every worker.
+    let late = Duration::from_micros(now_us().saturating_sub(args.start_us));
+    let deadline = Instant::now() + args.duration.saturating_sub(late);
     let mut acquisitions: u64 = 0;
     let mut intervals: Vec<[u64; 2]> = Vec::new();
     loop {
@@ -469,6 +471,9 @@ async fn contended_worker(backend: SharedBackend, args: &WorkerArgs) -> Result<V
         let n: u64 = cur
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
             .unwrap_or(0);
+        // Let other workers run here, as a network round trip would (with
+        // memory:// the workers are tasks on one thread).
+        tokio::task::yield_now().await;
         backend
             .set(&args.counter, (n + 1).to_string().as_bytes(), COUNTER_TTL)
             .await
@@ -486,6 +491,7 @@ async fn contended_worker(backend: SharedBackend, args: &WorkerArgs) -> Result<V
             }
         }
         acquisitions += 1;
+        tokio::task::yield_now().await;
         if args.check {
             intervals.push([t0, t1]);
         }

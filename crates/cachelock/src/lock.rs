@@ -352,10 +352,14 @@ impl CacheLock {
         let result = self.backend.add(&self.key, token.as_bytes(), lease).await;
         let added = match result {
             Ok(added) => added,
+            // The add may or may not have happened: read the key back. Ours:
+            // the lock is ours. Someone else's: it is held. Absent: the add
+            // did not happen (or our lock is already gone), so the failure
+            // is the backend's, not "held".
             Err(e) if e.is_unavailable() => match self.backend.get(&self.key).await {
                 Ok(Some(v)) if v.as_ref() == token.as_bytes() => true,
-                Ok(_) => false,
-                Err(_) => return Err(e.into()),
+                Ok(Some(_)) => false,
+                Ok(None) | Err(_) => return Err(e.into()),
             },
             Err(e) => return Err(e.into()),
         };

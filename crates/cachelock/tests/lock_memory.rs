@@ -1,14 +1,15 @@
 //! CacheLock on the in-memory backend, on paused time (no real sleeps).
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use cachelock::{
-    Backend, BackendResult, CacheLock, Error, LockOptions, MemoryBackend, SharedBackend, Wait,
+    Backend, BackendError, BackendResult, CacheLock, Error, LockOptions, MemoryBackend,
+    SharedBackend, Wait,
 };
 
 lock_tests!(
@@ -67,6 +68,8 @@ struct SlowAdds {
     inner: MemoryBackend,
     adds: AtomicUsize,
     reply_delay: Duration,
+    /// When set, `add` fails as unavailable (after taking effect if `true`).
+    fail_adds: Mutex<Option<bool>>,
 }
 
 #[async_trait]
@@ -85,6 +88,15 @@ impl Backend for SlowAdds {
     }
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
         self.adds.fetch_add(1, Ordering::SeqCst);
+        let fail = *self.fail_adds.lock().unwrap();
+        match fail {
+            Some(true) => {
+                self.inner.add(key, value, ttl).await?;
+                return Err(BackendError::unavailable(key, "reply lost"));
+            }
+            Some(false) => return Err(BackendError::unavailable(key, "connection refused")),
+            None => {}
+        }
         let added = self.inner.add(key, value, ttl).await?;
         tokio::time::sleep(self.reply_delay).await;
         Ok(added)
@@ -105,6 +117,7 @@ fn slow(reply_delay: Duration) -> Arc<SlowAdds> {
         inner: MemoryBackend::new(),
         adds: AtomicUsize::new(0),
         reply_delay,
+        fail_adds: Mutex::new(None),
     })
 }
 
@@ -180,4 +193,33 @@ async fn cancelled_acquire_leaves_no_lock_behind() {
         b.inner.get("cancel").await.unwrap().is_none(),
         "and was cleaned up"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_add_whose_reply_was_lost_is_resolved_by_reading_back() {
+    let b = slow(Duration::ZERO);
+    let shared: SharedBackend = b.clone();
+    let l = CacheLock::new(shared.clone(), "lost-reply", LockOptions::default()).unwrap();
+
+    // The add took effect but its reply was lost: the read-back finds our
+    // token, so the lock is ours.
+    *b.fail_adds.lock().unwrap() = Some(true);
+    let guard = l.try_acquire().await.unwrap();
+    assert_eq!(
+        b.inner.get("lost-reply").await.unwrap().as_deref(),
+        Some(guard.token().as_bytes())
+    );
+    guard.release().await.unwrap();
+
+    // The add never happened (refused): a backend error, not "held".
+    *b.fail_adds.lock().unwrap() = Some(false);
+    let err = l.try_acquire().await.unwrap_err();
+    assert!(err.is_unavailable() && !err.is_held(), "{err:?}");
+
+    // Someone else holds it and our add failed: that is "held".
+    *b.fail_adds.lock().unwrap() = None;
+    let other = l.try_acquire().await.unwrap();
+    *b.fail_adds.lock().unwrap() = Some(false);
+    assert!(l.try_acquire().await.unwrap_err().is_held());
+    other.release().await.unwrap();
 }

@@ -21,10 +21,10 @@
 //! * Values are opaque bytes. Keys are UTF-8 strings as built by
 //!   [`KeyBuilder`](crate::KeyBuilder); a backend that cannot store a key as
 //!   given must encode it (never silently truncate it) or refuse it with
-//!   [`BackendError::InvalidKey`].
+//!   [`BackendError::InvalidKey`](crate::BackendError::InvalidKey).
 //!
-//! Errors name the key. [`BackendError::Unavailable`] and
-//! [`BackendError::TimedOut`] mean "the operation may or may not have
+//! Errors name the key. [`BackendError::Unavailable`](crate::BackendError::Unavailable) and
+//! [`BackendError::TimedOut`](crate::BackendError::TimedOut) mean "the operation may or may not have
 //! happened"; callers that care (the lock) re-check instead of repeating it.
 
 use std::fmt;
@@ -97,7 +97,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// new value. An absent key is created holding `delta`, with no TTL of
     /// its own on Redis and the embedded backends and Memcached's "no
     /// expiry". A value that is not a decimal number is a
-    /// [`BackendError::Protocol`] error.
+    /// [`BackendError::Protocol`](crate::BackendError::Protocol) error.
     async fn incr(&self, key: &str, delta: u64) -> BackendResult<u64>;
 
     /// Deletes `key` only if it holds `expected`.

@@ -823,3 +823,31 @@ fn server_gone_during_run_loses_the_lease() {
     assert!(err.contains("lost the lock"), "{err}");
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
+
+/// SIGTERM while waiting for the lock: exit 128+15 at once, the command
+/// never runs, and the holder's lock is untouched.
+#[test]
+fn sigterm_while_waiting_gives_up() {
+    let env = Env::new();
+    let k = key("wait-term");
+    let holder = env.spawn(&["run", &k, "--", "sleep", "3"]);
+    env.wait_held(&k);
+    let marker = env.file("ran");
+    let waiter = env.spawn(&["run", &k, "--", "touch", marker.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-TERM", &waiter.id().to_string()])
+        .status()
+        .unwrap();
+    let (out, took) = wait_output(waiter, Duration::from_secs(3));
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(!marker.exists());
+    assert_eq!(
+        env.run(&["status", &k]).status.code(),
+        Some(0),
+        "still held"
+    );
+    let (out, _) = wait_output(holder, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -131,3 +131,24 @@ async fn connect_by_url() {
     let err = cachelock::connect("nope://x").await.unwrap_err();
     assert!(matches!(err, cachelock::BackendError::InvalidUrl { .. }));
 }
+
+/// Many connections opening one new file at once (as the first processes
+/// of a machine do) all succeed: SQLite's immediate "database is locked"
+/// while another one switches the file to WAL is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_opens_succeed() {
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.sqlite3");
+        let opens: Vec<_> = (0..12)
+            .map(|_| {
+                let path = path.clone();
+                tokio::spawn(async move { SqliteBackend::open(path).await })
+            })
+            .collect();
+        for o in opens {
+            let b = o.await.unwrap().unwrap();
+            assert!(b.add("k", b"v", Duration::from_secs(5)).await.is_ok());
+        }
+    }
+}

@@ -24,7 +24,9 @@
 //!
 //! rusqlite is blocking. Every call runs on [`tokio::task::spawn_blocking`],
 //! so the async runtime is never blocked, even while SQLite waits for
-//! another process's write lock.
+//! another process's write lock. One `SqliteBackend` (and its clones) holds
+//! one connection, so the calls of one process run one at a time; they are
+//! short (tens of microseconds).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -195,15 +197,39 @@ fn open_conn(path: &Path, busy_timeout: Duration) -> BackendResult<Connection> {
     let conn = Connection::open(path).map_err(|e| fail("open", e))?;
     conn.busy_timeout(busy_timeout)
         .map_err(|e| fail("configure", e))?;
-    // The journal mode is a property of the file; switching to WAL needs a
-    // moment of exclusive access, which the busy timeout covers.
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| fail("set up", e))?;
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(|e| fail("set up", e))?;
+    // Switching a new file to WAL and creating the table need exclusive
+    // access. When several processes open a new file at once, SQLite may
+    // answer "database is locked" at once instead of calling the busy
+    // handler (it does so to avoid deadlocks), so retry until the busy
+    // timeout has passed.
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match set_up(&conn) {
+            Ok(()) => return Ok(conn),
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                ) && start.elapsed() < busy_timeout =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(fail("set up", e)),
+        }
+    }
+}
+
+/// WAL mode (a property of the file), relaxed syncing (safe in WAL mode
+/// against a crash of the application), and the table.
+fn set_up(conn: &Connection) -> rusqlite::Result<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)
-        .map_err(|e| fail("create the table in", e))?;
-    Ok(conn)
 }
 
 /// Milliseconds since the Unix epoch on the wall clock.

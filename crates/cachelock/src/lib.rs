@@ -54,3 +54,9 @@ pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use key::{CacheKey, KeyBuilder};
 pub use lock::{CacheLock, LockGuard, LockOptions, Released, Wait};
+pub mod memoize;
+pub use memoize::{
+    Compression, MemoizeError, MemoizeOptions, MemoizeStream, OnLockTimeout, memoize, memoize_iter,
+    memoize_stream,
+};
+pub mod blocking;

@@ -47,3 +47,6 @@ pub fn unique_key(name: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+pub mod memoize_cases;
+pub mod stampede;
+pub mod stream_cases;

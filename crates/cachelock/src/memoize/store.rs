@@ -1,0 +1,382 @@
+//! Reading and writing whole values: inline items, or chunks then a
+//! manifest.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use super::Ctx;
+use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest, ManifestBody};
+use crate::lock::LockGuard;
+
+/// The most chunks one memoize read fetches (in one `get_many`). A manifest
+/// claiming more is refused (the value would not fit in memory anyway).
+const MAX_READ_CHUNKS: u32 = 65_536;
+
+/// The most plaintext one memoize value may have: 1 GiB.
+const MAX_VALUE_LEN: u64 = 1 << 30;
+
+/// The most bytes one `set_many` batch carries.
+pub(crate) const BATCH_BYTES: usize = 8 << 20;
+
+/// What a read found.
+pub(crate) enum ReadOutcome<T> {
+    /// The decoded value, and its plaintext (postcard) bytes (shared with
+    /// the stored item when it is stored plainly: no copy).
+    Hit(T, Bytes),
+    /// Nothing stored.
+    Miss,
+    /// Something stored but unusable (corrupt, foreign, undecodable), or
+    /// the read failed. Already logged.
+    Unusable,
+}
+
+/// Decodes a single value's plaintext; trailing bytes are an error.
+pub(crate) fn decode_value<T: DeserializeOwned>(plain: &[u8]) -> Result<T, Corrupt> {
+    match postcard::take_from_bytes::<T>(plain) {
+        Ok((v, [])) => Ok(v),
+        Ok(_) => Err(Corrupt("trailing bytes after the value")),
+        Err(_) => Err(Corrupt("value does not decode as the requested type")),
+    }
+}
+
+pub(crate) fn log_corrupt(key: &str, reason: &Corrupt) {
+    tracing::warn!(%key, %reason, "Failed to fetch data from cache: corrupt or unreadable entry; rebuilding it");
+}
+
+/// Reads and decodes the value under `ctx.key`.
+pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
+    let raw = match ctx.cache.get(&ctx.key).await {
+        Ok(Some(raw)) => raw,
+        Ok(None) => return ReadOutcome::Miss,
+        Err(e) => {
+            tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
+            return ReadOutcome::Unusable;
+        }
+    };
+    let plain = match ctx
+        .codec
+        .decode_entry(&ctx.key, &raw, ctx.cache.max_value_size())
+    {
+        Ok(Entry::Inline {
+            stream: false,
+            plain,
+        }) => match decode_value::<T>(&plain) {
+            Ok(v) => {
+                let plain = match plain {
+                    Cow::Borrowed(s) => sub_bytes(&raw, s),
+                    Cow::Owned(v) => Bytes::from(v),
+                };
+                return ReadOutcome::Hit(v, plain);
+            }
+            Err(c) => Err(c),
+        },
+        Ok(Entry::Manifest(m)) if !m.stream => read_chunks(ctx, &m).await,
+        Ok(_) => Err(Corrupt("a stream is stored under this key, not a value")),
+        Err(c) => Err(c),
+    };
+    let result = plain.and_then(|p| decode_value::<T>(&p).map(|v| (v, p)));
+    match result {
+        Ok((v, p)) => ReadOutcome::Hit(v, Bytes::from(p)),
+        Err(c) => {
+            log_corrupt(&ctx.key, &c);
+            ReadOutcome::Unusable
+        }
+    }
+}
+
+/// `s` (a slice of `raw`) as a `Bytes` sharing `raw`'s memory; a copy if
+/// it is not inside `raw` after all.
+fn sub_bytes(raw: &Bytes, s: &[u8]) -> Bytes {
+    let base = raw.as_ptr() as usize;
+    let start = (s.as_ptr() as usize).wrapping_sub(base);
+    match start.checked_add(s.len()) {
+        Some(end) if s.as_ptr() as usize >= base && end <= raw.len() => raw.slice(start..end),
+        _ => Bytes::copy_from_slice(s),
+    }
+}
+
+/// Fetches all chunks of `m` in one `get_many` and joins them.
+async fn read_chunks(ctx: &Ctx<'_>, m: &Manifest) -> Result<Vec<u8>, Corrupt> {
+    if m.body.chunk_count > MAX_READ_CHUNKS || m.body.total_len > MAX_VALUE_LEN {
+        return Err(Corrupt("manifest describes a value too large to read"));
+    }
+    let raws = fetch_raw(ctx, m, 0, m.body.chunk_count).await?;
+    // Reserve what the stored bytes can really expand to, not what the
+    // manifest claims.
+    let stored: usize = raws.iter().map(Bytes::len).sum();
+    let claimed = usize::try_from(m.body.total_len).unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(claimed.min(stored.saturating_mul(255)));
+    let mut sum = Checksum::new();
+    for (i, raw) in (0..m.body.chunk_count).zip(&raws) {
+        let plain = ctx.codec.decode_chunk(&ctx.key, m, i, raw)?;
+        sum.update(&plain);
+        out.extend_from_slice(&plain);
+    }
+    if sum.digest() != m.body.checksum || out.len() as u64 != m.body.total_len {
+        return Err(Corrupt("value checksum mismatch"));
+    }
+    Ok(out)
+}
+
+/// Fetches and decodes chunks `start..end` of `m` with one `get_many`.
+pub(crate) async fn fetch_chunks(
+    ctx: &Ctx<'_>,
+    m: &Manifest,
+    start: u32,
+    end: u32,
+) -> Result<Vec<Vec<u8>>, Corrupt> {
+    let raws = fetch_raw(ctx, m, start, end).await?;
+    (start..end)
+        .zip(&raws)
+        .map(|(i, raw)| {
+            ctx.codec
+                .decode_chunk(&ctx.key, m, i, raw)
+                .map(|c| c.into_owned())
+        })
+        .collect()
+}
+
+/// Fetches the stored chunks `start..end` of `m` with one `get_many`; any
+/// missing chunk is an error.
+async fn fetch_raw(
+    ctx: &Ctx<'_>,
+    m: &Manifest,
+    start: u32,
+    end: u32,
+) -> Result<Vec<Bytes>, Corrupt> {
+    let keys: Vec<String> = (start..end)
+        .map(|i| codec::chunk_key(&ctx.key, m.body.write_id, i))
+        .collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let found = match ctx.cache.get_many(&refs).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(key = %ctx.key, error = %e, "Error fetching data chunks from cache");
+            return Err(Corrupt("reading the chunks failed"));
+        }
+    };
+    if found.len() != keys.len() {
+        return Err(Corrupt("backend returned the wrong number of chunks"));
+    }
+    let missing: Vec<&str> = refs
+        .iter()
+        .zip(&found)
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| *k)
+        .collect();
+    if !missing.is_empty() {
+        tracing::debug!(key = %ctx.key, missing = %missing.join(", "), "Cache miss for key(s)");
+        return Err(Corrupt("missing chunk"));
+    }
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// Stores a single value's plaintext: inline if it fits, else chunks and a
+/// manifest. Failures are logged.
+pub(crate) async fn store_plain(ctx: &Ctx<'_>, plain: &[u8], guard: Option<&mut LockGuard>) {
+    let try_inline = plain.len() + INLINE_OVERHEAD <= ctx.limit
+        || (ctx.codec.compression != codec::Compression::None
+            && plain.len() <= ctx.limit.saturating_mul(4));
+    if try_inline {
+        match ctx.codec.encode_inline(&ctx.key, false, plain) {
+            Ok(item) if item.len() <= ctx.limit => {
+                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+                    tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(c) => {
+                tracing::error!(key = %ctx.key, error = %c, "Failed to encode data for cache");
+                return;
+            }
+        }
+    }
+    let mut writer = ChunkWriter::new(false);
+    let mut guard = guard;
+    let segment = ctx.segment();
+    let mut rest = plain;
+    // Leave the last segment (possibly full) for `finish`.
+    while rest.len() > segment {
+        let (head, tail) = rest.split_at(segment);
+        writer.push(ctx, head);
+        rest = tail;
+        if writer.pending_bytes() >= BATCH_BYTES && !writer.flush(ctx, guard.as_deref_mut()).await {
+            return;
+        }
+    }
+    writer.push_last(ctx, rest);
+    writer.finish(ctx, guard).await;
+}
+
+/// Writes chunks of one write in batches, then the manifest.
+pub(crate) struct ChunkWriter {
+    stream: bool,
+    write_id: u64,
+    next_index: u32,
+    total_len: u64,
+    checksum: Checksum,
+    pending: Vec<(String, Vec<u8>)>,
+    pending_bytes: usize,
+    failed: bool,
+    /// When the first chunk was written, to refresh old chunks' TTL.
+    first_write: Option<tokio::time::Instant>,
+}
+
+impl ChunkWriter {
+    pub(crate) fn new(stream: bool) -> Self {
+        Self {
+            stream,
+            write_id: codec::new_write_id(),
+            next_index: 0,
+            total_len: 0,
+            checksum: Checksum::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            failed: false,
+            first_write: None,
+        }
+    }
+
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// Chunks written or queued so far.
+    pub(crate) fn chunk_count(&self) -> u32 {
+        self.next_index
+    }
+
+    fn encode(&mut self, ctx: &Ctx<'_>, segment: &[u8], last: bool) {
+        if self.failed {
+            return;
+        }
+        let index = self.next_index;
+        match ctx
+            .codec
+            .encode_chunk(&ctx.key, self.stream, self.write_id, index, last, segment)
+        {
+            Ok(item) => {
+                self.checksum.update(segment);
+                self.total_len += segment.len() as u64;
+                self.pending_bytes += item.len();
+                self.pending
+                    .push((codec::chunk_key(&ctx.key, self.write_id, index), item));
+                match index.checked_add(1) {
+                    Some(n) => self.next_index = n,
+                    None => self.fail(ctx, "too many chunks"),
+                }
+            }
+            Err(c) => self.fail(ctx, c.0),
+        }
+    }
+
+    fn fail(&mut self, ctx: &Ctx<'_>, reason: &str) {
+        tracing::error!(key = %ctx.key, %reason, "Failed to encode data for cache; it will not be cached");
+        self.failed = true;
+        self.pending.clear();
+    }
+
+    /// Queues a full segment that is not the last.
+    pub(crate) fn push(&mut self, ctx: &Ctx<'_>, segment: &[u8]) {
+        self.encode(ctx, segment, false);
+    }
+
+    /// Queues the last segment (may be empty only if nothing else was
+    /// queued, in which case no chunk is written).
+    pub(crate) fn push_last(&mut self, ctx: &Ctx<'_>, segment: &[u8]) {
+        if segment.is_empty() && self.next_index == 0 {
+            return;
+        }
+        self.encode(ctx, segment, true);
+    }
+
+    /// Writes the queued chunks with one `set_many`, then extends the lease.
+    /// Returns false (after logging) if the write failed.
+    pub(crate) async fn flush(&mut self, ctx: &Ctx<'_>, guard: Option<&mut LockGuard>) -> bool {
+        if self.failed {
+            return false;
+        }
+        if self.pending.is_empty() {
+            return true;
+        }
+        let items: Vec<(&str, &[u8])> = self
+            .pending
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        if let Err(e) = ctx.cache.set_many(&items, ctx.chunk_ttl()).await {
+            let mut keys: Vec<&str> = items.iter().map(|(k, _)| *k).collect();
+            keys.sort_unstable();
+            tracing::error!(key = %ctx.key, keys = ?keys, error = %e, "Unable to store cached data for keys");
+            self.failed = true;
+            self.pending.clear();
+            return false;
+        }
+        self.first_write
+            .get_or_insert_with(tokio::time::Instant::now);
+        self.pending.clear();
+        self.pending_bytes = 0;
+        if let Some(g) = guard
+            && let Err(e) = g.extend(None).await
+        {
+            tracing::error!(key = %ctx.key, lock = %g.key(), error = %e,
+                    "could not extend the memoize lock while writing a large value; the write goes on");
+        }
+        true
+    }
+
+    /// Flushes what is queued and writes the manifest. Failures are logged.
+    pub(crate) async fn finish(mut self, ctx: &Ctx<'_>, guard: Option<&mut LockGuard>) -> bool {
+        if !self.flush(ctx, guard).await {
+            return false;
+        }
+        self.refresh_old_chunks(ctx).await;
+        let segment = match u32::try_from(ctx.segment()) {
+            Ok(s) => s,
+            Err(_) => {
+                self.fail(ctx, "segment size too large");
+                return false;
+            }
+        };
+        let body = ManifestBody {
+            total_len: self.total_len,
+            chunk_count: self.next_index,
+            segment_size: segment,
+            write_id: self.write_id,
+            checksum: self.checksum.digest(),
+        };
+        let item = match ctx.codec.encode_manifest(&ctx.key, self.stream, &body) {
+            Ok(item) => item,
+            Err(c) => {
+                self.fail(ctx, c.0);
+                return false;
+            }
+        };
+        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+            tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
+            return false;
+        }
+        true
+    }
+
+    /// A slow writer (a stream) may have written its first chunks long ago:
+    /// give them a fresh TTL before the manifest makes them reachable.
+    async fn refresh_old_chunks(&self, ctx: &Ctx<'_>) {
+        let Some(first) = self.first_write else {
+            return;
+        };
+        let margin = ctx.chunk_ttl() - ctx.options.expiration;
+        if first.elapsed() < margin / 2 {
+            return;
+        }
+        for i in 0..self.next_index {
+            let k = codec::chunk_key(&ctx.key, self.write_id, i);
+            if let Err(e) = ctx.cache.touch(&k, ctx.chunk_ttl()).await {
+                tracing::error!(key = %ctx.key, chunk = %k, error = %e, "could not refresh a chunk's expiry");
+            }
+        }
+    }
+}

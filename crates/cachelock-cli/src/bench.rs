@@ -289,7 +289,7 @@ fn worker_backend(global: &Global, url: &BackendUrl) -> String {
     }
 }
 
-fn now_us() -> u64 {
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -297,7 +297,7 @@ fn now_us() -> u64 {
 }
 
 /// Sleeps until `start_us` on the wall clock.
-async fn sleep_until_us(start_us: u64) {
+pub async fn sleep_until_us(start_us: u64) {
     let now = now_us();
     if start_us > now {
         tokio::time::sleep(Duration::from_micros(start_us - now)).await;

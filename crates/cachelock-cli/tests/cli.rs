@@ -851,3 +851,38 @@ fn sigterm_while_waiting_gives_up() {
     let (out, _) = wait_output(holder, Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Stampede on the embedded default: with the lock, 4 processes starting
+/// together on a cold key compute once; without it, more than once.
+#[test]
+fn bench_stampede_computes_once_with_the_lock() {
+    let env = Env::new();
+    let args = [
+        "bench",
+        "stampede",
+        "--procs",
+        "4",
+        "--tasks",
+        "2",
+        "--compute",
+        "200ms",
+        "--json",
+    ];
+    let v = json_lines(&env.run(&args));
+    assert_eq!(v["workload"], "stampede");
+    assert_eq!(v["lock"], true);
+    assert_eq!(
+        (v["procs"].as_u64(), v["tasks"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert_eq!(v["compute_s"].as_f64(), Some(0.2));
+    assert_eq!(v["computes"], 1, "{v}");
+    let (p50, max) = (v["p50_s"].as_f64().unwrap(), v["max_s"].as_f64().unwrap());
+    assert!(p50 >= 0.2 && p50 <= max && max < 5.0, "{v}");
+
+    let mut no_lock = args.to_vec();
+    no_lock.push("--no-lock");
+    let v = json_lines(&env.run(&no_lock));
+    assert_eq!(v["lock"], false);
+    assert!(v["computes"].as_u64().unwrap() > 1, "{v}");
+}

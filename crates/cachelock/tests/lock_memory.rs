@@ -1,4 +1,6 @@
 //! CacheLock on the in-memory backend, on paused time (no real sleeps).
+#![allow(clippy::unwrap_used)] // test doubles below unwrap their own mutexes
+
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

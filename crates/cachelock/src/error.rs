@@ -18,7 +18,7 @@ use std::time::Duration;
 pub enum BackendError {
     /// The server could not be reached, the connection broke, or it refused
     /// to serve. The operation may or may not have taken effect.
-    #[error("cache backend unavailable (key {key:?}): {reason}")]
+    #[error("cache backend unavailable{}: {reason}", key_note(.key))]
     Unavailable {
         /// The key the operation was about.
         key: String,
@@ -27,7 +27,7 @@ pub enum BackendError {
     },
     /// The server did not answer within the configured response timeout.
     /// The operation may or may not have taken effect.
-    #[error("cache backend timed out after {after:?} (key {key:?})")]
+    #[error("cache backend timed out after {after:?}{}", key_note(.key))]
     TimedOut {
         /// The key the operation was about.
         key: String,
@@ -55,13 +55,32 @@ pub enum BackendError {
     /// The server answered something the client did not expect, or refused
     /// the operation for a reason other than the ones above (for example
     /// `incr` on a value that is not a number).
-    #[error("cache backend error (key {key:?}): {message}")]
+    #[error("cache backend error{}: {message}", key_note(.key))]
     Protocol {
         /// The key the operation was about.
         key: String,
         /// The server's message or a description of the bad reply.
         message: String,
     },
+    /// A backend URL was refused before any connection was tried: unknown
+    /// scheme, malformed address, or a scheme this build does not support.
+    /// A password in the URL is replaced with `***`.
+    #[error("invalid cache backend URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL, password redacted. [`key`](Self::key) returns it.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// ` (key "k")`, or nothing for errors not about one key (connecting).
+fn key_note(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!(" (key {key:?})")
+    }
 }
 
 impl BackendError {
@@ -89,6 +108,7 @@ impl BackendError {
             | Self::ValueTooLarge { key, .. }
             | Self::InvalidKey { key, .. }
             | Self::Protocol { key, .. } => key,
+            Self::InvalidUrl { url, .. } => url,
         }
     }
 

@@ -122,11 +122,11 @@ fn url_table() {
     for (url, why) in refused {
         let err = check_url(url).expect_err(url);
         assert!(
-            matches!(err, BackendError::Unavailable { .. }),
+            matches!(err, BackendError::InvalidUrl { .. }),
             "{url:?}: {err:?}"
         );
         let msg = err.to_string();
-        assert!(msg.contains("invalid Redis URL"), "{url:?}: {msg}");
+        assert!(msg.contains("invalid cache backend URL"), "{url:?}: {msg}");
         assert!(msg.contains(why), "{url:?}: {msg:?} should say {why:?}");
         assert!(!msg.contains("InvalidClientConfig"), "{msg}");
     }

@@ -42,6 +42,9 @@ pub mod memory;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+pub mod url;
 
 /// Memcached's default item size limit less 1 KiB of item overhead: the
 /// Djblets `CACHE_CHUNK_SIZE`. Used when a backend does not know better.

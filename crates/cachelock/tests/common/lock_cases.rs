@@ -28,6 +28,7 @@ macro_rules! lock_tests {
         $(
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
+                common::logs::init();
                 let made: Option<cachelock::SharedBackend> = $make;
                 if let Some(backend) = made {
                     common::lock_cases::$case(backend).await;

@@ -54,9 +54,28 @@ impl<'a> MakeWriter<'a> for Logs {
     }
 }
 
+/// Works around a race in tracing-core: a callsite first hit on one test
+/// thread while another thread is installing its `capture()` dispatcher can
+/// cache `Interest::never` and hide the second thread's events (seen as a
+/// flaky `acquire_new_lock` on the SQLite backend, where tests take real
+/// time). A global subscriber that is interested in everything (and writes
+/// nowhere) keeps every callsite's interest above `never`; events still go
+/// to each thread's own capture. Call it at the start of a test.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let sink = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(io::sink)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(sink);
+    });
+}
+
 /// Captures cachelock's events (DEBUG and up) on this thread until the
 /// returned guard is dropped. Use it in current-thread runtimes.
 pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+    init();
     let logs = Logs::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(logs.clone())

@@ -181,8 +181,10 @@ impl std::fmt::Debug for MemcachedBackend {
 /// Splits `memcached://h1:p1,h2:p2` (or a bare `h1:p1,h2:p2`) into
 /// `host:port` addresses; a missing port is [`DEFAULT_PORT`].
 fn parse_servers(url: &str) -> BackendResult<Vec<String>> {
-    let bad =
-        |why: &str| BackendError::protocol("", format!("invalid memcached URL {url:?}: {why}"));
+    let bad = |why: &str| BackendError::InvalidUrl {
+        url: url.to_owned(),
+        reason: why.to_owned(),
+    };
     let mut servers = Vec::new();
     for part in url.trim().split(',') {
         let part = part.trim();

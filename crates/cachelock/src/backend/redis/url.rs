@@ -72,7 +72,10 @@ fn redact_userinfo(url: &str) -> String {
 }
 
 pub(super) fn bad_url(url: &str, why: impl fmt::Display) -> BackendError {
-    BackendError::unavailable("", format!("invalid Redis URL {:?}: {why}", redact(url)))
+    BackendError::InvalidUrl {
+        url: redact(url).to_string(),
+        reason: why.to_string(),
+    }
 }
 
 pub(super) fn bad_tls(url: &str, e: &RedisError) -> BackendError {

@@ -1,0 +1,475 @@
+//! Choosing a backend by URL.
+//!
+//! [`connect`] turns a URL into a connected [`SharedBackend`]. The URL is
+//! first checked against a whitelist of schemes and parsed into a typed
+//! [`BackendUrl`] (no I/O, so a malformed URL is refused before anything is
+//! tried), then the backend is opened or connected.
+//!
+//! | URL | Backend |
+//! |-----|---------|
+//! | `memory://` | [`MemoryBackend`](crate::MemoryBackend), in this process only |
+//! | `sqlite:///abs/path.sqlite3`, `sqlite://relative/path` | the embedded SQLite file (feature `sqlite`) |
+//! | `redis://[user:pass@]host[:port][/db]`, `rediss://…` (TLS) | one Redis server (feature `redis`) |
+//! | `redis+unix:///path/to/socket` | one Redis server on a Unix socket (feature `redis`) |
+//! | `redis+cluster://[user:pass@]h1:p1,h2:p2`, `rediss+cluster://…` | a Redis Cluster, from seed nodes (feature `redis`) |
+//! | `memcached://h1:p1,h2:p2` | one or more Memcached servers (feature `memcached`) |
+//!
+//! The SQLite path is taken literally (no `~` expansion and no
+//! percent-decoding). Passwords are replaced with `***` in every error.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachelock::BackendError> {
+//! use cachelock::BackendUrl;
+//!
+//! assert_eq!(BackendUrl::parse("memory://")?, BackendUrl::Memory);
+//! assert!(BackendUrl::parse("mysql://db").is_err());
+//! let cache = cachelock::connect("memory://").await?;
+//! # let _ = cache; Ok(()) }
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use super::SharedBackend;
+use crate::error::BackendError;
+
+/// The schemes [`BackendUrl::parse`] knows, as shown in error messages.
+pub const SCHEMES: &str = "memory://, sqlite://PATH, redis://, rediss://, redis+unix://, \
+                           redis+cluster://, rediss+cluster://, memcached://";
+
+/// A parsed, validated backend URL: which backend, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendUrl {
+    /// `memory://`: a fresh in-process cache.
+    Memory,
+    /// `sqlite://PATH`: the embedded SQLite cache file.
+    Sqlite(PathBuf),
+    /// `redis://`, `rediss://` or `redis+unix://`: one Redis server. Holds
+    /// the URL as given, for the Redis client to parse in full.
+    Redis(String),
+    /// `redis+cluster://h1:p1,h2:p2`: a Redis Cluster. Holds one
+    /// `redis://` (or `rediss://`) URL per seed node.
+    RedisCluster(Vec<String>),
+    /// `memcached://h1:p1,h2:p2`: Memcached servers. Holds the URL with
+    /// each server as `host:port` (port 11211 when left out).
+    Memcached(String),
+}
+
+impl BackendUrl {
+    /// Parses and checks `url`, without connecting.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidUrl`], naming the URL (password redacted) and
+    /// the problem, if the scheme is unknown or the address is malformed.
+    pub fn parse(url: &str) -> Result<Self, BackendError> {
+        let bad = |reason: String| BackendError::InvalidUrl {
+            url: redact(url),
+            reason,
+        };
+        let url = url.trim();
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(bad(format!("no scheme; expected one of {SCHEMES}")));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "memory" => {
+                if rest.is_empty() || rest == "/" {
+                    Ok(Self::Memory)
+                } else {
+                    Err(bad("memory:// takes no address".into()))
+                }
+            }
+            "sqlite" => {
+                if rest.is_empty() {
+                    Err(bad(
+                        "sqlite:// needs a file path, as in sqlite:///var/tmp/locks.sqlite3".into(),
+                    ))
+                } else if rest.ends_with('/') {
+                    Err(bad(format!("the SQLite path {rest:?} names a directory")))
+                } else {
+                    Ok(Self::Sqlite(PathBuf::from(rest)))
+                }
+            }
+            s @ ("redis" | "rediss") => {
+                let (_, hostport, _) = split_authority(rest);
+                if hostport.contains(',') {
+                    return Err(bad(format!(
+                        "{s}:// takes one server; use redis+cluster:// for several"
+                    )));
+                }
+                let (_, port) = host_port(hostport, 6379).map_err(bad)?;
+                let _ = port;
+                Ok(Self::Redis(url.to_owned()))
+            }
+            "redis+unix" | "unix" => {
+                let path = rest.split(['?', '#']).next().unwrap_or_default();
+                if path.is_empty() || !path.starts_with('/') {
+                    Err(bad(
+                        "redis+unix:// needs an absolute socket path, as in redis+unix:///run/redis.sock"
+                            .into(),
+                    ))
+                } else {
+                    Ok(Self::Redis(url.to_owned()))
+                }
+            }
+            s @ ("redis+cluster" | "rediss+cluster") => {
+                let node_scheme = s.trim_end_matches("+cluster");
+                let (userinfo, hosts, tail) = split_authority(rest);
+                if hosts.is_empty() {
+                    return Err(bad(format!("{s}:// needs at least one host:port")));
+                }
+                let mut nodes = Vec::new();
+                for node in hosts.split(',') {
+                    if node.trim().is_empty() {
+                        return Err(bad(
+                            "empty host between commas (check for a stray comma)".into()
+                        ));
+                    }
+                    let (host, port) = host_port(node, 6379).map_err(bad)?;
+                    let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+                    nodes.push(format!("{node_scheme}://{auth}{host}:{port}{tail}"));
+                }
+                Ok(Self::RedisCluster(nodes))
+            }
+            "memcached" | "memcache" => {
+                let (userinfo, hosts, tail) = split_authority(rest);
+                if userinfo.is_some() {
+                    return Err(bad("memcached:// does not take a user or password".into()));
+                }
+                if !tail.is_empty() && tail != "/" {
+                    return Err(bad(format!(
+                        "memcached:// takes only host:port pairs, not {tail:?}"
+                    )));
+                }
+                if hosts.is_empty() {
+                    return Err(bad("memcached:// needs at least one host:port".into()));
+                }
+                let mut servers = Vec::new();
+                for node in hosts.split(',') {
+                    if node.trim().is_empty() {
+                        return Err(bad(
+                            "empty host between commas (check for a stray comma)".into()
+                        ));
+                    }
+                    let (host, port) = host_port(node, 11211).map_err(bad)?;
+                    servers.push(format!("{host}:{port}"));
+                }
+                Ok(Self::Memcached(format!(
+                    "memcached://{}",
+                    servers.join(",")
+                )))
+            }
+            "" => Err(bad(format!("empty scheme; expected one of {SCHEMES}"))),
+            other => Err(bad(format!(
+                "unknown scheme {other:?}; expected one of {SCHEMES}"
+            ))),
+        }
+    }
+
+    /// The backend's name, as used in messages and benchmark output:
+    /// `memory`, `sqlite`, `redis`, `redis-cluster` or `memcached`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Sqlite(_) => "sqlite",
+            Self::Redis(_) => "redis",
+            Self::RedisCluster(_) => "redis-cluster",
+            Self::Memcached(_) => "memcached",
+        }
+    }
+
+    /// Opens or connects the backend.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unavailable`] or [`BackendError::TimedOut`] if the
+    /// server cannot be reached or the file cannot be opened;
+    /// [`BackendError::InvalidUrl`] if this build leaves the backend out.
+    pub async fn connect(&self) -> Result<SharedBackend, BackendError> {
+        match self {
+            Self::Memory => Ok(Arc::new(crate::MemoryBackend::new())),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(path) => Ok(Arc::new(crate::SqliteBackend::open(path).await?)),
+            #[cfg(not(feature = "sqlite"))]
+            Self::Sqlite(_) => Err(self.unsupported("sqlite")),
+            #[cfg(feature = "redis")]
+            Self::Redis(url) => Ok(Arc::new(crate::RedisBackend::connect(url).await?)),
+            #[cfg(feature = "redis")]
+            Self::RedisCluster(nodes) => {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                Ok(Arc::new(
+                    crate::RedisBackend::connect_cluster(&nodes).await?,
+                ))
+            }
+            #[cfg(not(feature = "redis"))]
+            Self::Redis(_) | Self::RedisCluster(_) => Err(self.unsupported("redis")),
+            #[cfg(feature = "memcached")]
+            Self::Memcached(url) => Ok(Arc::new(crate::MemcachedBackend::connect(url).await?)),
+            #[cfg(not(feature = "memcached"))]
+            Self::Memcached(_) => Err(self.unsupported("memcached")),
+        }
+    }
+
+    #[allow(dead_code)]
+    fn unsupported(&self, feature: &str) -> BackendError {
+        BackendError::InvalidUrl {
+            url: self.to_string(),
+            reason: format!("scheme not supported in this build (it has no {feature} backend)"),
+        }
+    }
+}
+
+impl FromStr for BackendUrl {
+    type Err = BackendError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// Shows the URL with any password replaced by `***`.
+impl fmt::Display for BackendUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory => f.write_str("memory://"),
+            Self::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            Self::Redis(u) | Self::Memcached(u) => f.write_str(&redact(u)),
+            Self::RedisCluster(nodes) => {
+                let hosts: Vec<String> = nodes
+                    .iter()
+                    .map(|n| {
+                        let rest = n.split_once("://").map_or(n.as_str(), |(_, r)| r);
+                        split_authority(rest).1.to_owned()
+                    })
+                    .collect();
+                let scheme = if nodes.first().is_some_and(|n| n.starts_with("rediss")) {
+                    "rediss+cluster"
+                } else {
+                    "redis+cluster"
+                };
+                write!(f, "{scheme}://{}", hosts.join(","))
+            }
+        }
+    }
+}
+
+/// Connects to the backend named by `url` (see the [module docs](self) for
+/// the schemes).
+///
+/// # Errors
+///
+/// [`BackendError::InvalidUrl`] for a malformed URL, an unknown scheme or a
+/// backend left out of this build; [`BackendError::Unavailable`] or
+/// [`BackendError::TimedOut`] when the server or file cannot be reached.
+pub async fn connect(url: &str) -> Result<SharedBackend, BackendError> {
+    BackendUrl::parse(url)?.connect().await
+}
+
+/// Splits `rest` (what follows `scheme://`) into user info, the host list,
+/// and the path/query tail (starting with `/`, `?` or `#`, or empty).
+fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((user, hosts)) => (Some(user), hosts, tail),
+        None => (None, authority, tail),
+    }
+}
+
+/// Parses `host[:port]` (IPv6 in brackets), with `default` as the port.
+fn host_port(node: &str, default: u16) -> Result<(String, u16), String> {
+    let node = node.trim();
+    if node.is_empty() {
+        return Err("missing host".into());
+    }
+    let (host, port) = if let Some(inner) = node.strip_prefix('[') {
+        let Some((h, after)) = inner.split_once(']') else {
+            return Err(format!("unclosed '[' in host {node:?}"));
+        };
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| format!("unexpected {p:?} after IPv6 address {h:?}"))?,
+            ),
+        };
+        (format!("[{h}]"), port)
+    } else {
+        match node.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (node.to_owned(), None),
+        }
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("missing host in {node:?}"));
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|c| c.is_whitespace() || matches!(c, '/' | '@' | ',' | '?' | '#'))
+    {
+        return Err(format!("invalid character {c:?} in host {host:?}"));
+    }
+    let port = match port {
+        None => default,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                return Err(format!("invalid port {p:?} in {node:?} (expected 1-65535)"));
+            }
+            Ok(p) => p,
+        },
+    };
+    Ok((host, port))
+}
+
+/// The URL with the password in its user info replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (userinfo, _, _) = split_authority(rest);
+    match userinfo.and_then(|u| u.split_once(':')) {
+        Some((user, pass)) if !pass.is_empty() => {
+            let at = rest.rfind('@').map_or(0, |i| i + 1);
+            format!(
+                "{scheme}://{user}:***@{}",
+                rest.get(at..).unwrap_or_default()
+            )
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_urls() {
+        let cases: &[(&str, BackendUrl)] = &[
+            ("memory://", BackendUrl::Memory),
+            ("MEMORY://", BackendUrl::Memory),
+            (
+                "sqlite:///var/tmp/x.sqlite3",
+                BackendUrl::Sqlite("/var/tmp/x.sqlite3".into()),
+            ),
+            ("sqlite://rel/x.db", BackendUrl::Sqlite("rel/x.db".into())),
+            (
+                "redis://127.0.0.1:6379",
+                BackendUrl::Redis("redis://127.0.0.1:6379".into()),
+            ),
+            (
+                "redis://:pw@localhost/2",
+                BackendUrl::Redis("redis://:pw@localhost/2".into()),
+            ),
+            (
+                "rediss://cache.example.com",
+                BackendUrl::Redis("rediss://cache.example.com".into()),
+            ),
+            (
+                "redis://[::1]:7000",
+                BackendUrl::Redis("redis://[::1]:7000".into()),
+            ),
+            (
+                "redis+unix:///run/redis.sock",
+                BackendUrl::Redis("redis+unix:///run/redis.sock".into()),
+            ),
+            (
+                "redis+cluster://h1:7001,h2:7002,h3",
+                BackendUrl::RedisCluster(vec![
+                    "redis://h1:7001".into(),
+                    "redis://h2:7002".into(),
+                    "redis://h3:6379".into(),
+                ]),
+            ),
+            (
+                "rediss+cluster://u:p@h1:7001,h2:7002",
+                BackendUrl::RedisCluster(vec![
+                    "rediss://u:p@h1:7001".into(),
+                    "rediss://u:p@h2:7002".into(),
+                ]),
+            ),
+            (
+                "memcached://127.0.0.1:21211,127.0.0.1:21212",
+                BackendUrl::Memcached("memcached://127.0.0.1:21211,127.0.0.1:21212".into()),
+            ),
+            (
+                "memcached://cachehost",
+                BackendUrl::Memcached("memcached://cachehost:11211".into()),
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(&BackendUrl::parse(url).unwrap(), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn rejected_urls() {
+        let cases: &[(&str, &str)] = &[
+            ("", "no scheme"),
+            ("localhost:6379", "no scheme"),
+            ("://x", "empty scheme"),
+            ("mysql://db", "unknown scheme \"mysql\""),
+            ("memory://x", "takes no address"),
+            ("sqlite://", "needs a file path"),
+            ("sqlite:///tmp/", "names a directory"),
+            ("redis://", "missing host"),
+            ("redis://:6379", "missing host"),
+            ("redis://host:0", "invalid port \"0\""),
+            ("redis://host:99999", "invalid port \"99999\""),
+            ("redis://host:abc", "invalid port \"abc\""),
+            ("redis://h1:1,h2:2", "use redis+cluster://"),
+            ("redis://[::1", "unclosed '['"),
+            ("redis+unix://", "absolute socket path"),
+            ("redis+unix://relative.sock", "absolute socket path"),
+            ("redis+cluster://", "at least one host"),
+            ("redis+cluster://h1:1,,h2:2", "stray comma"),
+            ("memcached://", "at least one host"),
+            ("memcached://h 1:11211", "invalid character ' '"),
+            ("memcached://u:p@h:1", "does not take a user"),
+            ("memcached://h:1/db", "only host:port"),
+            ("memcached://h:70000", "invalid port"),
+        ];
+        for (url, want) in cases {
+            let err = BackendUrl::parse(url).unwrap_err();
+            assert!(
+                matches!(err, BackendError::InvalidUrl { .. }),
+                "{url}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(want), "{url}: {msg:?} lacks {want:?}");
+            assert!(!msg.contains('\n'), "one line: {msg:?}");
+            assert!(!err.is_unavailable(), "{url}: a bad URL is not retryable");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let err = BackendUrl::parse("redis://user:secret@host:0").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert!(err.to_string().contains("user:***@host:0"), "{err}");
+        assert_eq!(err.key(), "redis://user:***@host:0");
+        let u = BackendUrl::parse("redis://:hunter2@h/1").unwrap();
+        assert_eq!(u.to_string(), "redis://:***@h/1");
+        let c = BackendUrl::parse("redis+cluster://:pw@a:1,b:2").unwrap();
+        assert_eq!(c.to_string(), "redis+cluster://a:1,b:2");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for url in [
+            "memory://",
+            "sqlite:///tmp/a.db",
+            "redis://h:1/0",
+            "memcached://a:1,b:2",
+            "redis+cluster://a:1,b:2",
+        ] {
+            let parsed = BackendUrl::parse(url).unwrap();
+            assert_eq!(parsed.to_string(), url);
+            assert_eq!(BackendUrl::parse(&parsed.to_string()).unwrap(), parsed);
+        }
+    }
+}

@@ -188,13 +188,17 @@ fn escape_part(part: &str) -> String {
 }
 
 /// Replaces bytes `0x00..=0x20` and `0x7f` with the literal text `\xNN`.
+///
+/// A backslash becomes `\x5c` too, so the escape is one-to-one: the seed left
+/// backslashes alone, which made `"a\0b"` and the literal text `"a\x00b"`
+/// one key.
 fn escape_invalid(key: &str) -> String {
-    if !key.bytes().any(is_invalid_byte) {
+    if !key.bytes().any(|b| is_invalid_byte(b) || b == b'\\') {
         return key.to_owned();
     }
     let mut out = String::with_capacity(key.len() + 16);
     for c in key.chars() {
-        if c.is_ascii() && is_invalid_byte(c as u8) {
+        if c.is_ascii() && (is_invalid_byte(c as u8) || c == '\\') {
             out.push_str(&format!("\\x{:02x}", c as u8));
         } else {
             out.push(c);
@@ -293,6 +297,12 @@ mod tests {
             ex().build(["t:est\0\t", "k%ey !\"\x7f"]),
             r#"example.com:t%3Aest\x00\x09:k%25ey\x20!"\x7f"#
         );
+    }
+
+    #[test]
+    fn backslashes_are_escaped_so_escapes_cannot_collide() {
+        assert_eq!(ex().build("a\\b"), r"example.com:a\x5cb");
+        assert_ne!(ex().build("a\0b"), ex().build(r"a\x00b"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck};
+use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 /// Bytes counted for each entry on top of its key and value, for capacity.
@@ -154,17 +154,6 @@ impl MemoryBackend {
         self.len() == 0
     }
 
-    fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
-        if value.len() > self.max_value_size {
-            return Err(BackendError::ValueTooLarge {
-                key: key.to_owned(),
-                size: value.len(),
-                limit: self.max_value_size,
-            });
-        }
-        Ok(())
-    }
-
     fn store(&self, state: &mut State, key: &str, value: &[u8], ttl: Duration, now: Instant) {
         state.insert(key, Bytes::copy_from_slice(value), Some(deadline(now, ttl)));
         if let Some(cap) = self.capacity {
@@ -202,7 +191,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let now = Instant::now();
         self.store(&mut self.state.lock(), key, value, ttl, now);
         Ok(())
@@ -210,7 +199,7 @@ impl Backend for MemoryBackend {
 
     async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
         for (k, v) in items {
-            self.check_size(k, v)?;
+            check_value_size(k, v, self.max_value_size())?;
         }
         let now = Instant::now();
         let mut state = self.state.lock();
@@ -221,7 +210,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let now = Instant::now();
         let mut state = self.state.lock();
         if state.live(key, now).is_some() {

@@ -50,6 +50,19 @@ pub mod url;
 /// Djblets `CACHE_CHUNK_SIZE`. Used when a backend does not know better.
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 1_047_552;
 
+/// Refuses a value larger than `limit` with [`BackendError::ValueTooLarge`](crate::BackendError::ValueTooLarge),
+/// before anything is sent.
+pub(crate) fn check_value_size(key: &str, value: &[u8], limit: usize) -> BackendResult<()> {
+    if value.len() > limit {
+        return Err(crate::BackendError::ValueTooLarge {
+            key: key.to_owned(),
+            size: value.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// What an owner-checked operation found under the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TokenCheck {

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
-use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck};
+use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 /// How long SQLite waits for another connection's write lock by default.
@@ -133,17 +133,6 @@ impl SqliteBackend {
     /// The path of the cache file.
     pub fn path(&self) -> &Path {
         &self.inner.path
-    }
-
-    fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
-        if value.len() > self.max_value_size {
-            return Err(BackendError::ValueTooLarge {
-                key: key.to_owned(),
-                size: value.len(),
-                limit: self.max_value_size,
-            });
-        }
-        Ok(())
     }
 
     /// Runs `f` on the connection on a blocking thread. `key` names the
@@ -328,7 +317,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let (k, v) = (key.to_owned(), value.to_vec());
         self.run(key, move |conn, now| {
             put(conn, &k, &v, Some(expires_at(now, ttl)))
@@ -343,7 +332,7 @@ impl Backend for SqliteBackend {
             return Ok(());
         }
         for (k, v) in items {
-            self.check_size(k, v)?;
+            check_value_size(k, v, self.max_value_size())?;
         }
         let owned: Vec<(String, Vec<u8>)> = items
             .iter()
@@ -364,7 +353,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let (k, v) = (key.to_owned(), value.to_vec());
         let added = self
             .run(key, move |conn, now| {

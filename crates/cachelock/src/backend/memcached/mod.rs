@@ -91,7 +91,7 @@ use futures_util::future::join_all;
 use self::pool::{Pool, Until};
 use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
 use self::ring::Ring;
-use super::{Backend, TokenCheck};
+use super::{Backend, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 /// The default connect timeout: 1 second.
@@ -319,17 +319,6 @@ impl MemcachedBackend {
             .ok_or_else(|| BackendError::protocol(key, "no reply"))
     }
 
-    fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
-        if value.len() > self.max_value_size {
-            return Err(BackendError::ValueTooLarge {
-                key: key.to_owned(),
-                size: value.len(),
-                limit: self.max_value_size,
-            });
-        }
-        Ok(())
-    }
-
     /// Turns an unexpected reply into an error naming `key`.
     fn unexpected(&self, key: &str, value_len: usize, reply: Response) -> BackendError {
         match reply {
@@ -464,7 +453,7 @@ impl Backend for MemcachedBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let mut req = Vec::new();
         let flags = SetFlags {
             ttl: exptime(ttl),
@@ -481,7 +470,7 @@ impl Backend for MemcachedBackend {
 
     async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
         for (key, value) in items {
-            self.check_size(key, value)?;
+            check_value_size(key, value, self.max_value_size())?;
         }
         let flags = SetFlags {
             ttl: exptime(ttl),
@@ -524,7 +513,7 @@ impl Backend for MemcachedBackend {
     }
 
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let mut req = Vec::new();
         let flags = SetFlags {
             mode: SetMode::Add,

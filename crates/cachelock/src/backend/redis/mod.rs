@@ -118,7 +118,7 @@ use parking_lot::RwLock;
 use tokio::time::Instant;
 
 use self::url::{bad_tls, bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
-use super::{Backend, TokenCheck};
+use super::{Backend, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 mod url;
@@ -670,17 +670,6 @@ impl RedisBackend {
         Err(outcome)
     }
 
-    fn check_size(&self, key: &str, value: &[u8]) -> BackendResult<()> {
-        if value.len() > self.options.max_value_size {
-            return Err(BackendError::ValueTooLarge {
-                key: key.to_owned(),
-                size: value.len(),
-                limit: self.options.max_value_size,
-            });
-        }
-        Ok(())
-    }
-
     /// Sends one pipeline of `SET key value PX ms` for `items`.
     async fn set_pipeline(&self, items: &[(&str, &[u8])], ms: u64) -> BackendResult<()> {
         let Some((first, _)) = items.first() else {
@@ -920,7 +909,7 @@ impl Backend for RedisBackend {
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(ttl_ms(ttl));
         let reply: Value = self.query(key, &cmd).await?;
@@ -929,7 +918,7 @@ impl Backend for RedisBackend {
 
     async fn set_many(&self, items: &[(&str, &[u8])], ttl: Duration) -> BackendResult<()> {
         for (k, v) in items {
-            self.check_size(k, v)?;
+            check_value_size(k, v, self.max_value_size())?;
         }
         let ms = ttl_ms(ttl);
         if !self.is_cluster() {
@@ -952,7 +941,7 @@ impl Backend for RedisBackend {
     }
 
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        self.check_size(key, value)?;
+        check_value_size(key, value, self.max_value_size())?;
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(key).arg(value).arg("NX").arg("PX").arg(ttl_ms(ttl));
         match self.query::<Value>(key, &cmd).await? {

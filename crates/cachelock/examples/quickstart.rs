@@ -23,6 +23,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "cachelock=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
         .init();
     let cache: SharedBackend = Arc::new(MemoryBackend::new());
     let key = KeyBuilder::new("quickstart").build(["report", "2026-11"]);

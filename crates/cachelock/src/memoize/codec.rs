@@ -320,6 +320,36 @@ impl Codec {
         f
     }
 
+    /// Builds one stored item: magic, version, `kind`, `flags`, the
+    /// kind's `fields`, then `body` (sealed when encrypting: the whole
+    /// header and the cache key are the associated data), then the checksum.
+    fn item(
+        &self,
+        key: &str,
+        kind: u8,
+        flags: u8,
+        fields: &[&[u8]],
+        body: &[u8],
+        overhead: usize,
+    ) -> Result<Vec<u8>, Corrupt> {
+        let mut out = Vec::with_capacity(body.len() + overhead);
+        out.extend_from_slice(&MAGIC);
+        out.push(FORMAT_VERSION);
+        out.push(kind);
+        out.push(flags);
+        for f in fields {
+            out.extend_from_slice(f);
+        }
+        match &self.cipher {
+            Some(c) => {
+                let header = out.clone();
+                c.seal(&[&header, key.as_bytes()], body, &mut out)?;
+            }
+            None => out.extend_from_slice(body),
+        }
+        Ok(finish(out))
+    }
+
     /// Encodes `plain` as one inline item for `key`.
     pub(crate) fn encode_inline(
         &self,
@@ -329,20 +359,9 @@ impl Codec {
     ) -> Result<Vec<u8>, Corrupt> {
         let plain_len = u32::try_from(plain.len()).map_err(|_| Corrupt("value too long"))?;
         let (body, compressed) = maybe_compress(self.compression, plain);
-        let mut out = Vec::with_capacity(body.len() + INLINE_OVERHEAD);
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(KIND_INLINE);
-        out.push(self.flags(compressed, stream));
-        out.extend_from_slice(&plain_len.to_le_bytes());
-        match &self.cipher {
-            Some(c) => {
-                let header = out.clone();
-                c.seal(&[&header, key.as_bytes()], &body, &mut out)?;
-            }
-            None => out.extend_from_slice(&body),
-        }
-        Ok(finish(out))
+        let flags = self.flags(compressed, stream);
+        let fields: [&[u8]; 1] = [&plain_len.to_le_bytes()];
+        self.item(key, KIND_INLINE, flags, &fields, &body, INLINE_OVERHEAD)
     }
 
     /// Encodes a manifest for `key`.
@@ -353,19 +372,8 @@ impl Codec {
         body: &ManifestBody,
     ) -> Result<Vec<u8>, Corrupt> {
         let fields = postcard::to_allocvec(body).map_err(|_| Corrupt("manifest encoding"))?;
-        let mut out = Vec::with_capacity(fields.len() + INLINE_OVERHEAD);
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(KIND_MANIFEST);
-        out.push(self.flags(false, stream));
-        match &self.cipher {
-            Some(c) => {
-                let header = out.clone();
-                c.seal(&[&header, key.as_bytes()], &fields, &mut out)?;
-            }
-            None => out.extend_from_slice(&fields),
-        }
-        Ok(finish(out))
+        let flags = self.flags(false, stream);
+        self.item(key, KIND_MANIFEST, flags, &[], &fields, INLINE_OVERHEAD)
     }
 
     /// Encodes one chunk (segment `index` of write `write_id`) for `key`.
@@ -380,26 +388,16 @@ impl Codec {
     ) -> Result<Vec<u8>, Corrupt> {
         let plain_len = u32::try_from(plain.len()).map_err(|_| Corrupt("segment too long"))?;
         let (body, compressed) = maybe_compress(self.compression, plain);
-        let mut out = Vec::with_capacity(body.len() + CHUNK_OVERHEAD);
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(KIND_CHUNK);
         let mut flags = self.flags(compressed, stream);
         if last {
             flags |= FLAG_LAST;
         }
-        out.push(flags);
-        out.extend_from_slice(&write_id.to_le_bytes());
-        out.extend_from_slice(&index.to_le_bytes());
-        out.extend_from_slice(&plain_len.to_le_bytes());
-        match &self.cipher {
-            Some(c) => {
-                let header = out.clone();
-                c.seal(&[&header, key.as_bytes()], &body, &mut out)?;
-            }
-            None => out.extend_from_slice(&body),
-        }
-        Ok(finish(out))
+        let fields: [&[u8]; 3] = [
+            &write_id.to_le_bytes(),
+            &index.to_le_bytes(),
+            &plain_len.to_le_bytes(),
+        ];
+        self.item(key, KIND_CHUNK, flags, &fields, &body, CHUNK_OVERHEAD)
     }
 
     /// Checks the flags of an item against this codec: an encrypted item

@@ -40,6 +40,7 @@ macro_rules! memoize_tests {
         $(
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
+                common::logs::init();
                 let made: Option<cachelock::SharedBackend> = $make;
                 if let Some(backend) = made {
                     common::memoize_cases::$case(backend).await;
@@ -205,44 +206,22 @@ impl Backend for Wrap {
     }
 }
 
-/// Captures `tracing` output of the current thread while the guard lives.
+/// Captured cachelock `tracing` output of the current thread while the
+/// guard lives (a thin wrapper over [`super::logs`], which also holds the
+/// workaround for tracing's callsite-interest race).
 pub struct Logs {
-    buf: Arc<Mutex<Vec<u8>>>,
+    logs: super::logs::Logs,
     _guard: tracing::subscriber::DefaultGuard,
 }
 
 impl Logs {
     pub fn capture() -> Self {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = {
-            let buf = buf.clone();
-            move || LogWriter(buf.clone())
-        };
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(writer)
-            .finish();
-        Self {
-            buf,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
+        let (logs, _guard) = super::logs::capture();
+        Self { logs, _guard }
     }
 
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.buf.lock()).into_owned()
-    }
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.logs.lines().join("\n")
     }
 }
 

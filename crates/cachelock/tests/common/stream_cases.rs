@@ -30,6 +30,7 @@ macro_rules! memoize_stream_tests {
         $(
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
+                common::logs::init();
                 let made: Option<cachelock::SharedBackend> = $make;
                 if let Some(backend) = made {
                     common::stream_cases::$case(backend).await;

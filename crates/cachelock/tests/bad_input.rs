@@ -284,13 +284,13 @@ async fn values_at_and_over_the_size_limit() {
 mod memoize_input {
     use std::convert::Infallible;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use cachelock::{CacheKey, KeyBuilder, MemoizeOptions, SharedBackend, memoize, memoize_iter};
     use futures_util::StreamExt;
     use serde::{Deserialize, Serialize};
 
+    use super::common::memoize_cases::{Counter, mz};
     use super::{LONG, backends, common::unique_key};
 
     /// The manifest's fields as stored (postcard), to find chunk keys and
@@ -325,28 +325,14 @@ mod memoize_input {
         }
     }
 
-    #[derive(Clone, Default)]
-    struct Computes(Arc<AtomicUsize>);
-    impl Computes {
-        fn get(&self) -> usize {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
-
     async fn memo(
         b: &SharedBackend,
         key: &str,
         o: &MemoizeOptions,
-        n: &Computes,
+        n: &Counter,
         value: &[u8],
     ) -> Vec<u8> {
-        let (n, v) = (n.clone(), value.to_vec());
-        memoize(b, key, o, move || async move {
-            n.0.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Infallible>(v)
-        })
-        .await
-        .unwrap()
+        mz(b, key, o, n, value.to_vec()).await
     }
 
     fn chunked() -> MemoizeOptions {
@@ -383,7 +369,7 @@ mod memoize_input {
                 let key = unique_key("planted");
                 let len = 5_000 + (rng.next() % 5_000) as usize;
                 let value = rng.bytes(len);
-                let n = Computes::default();
+                let n = Counter::default();
                 assert!(memo(&b, &key, &o, &n, &value).await == value);
                 let (full, chunks) = chunk_keys(&b, &o, &key).await;
                 let junk_len = (rng.next() % 2_000) as usize;
@@ -418,7 +404,7 @@ mod memoize_input {
                 // The same junk as an inline value and as a stream.
                 let ik = unique_key("planted-inline");
                 b.set(&ik, &junk, LONG).await.unwrap();
-                let m = Computes::default();
+                let m = Counter::default();
                 assert!(memo(&b, &ik, &MemoizeOptions::new(), &m, b"ok").await == b"ok");
                 assert_eq!(m.get(), 1);
                 let sk = unique_key("planted-stream");
@@ -442,7 +428,7 @@ mod memoize_input {
             let o = chunked();
             let key = unique_key("mixed");
             let (v1, v2, v3) = (vec![1u8; 6_000], vec![2u8; 6_000], vec![3u8; 6_000]);
-            let n = Computes::default();
+            let n = Counter::default();
             memo(&b, &key, &o, &n, &v1).await;
             let (_, old_chunks) = chunk_keys(&b, &o, &key).await;
             let mut old = Vec::new();
@@ -507,7 +493,7 @@ mod memoize_input {
             for (i, raw) in hostile.iter().enumerate() {
                 let key = unique_key("hostile-claim");
                 b.set(&key, raw, LONG).await.unwrap();
-                let n = Computes::default();
+                let n = Counter::default();
                 let t = Instant::now();
                 assert!(memo(&b, &key, &MemoizeOptions::new(), &n, b"safe").await == b"safe");
                 assert_eq!(n.get(), 1, "{name}: claim {i}");
@@ -547,7 +533,7 @@ mod memoize_input {
             let two = base.clone().encryption_key(b"key two");
             for len in [100usize, 10_000] {
                 let key = unique_key("wrong-enc");
-                let n = Computes::default();
+                let n = Counter::default();
                 let (v1, v2, v3) = (vec![1u8; len], vec![2u8; len], vec![3u8; len]);
                 assert!(memo(&b, &key, &one, &n, &v1).await == v1);
                 assert!(memo(&b, &key, &two, &n, &v2).await == v2, "{name}");

@@ -20,13 +20,14 @@ mod common;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cachelock::{
     BackendError, CacheKey, CacheLock, Error, LockOptions, MemoizeError, MemoizeOptions,
     OnLockTimeout, Released, SharedBackend, Wait, memoize,
 };
+use common::memoize_cases::Counter;
 use common::rig::{Kind, Rig, RigOptions, assert_recovers, bounded, retry_unavailable};
 use common::{logs, unique_key};
 use tokio::time::Instant;
@@ -115,22 +116,12 @@ fn big_value(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Counts computes.
-#[derive(Clone, Default)]
-struct Computes(Arc<AtomicUsize>);
-
-impl Computes {
-    fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 /// Memoizes `value` under `key`; the compute counts itself.
 async fn memo(
     b: &SharedBackend,
     key: &str,
     o: &MemoizeOptions,
-    n: &Computes,
+    n: &Counter,
     value: &[u8],
 ) -> Vec<u8> {
     memo_result(b, key, o, n, value).await.unwrap()
@@ -140,12 +131,12 @@ async fn memo_result(
     b: &SharedBackend,
     key: &str,
     o: &MemoizeOptions,
-    n: &Computes,
+    n: &Counter,
     value: &[u8],
 ) -> Result<Vec<u8>, MemoizeError<Infallible>> {
     let (n, v) = (n.clone(), value.to_vec());
     memoize(b, key, o, move || async move {
-        n.0.fetch_add(1, Ordering::SeqCst);
+        n.hit();
         Ok::<_, Infallible>(v)
     })
     .await
@@ -157,7 +148,7 @@ async fn assert_cached_soon(
     b: &SharedBackend,
     key: &str,
     o: &MemoizeOptions,
-    n: &Computes,
+    n: &Counter,
     value: &[u8],
 ) {
     for _ in 0..40 {
@@ -189,7 +180,7 @@ async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
         let (mk, mo, n) = (
             unique_key("restart-memo"),
             memo_options(16 * 1024),
-            Computes::default(),
+            Counter::default(),
         );
         let value = big_value(1, 200_000);
         assert!(memo(&b, &mk, &mo, &n, &value).await == value);
@@ -284,7 +275,7 @@ async fn latency_above_the_response_timeout(kind: Kind) {
         let (mk, mo, n) = (
             unique_key("slow-memo"),
             memo_options(16 * 1024),
-            Computes::default(),
+            Counter::default(),
         );
         let value = big_value(3, 100_000);
         let t = Instant::now();
@@ -402,7 +393,7 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
         let (mk, mo, n) = (
             unique_key("cut-memo"),
             memo_options(16 * 1024),
-            Computes::default(),
+            Counter::default(),
         );
         let (v1, v2, v3) = (
             big_value(11, 300_000),
@@ -427,7 +418,7 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
         }
         // Reads cut in the middle of the chunks: the caller still gets the
         // right value (recomputed), and after heal it is cached.
-        let (rk, rn) = (unique_key("cut-read"), Computes::default());
+        let (rk, rn) = (unique_key("cut-read"), Counter::default());
         assert!(memo(&b, &rk, &mo, &rn, &v1).await == v1);
         assert_cached_soon(&b, &rk, &mo, &rn, &v1).await;
         let stored = rn.get();
@@ -575,7 +566,7 @@ async fn eviction_under_memory_pressure(kind: Kind) {
         let (mk, mo, n) = (
             unique_key("evicted-memo"),
             memo_options(64 * 1024),
-            Computes::default(),
+            Counter::default(),
         );
         let memo_value = big_value(21, 400_000);
         assert!(memo(&b, &mk, &mo, &n, &memo_value).await == memo_value);
@@ -807,7 +798,7 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
             .try_acquire()
             .await
             .unwrap();
-        let n = Computes::default();
+        let n = Counter::default();
         let t = Instant::now();
         assert!(memo(&b, &key, &mo, &n, &value).await == value);
         assert_eq!(n.get(), 1);
@@ -826,7 +817,7 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
             .try_acquire()
             .await
             .unwrap();
-        let n2 = Computes::default();
+        let n2 = Counter::default();
         let err = memo_result(&b, &key2, &fail, &n2, &value)
             .await
             .unwrap_err();
@@ -840,7 +831,7 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
         assert_eq!(holder2.release().await.unwrap(), Released::Released);
 
         // Black-holed (every read, lock and write times out): computed.
-        let (k3, n3) = (unique_key("memo-black-hole"), Computes::default());
+        let (k3, n3) = (unique_key("memo-black-hole"), Counter::default());
         rig.proxy.black_hole(true);
         let t = Instant::now();
         assert!(memo(&b, &k3, &mo, &n3, &value).await == value);

@@ -20,55 +20,54 @@ use tokio::net::TcpListener;
 const LONG: Duration = Duration::from_secs(60);
 
 /// The test servers' URL list (`memcached://a,b,c`).
-fn urls() -> Option<String> {
+fn urls() -> String {
     common::server_env("CACHELOCK_TEST_MEMCACHED_URLS")
 }
 
 /// The servers as `host:port`.
-fn addrs() -> Option<Vec<String>> {
-    Some(
-        urls()?
-            .trim_start_matches("memcached://")
-            .split(',')
-            .map(|s| s.trim().to_owned())
-            .collect(),
-    )
+fn addrs() -> Vec<String> {
+    urls()
+        .trim_start_matches("memcached://")
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .collect()
 }
 
-async fn one_server() -> Option<SharedBackend> {
-    let first = addrs()?.into_iter().next()?;
+async fn one_server() -> SharedBackend {
+    let first = &addrs()[0];
     let b = MemcachedBackend::connect(&format!("memcached://{first}"))
         .await
         .expect("connect to the first test memcached");
-    Some(Arc::new(b))
+    Arc::new(b)
 }
 
-async fn three_servers() -> Option<SharedBackend> {
-    let b = MemcachedBackend::connect(&urls()?)
+async fn three_servers() -> SharedBackend {
+    let b = MemcachedBackend::connect(&urls())
         .await
         .expect("connect to the test memcacheds");
     assert_eq!(b.servers().len(), 3, "{b:?}");
-    Some(Arc::new(b))
+    Arc::new(b)
 }
 
 mod one {
     use super::common;
     use crate::{conformance_tests, lock_tests};
-    conformance_tests!(super::one_server().await, paused = false);
-    lock_tests!(super::one_server().await, paused = false);
+    conformance_tests!(super::one_server().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
+    lock_tests!(super::one_server().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 mod three {
     use super::common;
     use crate::{conformance_tests, lock_tests};
-    conformance_tests!(super::three_servers().await, paused = false);
-    lock_tests!(super::three_servers().await, paused = false);
+    conformance_tests!(super::three_servers().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
+    lock_tests!(super::three_servers().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn keys_spread_over_all_three_servers() {
-    let Some(addrs) = addrs() else { return };
-    let all = three_servers().await.unwrap();
+    let addrs = addrs();
+    let all = three_servers().await;
     let keys: Vec<String> = (0..90).map(|i| unique_key(&format!("spread{i}"))).collect();
     for k in &keys {
         all.set(k, k.as_bytes(), LONG).await.unwrap();
@@ -92,8 +91,9 @@ async fn keys_spread_over_all_three_servers() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn a_down_server_fails_only_its_keys() {
-    let Some(addrs) = addrs() else { return };
+    let addrs = addrs();
     let dead = format!("127.0.0.1:{}", closed_port());
     let url = format!("memcached://{},{},{dead}", addrs[0], addrs[1]);
     let b = MemcachedBackend::connect_with(
@@ -148,8 +148,9 @@ async fn connect_refuses_bad_urls_and_all_servers_down() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn ttls_over_30_days_are_kept() {
-    let Some(b) = one_server().await else { return };
+    let b = one_server().await;
     let k = unique_key("long-ttl");
     let ttl = Duration::from_secs(31 * 24 * 3600);
     b.set(&k, b"v", ttl).await.unwrap();
@@ -171,8 +172,9 @@ async fn ttls_over_30_days_are_kept() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn exactly_max_value_size_with_the_longest_key_stores() {
-    let Some(b) = one_server().await else { return };
+    let b = one_server().await;
     assert_eq!(
         b.max_value_size(),
         1024 * 1024 - 1024,
@@ -195,12 +197,11 @@ async fn exactly_max_value_size_with_the_longest_key_stores() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn token_ops_guard_with_cas() {
     // After the token was read, another writer replaces it: the CAS guard
     // stops the delete (seen here as the next read's mismatch).
-    let Some(b) = three_servers().await else {
-        return;
-    };
+    let b = three_servers().await;
     let k = unique_key("cas");
     b.set(&k, b"mine", LONG).await.unwrap();
     let mut tasks = Vec::new();
@@ -225,15 +226,14 @@ async fn token_ops_guard_with_cas() {
     assert_eq!(b.get(&k).await.unwrap(), None, "some delete went through");
 }
 
-fn memcached_addr() -> Option<SocketAddr> {
-    Some(addrs()?[0].parse().expect("memcached test URL is IP:PORT"))
+fn memcached_addr() -> SocketAddr {
+    addrs()[0].parse().expect("memcached test URL is IP:PORT")
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn response_timeout_and_broken_connections() {
-    let Some(upstream) = memcached_addr() else {
-        return;
-    };
+    let upstream = memcached_addr();
     let proxy = FaultProxy::start(upstream).await;
     let b = MemcachedBackend::connect_with(
         &proxy.addr().to_string(),
@@ -343,10 +343,8 @@ async fn bad_replies_are_typed_errors() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn server_restart_op_fails_then_recovers() {
-    if urls().is_none() {
-        return;
-    }
     let mut server = PrivateMemcached::start(closed_port());
     let url = format!("memcached://127.0.0.1:{}", server.port);
     let b = MemcachedBackend::connect_with(
@@ -379,10 +377,8 @@ async fn server_restart_op_fails_then_recovers() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn server_restart_between_ops_is_not_noticed() {
-    if urls().is_none() {
-        return;
-    }
     let mut server = PrivateMemcached::start(closed_port());
     let url = format!("127.0.0.1:{}", server.port);
     let b = MemcachedBackend::connect(&url).await.unwrap();

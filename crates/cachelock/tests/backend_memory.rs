@@ -4,6 +4,6 @@ mod common;
 use std::sync::Arc;
 
 conformance_tests!(
-    Some(Arc::new(cachelock::MemoryBackend::new()) as cachelock::SharedBackend),
+    Arc::new(cachelock::MemoryBackend::new()) as cachelock::SharedBackend,
     paused = true
 );

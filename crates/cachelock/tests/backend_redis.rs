@@ -17,51 +17,51 @@ use common::servers::{PrivateRedis, closed_port};
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// The shared standalone Redis, or `None` (skip) without test servers.
-async fn standalone() -> Option<SharedBackend> {
-    let url = common::server_env("CACHELOCK_TEST_REDIS_URL")?;
+/// The shared standalone Redis.
+async fn standalone() -> SharedBackend {
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let backend = RedisBackend::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
     assert!(!backend.is_cluster());
-    Some(Arc::new(backend))
+    Arc::new(backend)
 }
 
-/// The shared Cluster, or `None` (skip) without test servers.
-async fn cluster() -> Option<SharedBackend> {
-    let urls = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS")?;
+/// The shared Cluster.
+async fn cluster() -> SharedBackend {
+    let urls = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS");
     let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
     let backend = RedisBackend::connect_cluster(&urls)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the cluster {urls:?}: {e}"));
     assert!(backend.is_cluster());
-    Some(Arc::new(backend))
+    Arc::new(backend)
 }
 
 mod standalone {
     use super::common;
     use crate::conformance_tests;
-    conformance_tests!(crate::standalone().await, paused = false);
+    conformance_tests!(crate::standalone().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 mod cluster {
     use super::common;
     use crate::conformance_tests;
-    conformance_tests!(crate::cluster().await, paused = false);
+    conformance_tests!(crate::cluster().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 /// CacheLock's cases (those that run in real time) on the standalone Redis.
 mod standalone_lock {
     use super::common;
     use crate::lock_tests;
-    lock_tests!(crate::standalone().await, paused = false);
+    lock_tests!(crate::standalone().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 /// CacheLock's cases on the Cluster.
 mod cluster_lock {
     use super::common;
     use crate::lock_tests;
-    lock_tests!(crate::cluster().await, paused = false);
+    lock_tests!(crate::cluster().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 // ---------------------------------------------------------------------------
@@ -199,12 +199,11 @@ async fn down_server_is_unavailable_within_the_connect_timeout() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn tls_to_a_plain_server_fails_cleanly() {
     // The TLS handshake against a plain-text Redis fails: an error, not a
     // panic (the rustls crypto provider is installed) and not a hang.
-    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
-        return;
-    };
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let tls_url = url.replacen("redis://", "rediss://", 1);
     let start = Instant::now();
     let err = RedisBackend::connect_with(
@@ -225,10 +224,9 @@ async fn tls_to_a_plain_server_fails_cleanly() {
 // Private servers
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn restart_fails_fast_then_reconnects_by_itself() {
-    let Some(mut server) = PrivateRedis::start(&[]) else {
-        return;
-    };
+    let mut server = PrivateRedis::start(&[]);
     let connect_timeout = Duration::from_secs(1);
     let b = RedisBackend::connect_with(
         &server.url(),
@@ -276,10 +274,9 @@ async fn restart_fails_fast_then_reconnects_by_itself() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn password_database_and_unix_socket() {
-    let Some(server) = PrivateRedis::start(&["--requirepass", "s3cret"]) else {
-        return;
-    };
+    let server = PrivateRedis::start(&["--requirepass", "s3cret"]);
     let port = server.port;
 
     // No password or a wrong one: the connect fails, saying why, without
@@ -317,10 +314,9 @@ async fn password_database_and_unix_socket() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn slow_server_times_out_with_a_typed_error() {
-    let Some(server) = PrivateRedis::start(&[]) else {
-        return;
-    };
+    let server = PrivateRedis::start(&[]);
     let response_timeout = Duration::from_millis(300);
     let b = RedisBackend::connect_with(
         &server.url(),
@@ -371,10 +367,9 @@ async fn slow_server_times_out_with_a_typed_error() {
 // Errors and Cluster specifics on the shared servers
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn wrong_type_is_a_protocol_error_naming_the_key() {
-    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
-        return;
-    };
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let b = RedisBackend::connect(&url).await.unwrap();
     let k = common::unique_key("list");
     let client = redis::Client::open(url.as_str()).unwrap();
@@ -411,10 +406,9 @@ async fn wrong_type_is_a_protocol_error_naming_the_key() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn counters_have_no_ttl_and_zero_ttl_is_not_forever() {
-    let Some(b) = standalone().await else {
-        return;
-    };
+    let b = standalone().await;
     let c = common::unique_key("counter-ttl");
     b.incr(&c, 1).await.unwrap();
     assert_eq!(b.ttl(&c).await.unwrap(), None);
@@ -434,10 +428,9 @@ async fn counters_have_no_ttl_and_zero_ttl_is_not_forever() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn multi_megabyte_values_and_configured_limit() {
-    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
-        return;
-    };
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let limit = 8 * 1024 * 1024;
     let b = RedisBackend::connect_with(&url, RedisOptions::new().max_value_size(limit))
         .await
@@ -461,10 +454,9 @@ async fn multi_megabyte_values_and_configured_limit() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn cluster_multi_key_ops_span_slots_in_order() {
-    let Some(b) = cluster().await else {
-        return;
-    };
+    let b = cluster().await;
     // Keys on many slots (and so all three masters), some sharing a hash tag.
     let tag = common::unique_key("tag");
     let keys: Vec<String> = (0..60)
@@ -503,10 +495,9 @@ async fn cluster_multi_key_ops_span_slots_in_order() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn one_backend_serves_many_tasks_at_once() {
-    let Some(b) = standalone().await else {
-        return;
-    };
+    let b = standalone().await;
     let mut tasks = Vec::new();
     for i in 0..64u32 {
         let b = b.clone();
@@ -528,10 +519,9 @@ async fn one_backend_serves_many_tasks_at_once() {
 // Faults between the backend and a real Redis (the shared fault proxy)
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn slow_and_cut_connections_through_a_fault_proxy() {
-    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
-        return;
-    };
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let upstream: std::net::SocketAddr = url
         .trim_start_matches("redis://")
         .trim_end_matches('/')
@@ -704,16 +694,13 @@ async fn check_tls_server(url: &str, ca_pem: Vec<u8>) {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn tls_with_a_private_ca() {
-    if !openssl_installed() {
-        assert!(
-            !common::services_promised(),
-            "openssl is not installed although the test servers were promised"
-        );
-        eprintln!("SKIPPED: openssl is not installed");
-        return;
-    }
-    let Some(server) = PrivateRedis::start_with(|port, dir| {
+    assert!(
+        openssl_installed(),
+        "openssl is not installed: this test needs the test servers; run it through scripts/test"
+    );
+    let server = PrivateRedis::start_with(|port, dir| {
         make_test_certs(dir);
         let file = |name: &str| dir.join(name).display().to_string();
         vec![
@@ -730,27 +717,21 @@ async fn tls_with_a_private_ca() {
             "--tls-auth-clients".into(),
             "no".into(),
         ]
-    }) else {
-        return;
-    };
+    });
     let ca = std::fs::read(server.dir.join("ca.crt")).unwrap();
     check_tls_server(&format!("rediss://localhost:{}", server.port), ca.clone()).await;
     check_tls_server(&format!("rediss://127.0.0.1:{}/1", server.port), ca).await;
 
-    // The shared TLS Redis of scripts/services, when it runs one.
-    if let (Ok(url), Ok(ca_file)) = (
-        std::env::var("CACHELOCK_TEST_REDIS_TLS_URL"),
-        std::env::var("CACHELOCK_TEST_REDIS_TLS_CA"),
-    ) {
-        check_tls_server(&url, std::fs::read(ca_file).unwrap()).await;
-    }
+    // The shared TLS Redis of scripts/services.
+    let url = common::server_env("CACHELOCK_TEST_REDIS_TLS_URL");
+    let ca_file = common::server_env("CACHELOCK_TEST_REDIS_TLS_CA");
+    check_tls_server(&url, std::fs::read(ca_file).unwrap()).await;
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn server_that_never_answers_times_out() {
-    let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") else {
-        return;
-    };
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let upstream: std::net::SocketAddr = url
         .trim_start_matches("redis://")
         .trim_end_matches('/')
@@ -802,10 +783,9 @@ async fn server_that_never_answers_times_out() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn cluster_connects_through_any_live_node() {
-    let Some(urls) = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS") else {
-        return;
-    };
+    let urls = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS");
     let dead = format!("redis://127.0.0.1:{}", closed_port());
     let live = urls.split(',').next().unwrap().trim().to_owned();
     let b = RedisBackend::connect_cluster(&[&dead, &live])
@@ -819,10 +799,9 @@ async fn cluster_connects_through_any_live_node() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn quick_restart_while_idle() {
-    let Some(mut server) = PrivateRedis::start(&[]) else {
-        return;
-    };
+    let mut server = PrivateRedis::start(&[]);
     let resp3 = RedisBackend::connect(&server.url()).await.unwrap();
     let resp2 = RedisBackend::connect(&format!("{}/?protocol=resp2", server.url()))
         .await
@@ -848,10 +827,9 @@ async fn quick_restart_while_idle() {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn a_lock_lost_in_a_server_restart_is_reported() {
-    let Some(mut server) = PrivateRedis::start(&[]) else {
-        return;
-    };
+    let mut server = PrivateRedis::start(&[]);
     let backend: SharedBackend = Arc::new(RedisBackend::connect(&server.url()).await.unwrap());
     let lock = cachelock::CacheLock::new(
         backend.clone(),

@@ -21,10 +21,7 @@ fn uuid_like() -> String {
     common::unique_key("db").replace(':', "-")
 }
 
-conformance_tests!(
-    Some(Arc::new(fresh().await) as SharedBackend),
-    paused = false
-);
+conformance_tests!(Arc::new(fresh().await) as SharedBackend, paused = false);
 
 /// Two connections to one file (as two processes have) see one cache, and
 /// adds racing from both have exactly one winner.

@@ -19,24 +19,22 @@ use common::unique_key;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// The embedded backend and, when the test servers are up, Redis and
-/// Memcached (all three servers).
+/// The embedded backend, the shared Redis and the shared Memcached (all
+/// three servers); tests that use it need the test servers.
 async fn backends() -> Vec<(&'static str, SharedBackend)> {
-    let mut out: Vec<(&'static str, SharedBackend)> =
-        vec![("memory", Arc::new(MemoryBackend::new()))];
-    if let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") {
-        out.push((
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
+    let urls = common::server_env("CACHELOCK_TEST_MEMCACHED_URLS");
+    vec![
+        ("memory", Arc::new(MemoryBackend::new())),
+        (
             "redis",
             Arc::new(RedisBackend::connect(&url).await.unwrap()),
-        ));
-    }
-    if let Some(urls) = common::server_env("CACHELOCK_TEST_MEMCACHED_URLS") {
-        out.push((
+        ),
+        (
             "memcached",
             Arc::new(MemcachedBackend::connect(&urls).await.unwrap()),
-        ));
-    }
-    out
+        ),
+    ]
 }
 
 /// Nasty key material: control bytes, spaces, protocol injections for both
@@ -72,6 +70,7 @@ fn nasty_keys() -> Vec<String> {
 /// Every key built by the KeyBuilder from nasty input is Memcached-safe,
 /// works in every backend, and distinct inputs keep distinct values.
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn nasty_keys_through_the_key_builder() {
     let keys = KeyBuilder::new(unique_key("bad-keys"));
     let secret = KeyBuilder::new("ns").secret(b"secret".to_vec());
@@ -121,6 +120,7 @@ async fn nasty_keys_through_the_key_builder() {
 /// error; never a panic, never a protocol injection, and the connection
 /// stays in step afterwards.
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn nasty_keys_raw_into_every_backend_operation() {
     for (name, b) in backends().await {
         let marker = unique_key("raw-marker");
@@ -182,6 +182,7 @@ async fn nasty_keys_raw_into_every_backend_operation() {
 /// length: the lock works, or fails with a backend error; it is never
 /// reported as held by someone else.
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn raw_lock_keys() {
     assert!(
         CacheLock::new(Arc::new(MemoryBackend::new()), "", LockOptions::default())
@@ -258,24 +259,23 @@ async fn check_value_limits(name: &str, b: &SharedBackend) {
 }
 
 #[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
 async fn values_at_and_over_the_size_limit() {
     let small: SharedBackend = Arc::new(MemoryBackend::new().with_max_value_size(1000));
     check_value_limits("memory (1000)", &small).await;
     let default: SharedBackend = Arc::new(MemoryBackend::new());
     check_value_limits("memory (default)", &default).await;
-    if let Some(url) = common::server_env("CACHELOCK_TEST_REDIS_URL") {
-        let b: SharedBackend = Arc::new(
-            RedisBackend::connect_with(&url, RedisOptions::new().max_value_size(4096))
-                .await
-                .unwrap(),
-        );
-        check_value_limits("redis (4096)", &b).await;
-    }
-    if let Some(urls) = common::server_env("CACHELOCK_TEST_MEMCACHED_URLS") {
-        // The limit the servers reported (item_size_max less overhead).
-        let b: SharedBackend = Arc::new(MemcachedBackend::connect(&urls).await.unwrap());
-        check_value_limits("memcached", &b).await;
-    }
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
+    let b: SharedBackend = Arc::new(
+        RedisBackend::connect_with(&url, RedisOptions::new().max_value_size(4096))
+            .await
+            .unwrap(),
+    );
+    check_value_limits("redis (4096)", &b).await;
+    let urls = common::server_env("CACHELOCK_TEST_MEMCACHED_URLS");
+    // The limit the servers reported (item_size_max less overhead).
+    let b: SharedBackend = Arc::new(MemcachedBackend::connect(&urls).await.unwrap());
+    check_value_limits("memcached", &b).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -361,6 +361,7 @@ mod memoize_input {
     /// value key, one chunk key, or every chunk key: memoize recomputes and
     /// returns the right value every time, and stores it again.
     #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
     async fn random_bytes_under_value_manifest_and_chunk_keys() {
         for (name, b) in backends().await {
             let mut rng = Rng(0x5EED_1234_ABCD_0001);
@@ -423,6 +424,7 @@ mod memoize_input {
     /// write's chunk keys (what an interrupted or racing writer could
     /// leave): never decoded as part of the value.
     #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
     async fn chunks_of_another_write_are_never_mixed_in() {
         for (name, b) in backends().await {
             let o = chunked();
@@ -457,6 +459,7 @@ mod memoize_input {
     /// chunks, a huge length or a huge decompressed size: refused at once,
     /// without a large allocation or fetch, and recomputed.
     #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
     async fn hostile_claims_return_quickly_and_recompute() {
         let manifest = |flags: u8, total_len: u64, chunk_count: u32, segment_size: u32| {
             let mut content = vec![0xC1, 0x0C, 1, 2, flags];
@@ -522,6 +525,7 @@ mod memoize_input {
     /// read with a key, and an encrypted one read without: each a miss and
     /// a recompute, chunked and inline.
     #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
     async fn wrong_encryption_key_is_a_miss() {
         for (name, b) in backends().await {
             let names = KeyBuilder::new("bad-input").secret(b"names".to_vec());

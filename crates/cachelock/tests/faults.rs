@@ -34,12 +34,15 @@ use tokio::time::Instant;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Runs each scenario `fn name(kind: Kind)` on Redis and on Memcached.
+/// Runs each scenario `fn name(kind: Kind)` on Redis and on Memcached. The
+/// tests start private servers, so they run only when asked for
+/// (`--include-ignored`, as `scripts/test` does).
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod redis {
             $(
                 #[tokio::test(flavor = "current_thread")]
+                #[ignore = "needs the test servers: scripts/test"]
                 async fn $name() {
                     super::$name(super::Kind::Redis).await;
                 }
@@ -48,6 +51,7 @@ macro_rules! on_both {
         mod memcached {
             $(
                 #[tokio::test(flavor = "current_thread")]
+                #[ignore = "needs the test servers: scripts/test"]
                 async fn $name() {
                     super::$name(super::Kind::Memcached).await;
                 }
@@ -167,9 +171,7 @@ async fn assert_cached_soon(
 // Server killed and restarted
 
 async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
-    let Some(mut rig) = Rig::start(kind).await else {
-        return;
-    };
+    let mut rig = Rig::start(kind).await;
     bounded(Duration::from_secs(60), async {
         let b = rig.backend.clone();
         let key = unique_key("restart");
@@ -237,9 +239,7 @@ async fn latency_above_the_response_timeout(kind: Kind) {
         response_timeout: Duration::from_millis(300),
         ..RigOptions::default()
     };
-    let Some(rig) = Rig::start_with(kind, options).await else {
-        return;
-    };
+    let rig = Rig::start_with(kind, options).await;
     bounded(Duration::from_secs(60), async {
         let b = rig.backend.clone();
         let (k1, k2) = (unique_key("slow-1"), unique_key("slow-2"));
@@ -333,9 +333,7 @@ async fn latency_above_the_response_timeout(kind: Kind) {
 // Connection cut in the middle of a response
 
 async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
-    let Some(rig) = Rig::start(kind).await else {
-        return;
-    };
+    let rig = Rig::start(kind).await;
     bounded(Duration::from_secs(60), async {
         let b = rig.backend.clone();
         let k = unique_key("cut");
@@ -501,9 +499,7 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
 // A holder paused past its lease
 
 async fn holder_paused_past_its_lease(kind: Kind) {
-    let Some(rig) = Rig::start(kind).await else {
-        return;
-    };
+    let rig = Rig::start(kind).await;
     bounded(Duration::from_secs(30), async {
         let b = rig.backend.clone();
         let other_client = rig.another_client().await;
@@ -551,9 +547,7 @@ async fn eviction_under_memory_pressure(kind: Kind) {
             .to_vec(),
         ..RigOptions::default()
     };
-    let Some(rig) = Rig::start_with(kind, options).await else {
-        return;
-    };
+    let rig = Rig::start_with(kind, options).await;
     bounded(Duration::from_secs(60), async {
         let b = rig.backend.clone();
         let filler = rig.direct().await;
@@ -642,9 +636,7 @@ async fn eviction_under_memory_pressure(kind: Kind) {
 // Security: tokens never logged above DEBUG
 
 async fn tokens_never_logged_above_debug(kind: Kind) {
-    let Some(mut rig) = Rig::start(kind).await else {
-        return;
-    };
+    let mut rig = Rig::start(kind).await;
     let (logs, _g) = logs::capture();
     let tokens = bounded(Duration::from_secs(60), async {
         let b = rig.backend.clone();
@@ -776,9 +768,7 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
         response_timeout: Duration::from_millis(300),
         ..RigOptions::default()
     };
-    let Some(mut rig) = Rig::start_with(kind, options).await else {
-        return;
-    };
+    let mut rig = Rig::start_with(kind, options).await;
     bounded(Duration::from_secs(60), async {
         let b = rig.backend.clone();
         let value = big_value(31, 50_000);
@@ -880,9 +870,7 @@ async fn contention_under_faults_has_no_silent_overlap(kind: Kind) {
         response_timeout: Duration::from_millis(200),
         ..RigOptions::default()
     };
-    let Some(mut rig) = Rig::start_with(kind, options).await else {
-        return;
-    };
+    let mut rig = Rig::start_with(kind, options).await;
     let key = unique_key("contended");
     let sections = Arc::new(parking_lot::Mutex::new(Vec::<Section>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1028,9 +1016,7 @@ async fn contention_under_faults_has_no_silent_overlap(kind: Kind) {
 /// backend kept the failed reconnect and returned its parse error to every
 /// later operation, at once and forever.)
 async fn recovers_after_handshake_replies_are_cut(kind: Kind) {
-    let Some(rig) = Rig::start(kind).await else {
-        return;
-    };
+    let rig = Rig::start(kind).await;
     bounded(Duration::from_secs(30), async {
         let b = rig.backend.clone();
         let k = unique_key("cut-handshake");

@@ -15,7 +15,7 @@ use cachelock::{
 };
 
 lock_tests!(
-    Some(Arc::new(MemoryBackend::new()) as SharedBackend),
+    Arc::new(MemoryBackend::new()) as SharedBackend,
     paused = true
 );
 

@@ -16,4 +16,4 @@ async fn fresh() -> SharedBackend {
     Arc::new(SqliteBackend::open(dir.path().join(name)).await.unwrap())
 }
 
-lock_tests!(Some(fresh().await), paused = false);
+lock_tests!(fresh().await, paused = false);

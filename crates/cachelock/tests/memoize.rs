@@ -11,7 +11,7 @@ use common::memoize_cases::{Counter, Never, Op, Wrap, mz};
 use proptest::prelude::*;
 
 memoize_tests!(
-    Some(Arc::new(MemoryBackend::new()) as SharedBackend),
+    Arc::new(MemoryBackend::new()) as SharedBackend,
     paused = true
 );
 

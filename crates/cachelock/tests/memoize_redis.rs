@@ -6,61 +6,61 @@ use std::sync::Arc;
 
 use cachelock::{RedisBackend, SharedBackend};
 
-async fn standalone() -> Option<SharedBackend> {
-    let url = common::server_env("CACHELOCK_TEST_REDIS_URL")?;
+async fn standalone() -> SharedBackend {
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
     let b = RedisBackend::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    Some(Arc::new(b))
+    Arc::new(b)
 }
 
-async fn cluster() -> Option<SharedBackend> {
-    let urls = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS")?;
+async fn cluster() -> SharedBackend {
+    let urls = common::server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS");
     let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
     let b = RedisBackend::connect_cluster(&urls)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the cluster {urls:?}: {e}"));
-    Some(Arc::new(b))
+    Arc::new(b)
 }
 
 mod standalone_values {
     use super::common;
     use crate::memoize_tests;
-    memoize_tests!(super::standalone().await, paused = false);
+    memoize_tests!(super::standalone().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 mod standalone_streams {
     use super::common;
     use crate::memoize_stream_tests;
-    memoize_stream_tests!(super::standalone().await, paused = false);
+    memoize_stream_tests!(super::standalone().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 mod cluster_values {
     use super::common;
     use crate::memoize_tests;
-    memoize_tests!(super::cluster().await, paused = false);
+    memoize_tests!(super::cluster().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 mod cluster_streams {
     use super::common;
     use crate::memoize_stream_tests;
-    memoize_stream_tests!(super::cluster().await, paused = false);
+    memoize_stream_tests!(super::cluster().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
 /// 4 processes x 16 callers on one cold key on standalone Redis: one
 /// compute, every caller served soon after it (see `common::stampede`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test servers: scripts/test"]
 async fn stampede_across_processes_computes_once() {
-    if let Some(b) = standalone().await {
-        common::stampede::run("stampede_worker", b).await;
-    }
+    common::stampede::run("stampede_worker", standalone().await).await;
 }
 
 /// One worker process of the stampede test; does nothing when run as a
 /// normal test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a worker process of stampede_across_processes_computes_once"]
 async fn stampede_worker() {
     if common::stampede::is_worker() {
-        common::stampede::worker(standalone().await.unwrap()).await;
+        common::stampede::worker(standalone().await).await;
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cachelock::{MemoryBackend, SharedBackend};
 
 memoize_stream_tests!(
-    Some(Arc::new(MemoryBackend::new()) as SharedBackend),
+    Arc::new(MemoryBackend::new()) as SharedBackend,
     paused = true
 );
 

@@ -15,13 +15,14 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// Expands every conformance case into a test for one backend.
 ///
-/// `$make` is an async block producing `Option<SharedBackend>`; `None` skips
-/// (only allowed when the test servers were not promised). `$paused` says
-/// whether the tests run on paused tokio time (the in-memory backend).
+/// `$make` is an expression (it may `.await`) producing the `SharedBackend`.
+/// `$paused` says whether the tests run on paused tokio time (the in-memory
+/// backend). Attributes after it go on every test: server backends pass
+/// `#[ignore = "needs the test servers: scripts/test"]`.
 #[macro_export]
 macro_rules! conformance_tests {
-    ($make:expr, paused = $paused:tt) => {
-        $crate::conformance_tests!(@cases $make, $paused;
+    ($make:expr, paused = $paused:tt $(, #[$attr:meta])*) => {
+        $crate::conformance_tests!(@cases $make, $paused, [$(#[$attr])*];
             get_set_roundtrip, missing_key_reads_none, binary_and_empty_values,
             get_many_with_holes, set_many_then_get_many, add_only_when_absent,
             add_race_has_one_winner, touch_missing_key, touch_extends, delete_reports_existence,
@@ -29,16 +30,18 @@ macro_rules! conformance_tests {
             delete_if_eq_cases, extend_if_eq_cases, token_ops_after_expiry, large_value,
             value_over_limit_is_typed, odd_keys);
     };
-    (@cases $make:expr, $paused:tt; $($case:ident),*) => {
+    (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
+            $crate::conformance_tests!(@attrs $attrs
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
-                let made: Option<cachelock::SharedBackend> = $make;
-                if let Some(backend) = made {
-                    common::conformance::$case(backend).await;
-                }
-            }
+                let backend: cachelock::SharedBackend = $make;
+                common::conformance::$case(backend).await;
+            });
         )*
+    };
+    (@attrs [$(#[$attr:meta])*] $($item:tt)*) => {
+        $(#[$attr])* $($item)*
     };
 }
 

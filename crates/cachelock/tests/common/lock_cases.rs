@@ -12,11 +12,12 @@ use tokio::time::Instant;
 
 use super::{logs, unique_key};
 
-/// Expands every lock case into a test for one backend.
+/// Expands every lock case into a test for one backend, as
+/// [`conformance_tests!`](crate::conformance_tests) does (the same arguments).
 #[macro_export]
 macro_rules! lock_tests {
-    ($make:expr, paused = $paused:tt) => {
-        $crate::lock_tests!(@cases $make, $paused;
+    ($make:expr, paused = $paused:tt $(, #[$attr:meta])*) => {
+        $crate::lock_tests!(@cases $make, $paused, [$(#[$attr])*];
             acquire_new_lock, second_lock_non_blocking_gets_nothing, blocking_waiter_gets_lock_after_lease,
             waiter_times_out_and_holder_keeps_lock, per_call_no_wait_override, release_deletes,
             release_after_token_replaced_deletes_nothing, release_past_deadline_touches_nothing,
@@ -24,17 +25,19 @@ macro_rules! lock_tests {
             extend_after_key_lost_warns, with_lock_releases, dropped_guard_releases_in_background,
             reacquire_after_release_gets_new_token, contending_tasks_never_overlap);
     };
-    (@cases $make:expr, $paused:tt; $($case:ident),*) => {
+    (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
+            $crate::lock_tests!(@attrs $attrs
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
                 common::logs::init();
-                let made: Option<cachelock::SharedBackend> = $make;
-                if let Some(backend) = made {
-                    common::lock_cases::$case(backend).await;
-                }
-            }
+                let backend: cachelock::SharedBackend = $make;
+                common::lock_cases::$case(backend).await;
+            });
         )*
+    };
+    (@attrs [$(#[$attr:meta])*] $($item:tt)*) => {
+        $(#[$attr])* $($item)*
     };
 }
 

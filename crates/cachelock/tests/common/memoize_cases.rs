@@ -18,11 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use super::unique_key;
 
-/// Expands every memoize case into a test for one backend.
+/// Expands every memoize case into a test for one backend, as
+/// [`conformance_tests!`](crate::conformance_tests) does (the same arguments).
 #[macro_export]
 macro_rules! memoize_tests {
-    ($make:expr, paused = $paused:tt) => {
-        $crate::memoize_tests!(@cases $make, $paused;
+    ($make:expr, paused = $paused:tt $(, #[$attr:meta])*) => {
+        $crate::memoize_tests!(@cases $make, $paused, [$(#[$attr])*];
             compute_once_then_hit, unicode_and_non_string_values, stored_none_is_a_hit,
             exactly_two_chunks, two_chunks_plus_one_byte, compressed_values,
             preloaded_entries_read_without_computing, missing_chunk_recomputes_once,
@@ -36,17 +37,19 @@ macro_rules! memoize_tests {
             racing_writers_never_mix, hostile_manifest_is_a_miss, unknown_version_is_a_miss,
             wrong_type_is_a_miss);
     };
-    (@cases $make:expr, $paused:tt; $($case:ident),*) => {
+    (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
+            $crate::memoize_tests!(@attrs $attrs
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
                 common::logs::init();
-                let made: Option<cachelock::SharedBackend> = $make;
-                if let Some(backend) = made {
-                    common::memoize_cases::$case(backend).await;
-                }
-            }
+                let backend: cachelock::SharedBackend = $make;
+                common::memoize_cases::$case(backend).await;
+            });
         )*
+    };
+    (@attrs [$(#[$attr:meta])*] $($item:tt)*) => {
+        $(#[$attr])* $($item)*
     };
 }
 

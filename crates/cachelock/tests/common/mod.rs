@@ -13,27 +13,18 @@ pub mod servers;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Whether `scripts/services` said the test servers are up. When it did, a
-/// server test that cannot find its server fails instead of skipping.
-pub fn services_promised() -> bool {
-    std::env::var("CACHELOCK_TEST_SERVICES").is_ok_and(|v| v == "1")
-}
-
-/// The value of a test-server variable, or `None` (with a visible message)
-/// when the servers were not started. Panics if `scripts/services` promised
-/// servers but this one is missing.
-pub fn server_env(var: &str) -> Option<String> {
+/// The value of a test-server variable (written by `scripts/services env`).
+///
+/// Tests that call this are `#[ignore = "needs the test servers: scripts/test"]`,
+/// so they run only when asked for (`scripts/test` passes `--include-ignored`);
+/// a missing server then fails the test instead of letting it pass unchecked.
+pub fn server_env(var: &str) -> String {
     match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if services_promised() => {
-            panic!(
-                "{var} is not set although CACHELOCK_TEST_SERVICES=1 says the test servers are up"
-            )
-        }
-        _ => {
-            eprintln!("SKIPPED: {var} is not set; run scripts/test to start the test servers");
-            None
-        }
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => panic!(
+            "{var} is not set: this test needs the test servers; run it through scripts/test \
+             (or `source <(scripts/services env)` after `scripts/services start`)"
+        ),
     }
 }
 

@@ -14,23 +14,19 @@ pub fn closed_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
-/// Whether `program --version` runs. When it does not, a test skips with a
-/// visible message, or fails if the test servers were promised.
-fn installed(program: &str) -> bool {
+/// Fails the test unless `program --version` runs (`scripts/services start`
+/// installs the server programs).
+fn require(program: &str) {
     let ok = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok();
-    if !ok {
-        assert!(
-            !super::services_promised(),
-            "{program} is not installed although the test servers were promised"
-        );
-        eprintln!("SKIPPED: {program} is not installed");
-    }
-    ok
+    assert!(
+        ok,
+        "{program} is not installed: this test needs the test servers; run it through scripts/test"
+    );
 }
 
 /// Waits until something accepts connections on `port` (at most `limit`).
@@ -59,19 +55,16 @@ pub struct PrivateRedis {
 }
 
 impl PrivateRedis {
-    /// Starts a server, or returns `None` (skip) when the test servers were
-    /// not promised and `redis-server` is not installed.
-    pub fn start(extra: &[&str]) -> Option<Self> {
+    /// Starts a server (the test fails when `redis-server` is not installed).
+    pub fn start(extra: &[&str]) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Self::start_with(move |_, _| extra)
     }
 
     /// As [`start`](Self::start), with arguments made from the port and the
     /// server's directory (after the directory exists).
-    pub fn start_with(extra: impl FnOnce(u16, &Path) -> Vec<String>) -> Option<Self> {
-        if !installed("redis-server") {
-            return None;
-        }
+    pub fn start_with(extra: impl FnOnce(u16, &Path) -> Vec<String>) -> Self {
+        require("redis-server");
         let dir = std::env::temp_dir().join(super::unique_key("redis").replace(':', "-"));
         std::fs::create_dir_all(&dir).expect("create the server directory");
         let port = closed_port();
@@ -83,7 +76,7 @@ impl PrivateRedis {
             child: None,
         };
         server.spawn();
-        Some(server)
+        server
     }
 
     pub fn url(&self) -> String {
@@ -147,19 +140,15 @@ pub struct PrivateMemcached {
 }
 
 impl PrivateMemcached {
-    /// Whether `memcached` is installed (skips with a message, or fails when
-    /// the test servers were promised).
-    pub fn available() -> bool {
-        installed("memcached")
-    }
-
     /// Starts a memcached with 16 MB of memory on `port`.
     pub fn start(port: u16) -> Self {
         Self::start_with(port, &["-m", "16"])
     }
 
-    /// Starts a memcached on `port` with extra arguments (`-m`, `-I`, `-M`...).
+    /// Starts a memcached on `port` with extra arguments (`-m`, `-I`, `-M`...)
+    /// (the test fails when `memcached` is not installed).
     pub fn start_with(port: u16, extra: &[&str]) -> Self {
+        require("memcached");
         let mut server = Self {
             port,
             extra: extra.iter().map(|s| s.to_string()).collect(),

@@ -46,7 +46,13 @@ pub async fn run(worker_test: &str, b: SharedBackend) {
     let children: Vec<_> = (0..procs)
         .map(|_| {
             std::process::Command::new(&exe)
-                .args(["--exact", worker_test, "--nocapture", "--test-threads=1"])
+                .args([
+                    "--exact",
+                    worker_test,
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env(WORKER, "1")
                 .env("CACHELOCK_STAMPEDE_KEY", &key)
                 .env("CACHELOCK_STAMPEDE_COUNTER", &counter)

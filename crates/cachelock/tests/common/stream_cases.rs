@@ -14,11 +14,12 @@ use tokio::sync::mpsc;
 use super::memoize_cases::{Counter, Logs, Never, Op, Wrap, opts, rich};
 use super::unique_key;
 
-/// Expands every stream case into a test for one backend.
+/// Expands every stream case into a test for one backend, as
+/// [`conformance_tests!`](crate::conformance_tests) does (the same arguments).
 #[macro_export]
 macro_rules! memoize_stream_tests {
-    ($make:expr, paused = $paused:tt) => {
-        $crate::memoize_stream_tests!(@cases $make, $paused;
+    ($make:expr, paused = $paused:tt $(, #[$attr:meta])*) => {
+        $crate::memoize_stream_tests!(@cases $make, $paused, [$(#[$attr])*];
             stream_round_trip_then_hit, items_handed_out_as_produced,
             full_chunks_written_as_they_fill, hit_streams_chunk_by_chunk,
             early_drop_releases_lock_and_writes_no_manifest, producer_error_is_passed_on,
@@ -26,17 +27,19 @@ macro_rules! memoize_stream_tests {
             corrupt_stream_rebuilt_under_lock, store_error_still_yields_items,
             stream_value_appearing_while_waiting, values_and_streams_do_not_mix);
     };
-    (@cases $make:expr, $paused:tt; $($case:ident),*) => {
+    (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
+            $crate::memoize_stream_tests!(@attrs $attrs
             #[tokio::test(flavor = "current_thread", start_paused = $paused)]
             async fn $case() {
                 common::logs::init();
-                let made: Option<cachelock::SharedBackend> = $make;
-                if let Some(backend) = made {
-                    common::stream_cases::$case(backend).await;
-                }
-            }
+                let backend: cachelock::SharedBackend = $make;
+                common::stream_cases::$case(backend).await;
+            });
         )*
+    };
+    (@attrs [$(#[$attr:meta])*] $($item:tt)*) => {
+        $(#[$attr])* $($item)*
     };
 }
 

@@ -7,7 +7,7 @@
 //! Uses the first server of `CACHELOCK_TEST_MEMCACHED_URLS` (start it with
 //! `scripts/services start` and `source <(scripts/services env)`):
 //!
-//! `cargo bench -p cachelock --bench memcached_round_trips`
+//! `cargo bench -p cachelock-bench --bench memcached_round_trips`
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! source <(scripts/services env)
-//! cargo bench -p cachelock --bench redis_round_trips
+//! cargo bench -p cachelock-bench --bench redis_round_trips
 //! ```
 //!
 //! Goal: a lock cycle costs at most 2.2 raw round trips, i.e. cycles/s is at

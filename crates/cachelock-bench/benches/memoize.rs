@@ -8,7 +8,7 @@
 //!
 //! Runs on the embedded backend, and on Memcached and Redis when the test
 //! servers' variables are set (`source <(scripts/services env)`).
-//! `cargo bench -p cachelock --bench memoize`.
+//! `cargo bench -p cachelock-bench --bench memoize`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;

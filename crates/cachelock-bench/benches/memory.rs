@@ -1,7 +1,7 @@
 //! Throughput of the embedded in-memory backend and of an uncontended lock
 //! cycle on it. Prints the median of several runs.
 //!
-//! `cargo bench -p cachelock --bench memory`
+//! `cargo bench -p cachelock-bench --bench memory`
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -89,6 +89,9 @@ pub struct StampedeArgs {
     pub out: Output,
 }
 
+/// The first argument that makes `cachelock` a benchmark worker.
+pub const WORKER_ARG: &str = "__bench-worker";
+
 /// Arguments of the hidden worker process.
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -235,7 +238,7 @@ async fn cycle(global: &Global, args: CycleArgs) -> Result<u8, Fail> {
     if args.n == 0 {
         return Err(Fail::error("-n must be at least 1"));
     }
-    let (url, backend) = global.connect().await?;
+    let crate::common::Connected { url, backend, .. } = global.connect(None).await?;
     let key = run_key(global, "cycle")?;
     let lock = CacheLock::new(
         backend,
@@ -347,11 +350,11 @@ async fn run_workers(
     let mut children = Vec::new();
     for _ in 0..procs {
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg("--backend")
-            .arg(worker_backend(global, url))
-            .arg("--namespace")
-            .arg(&global.namespace)
-            .arg("__bench-worker")
+        // The URL (password included) goes through the environment: argv is
+        // visible to every user in `ps`.
+        cmd.env("CACHELOCK_BACKEND", worker_backend(global, url))
+            .env("CACHELOCK_NAMESPACE", &global.namespace)
+            .arg(WORKER_ARG)
             .arg("--workload")
             .arg(&args.workload)
             .arg("--key")
@@ -370,6 +373,9 @@ async fn run_workers(
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        if let Some(ca) = &global.tls_ca {
+            cmd.env("CACHELOCK_TLS_CA", ca);
+        }
         if args.check {
             cmd.arg("--check");
         }
@@ -418,7 +424,7 @@ fn clone_worker_args(a: &WorkerArgs) -> WorkerArgs {
 
 /// The hidden worker subcommand: runs one worker, prints its JSON report.
 pub async fn worker(global: &Global, args: WorkerArgs) -> Result<u8, Fail> {
-    let (_, backend) = global.connect().await?;
+    let backend = global.connect(None).await?.backend;
     let report = work(backend, &args).await?;
     println!("{report}");
     Ok(0)
@@ -524,7 +530,7 @@ async fn contended(global: &Global, args: ContendedArgs) -> Result<u8, Fail> {
     if args.procs == 0 {
         return Err(Fail::error("--procs must be at least 1"));
     }
-    let (url, backend) = global.connect().await?;
+    let crate::common::Connected { url, backend, .. } = global.connect(None).await?;
     let key = run_key(global, "contended")?;
     let counter = format!("{key}:counter");
     backend
@@ -594,7 +600,7 @@ async fn stampede(global: &Global, args: StampedeArgs) -> Result<u8, Fail> {
     if args.procs == 0 || args.tasks == 0 {
         return Err(Fail::error("--procs and --tasks must be at least 1"));
     }
-    let (url, backend) = global.connect().await?;
+    let crate::common::Connected { url, backend, .. } = global.connect(None).await?;
     let key = run_key(global, "stampede")?;
     let counter = format!("{key}:computes");
     let wargs = WorkerArgs {

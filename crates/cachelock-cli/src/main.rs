@@ -7,7 +7,6 @@ mod admin;
 mod bench;
 mod common;
 mod run;
-mod stampede;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -41,7 +41,7 @@ pub struct RunArgs {
     #[arg(short = 'n', long, conflicts_with = "wait")]
     pub no_wait: bool,
     /// Wait at most this long for the lock (5 = 5 seconds, or 10s, 2m), then
-    /// fail with the conflict exit code. Default: wait forever.
+    /// fail with the conflict exit code; 0 tries once. Default: wait forever.
     #[arg(short = 'w', long, value_name = "DURATION", value_parser = parse_duration)]
     pub wait: Option<Duration>,
     /// The lease: how long the lock outlives a cachelock that dies without
@@ -135,9 +135,6 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
         .lease(args.lease)
         .retry_interval(args.retry_interval);
     options.validate().map_err(Fail::error)?;
-    if args.wait == Some(Duration::ZERO) {
-        return Err(Fail::error("-w must be positive (use -n to try once)"));
-    }
     global.refuse_memory()?;
     let verbose = global.verbose > 0;
     let url = global.backend_url()?;
@@ -169,6 +166,13 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
         Acquired::Signal(sig) => return Ok(signal_code(sig)),
         Acquired::Failed(e) => {
             let message = format!("cannot take lock {key}: {e}");
+            // A key the backend refuses is the user's error, not the backend's.
+            if matches!(
+                e.as_backend(),
+                Some(cachelock::BackendError::InvalidKey { .. }) | None
+            ) {
+                return Err(Fail::error(message));
+            }
             return on_backend_error(&args, &message, &key, &program, &program_args).await;
         }
     };

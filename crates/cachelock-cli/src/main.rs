@@ -75,8 +75,12 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) on stdout, e.g. `cachelock man > cachelock.1`.
-    Man,
+    /// Print the man page (roff) on stdout, e.g. `cachelock man > cachelock.1`,
+    /// or a subcommand's (`cachelock man run > cachelock-run.1`).
+    Man {
+        /// The subcommand whose page to print.
+        subcommand: Option<String>,
+    },
 }
 
 /// A benchmark worker process: `cachelock __bench-worker ...`, started by
@@ -126,15 +130,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Cmd::Man => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cachelock: cannot write the man page: {e}");
-                    ExitCode::from(2)
-                }
-            };
-        }
+        Cmd::Man { subcommand } => return man(subcommand.as_deref()),
         _ => {}
     }
     let global = cli.global;
@@ -144,7 +140,7 @@ fn main() -> ExitCode {
             Cmd::Status(args) => admin::status(&global, args).await,
             Cmd::Release(args) => admin::release(&global, args).await,
             Cmd::Bench(cmd) => bench::bench(&global, cmd).await,
-            Cmd::Completions { .. } | Cmd::Man => Ok(0),
+            Cmd::Completions { .. } | Cmd::Man { .. } => Ok(0),
         }
     })
 }
@@ -180,6 +176,28 @@ fn run_async(
         Err(Fail { code, message }) => {
             eprintln!("cachelock: {message}");
             ExitCode::from(code)
+        }
+    }
+}
+
+/// Prints the man page of `cachelock` or of one of its subcommands.
+fn man(subcommand: Option<&str>) -> ExitCode {
+    let cmd = Cli::command();
+    let page = match subcommand {
+        None => clap_mangen::Man::new(cmd),
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => clap_mangen::Man::new(sub.clone()).title(format!("cachelock-{name}")),
+            None => {
+                eprintln!("cachelock: no subcommand {name:?} (see cachelock --help)");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match page.render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cachelock: cannot write the man page: {e}");
+            ExitCode::from(2)
         }
     }
 }

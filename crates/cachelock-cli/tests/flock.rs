@@ -257,6 +257,12 @@ fn version_completions_and_man_page() {
         text.contains("Exit codes"),
         "the man page has the exit codes"
     );
+    let out = env.run(&["man", "run"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(text.contains(".TH cachelock-run"), "{text}");
+    assert!(text.contains(r"kill\-on\-loss"), "run's options: {text}");
+    assert_eq!(env.run(&["man", "nosuch"]).status.code(), Some(2));
     assert_eq!(
         env.run(&["completions", "nosuchshell"]).status.code(),
         Some(2)

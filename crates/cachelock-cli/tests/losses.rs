@@ -244,6 +244,40 @@ fn a_timed_out_add_is_cleaned_up_before_exit() {
     );
 }
 
+// ------------------------------------------- 8: waiting through a blip
+
+/// Redis restarts (0.5 s down) while a waiter waits: the waiter retries and
+/// gets the lock (the restart lost the holder's), instead of failing on
+/// the first error. A backend down at the first attempt still fails at once.
+#[test]
+#[ignore = "needs the test servers: scripts/test"]
+fn a_waiter_waits_through_a_redis_restart() {
+    let mut server = common::PrivateServer::redis(None);
+    let port = server.port;
+    let env = Env::with_backend(&format!("redis://127.0.0.1:{port}"));
+    let k = key("blip");
+    let holder = env.spawn(&["run", &k, "--", "sleep", "20"]);
+    env.wait_held(&k);
+    let waiter = env.spawn(&["run", "-w", "20s", &k, "--", "echo", "got it"]);
+    std::thread::sleep(Duration::from_millis(500));
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let _server = common::PrivateServer::redis(Some(port));
+    let (out, _) = wait_output(waiter, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "got it\n");
+    assert!(stderr(&out).contains("still waiting"), "{}", stderr(&out));
+    kill("KILL", holder.id());
+    let _ = wait_output(holder, Duration::from_secs(5));
+    // Down from the start: an error at once, even with a long wait.
+    drop(_server);
+    let t = Instant::now();
+    let out = env.run(&["run", "-w", "20s", &k, "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
 // ----------------------------------------------- 9: absurd durations
 
 #[test]

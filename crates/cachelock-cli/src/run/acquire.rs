@@ -7,6 +7,10 @@
 //! lease): the attempt is driven to its answer for up to
 //! [`RESOLVE_LIMIT`], and a lock it took is released before `cachelock`
 //! exits. A second signal gives up at once.
+//!
+//! While waiting, a transient backend failure (unreachable, timed out) after
+//! the backend has answered once is retried with backoff until the wait
+//! runs out (issue 10, item 8, for the command); `-n` stays one attempt.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +24,9 @@ use crate::common::show_duration;
 /// How long an interrupted attempt (or a release on the way out) may take:
 /// the Redis client's response timeout.
 pub const RESOLVE_LIMIT: Duration = Duration::from_secs(5);
+
+/// The longest pause between attempts while the backend fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How the wait ended.
 pub enum Acquired {
@@ -44,6 +51,11 @@ pub async fn acquire(
 ) -> Acquired {
     let start = Instant::now();
     let until = wait.map(|w| start + w);
+    // Whether the backend has answered an attempt: a backend that cannot be
+    // reached at the first attempt is an error at once (a typo in a URL
+    // must not hang a cron job), a blip while waiting is not.
+    let mut answered = false;
+    let mut backoff = retry;
     loop {
         let attempt = lock.try_acquire();
         tokio::pin!(attempt);
@@ -63,6 +75,8 @@ pub async fn acquire(
         let pause = match result {
             Ok(guard) => return Acquired::Guard(guard, start.elapsed()),
             Err(e) if e.is_held() => {
+                answered = true;
+                backoff = retry;
                 if no_wait {
                     return Acquired::Conflict(format!(
                         "lock {} is held by someone else",
@@ -84,6 +98,23 @@ pub async fn acquire(
                         pause.min(left)
                     }
                 }
+            }
+            // A transient failure while waiting: retry with backoff while
+            // the wait lasts; the error ends the wait when it has run out.
+            Err(e) if e.is_unavailable() && answered && !no_wait => {
+                let left = until.map(|u| u.saturating_duration_since(Instant::now()));
+                if left.is_some_and(|l| l.is_zero()) {
+                    return Acquired::Failed(e);
+                }
+                let pause = left.map_or(backoff, |l| backoff.min(l));
+                eprintln!(
+                    "cachelock: warning: {}; still waiting for lock {}, next try in {}",
+                    crate::common::one_line(&e.to_string()),
+                    lock.key(),
+                    show_duration(pause)
+                );
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                pause
             }
             Err(e) => return Acquired::Failed(e),
         };

@@ -247,6 +247,28 @@ impl PrivateServer {
         Self { child, port }
     }
 
+    /// A Redis of its own on `port` (`None`: a free one), no persistence.
+    pub fn redis(port: Option<u16>) -> Self {
+        let port = port.unwrap_or_else(free_port);
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (scripts/services installs it)");
+        wait_port(port, "redis-server");
+        Self { child, port }
+    }
+
     /// A Redis of its own that wants `password`.
     pub fn redis_with_password(password: &str) -> Self {
         let port = free_port();

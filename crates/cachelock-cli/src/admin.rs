@@ -35,7 +35,8 @@ pub struct ReleaseArgs {
 /// Shows whether the key is held. Exit 0 held, 1 free.
 pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
     let key = global.cache_key(&args.key)?;
-    let (url, backend) = global.connect_shared().await?;
+    let conn = global.connect_shared().await?;
+    let (url, backend) = (conn.url, conn.backend);
     let fail = |e: cachelock::BackendError| Fail::error(format!("cannot read {key:?}: {e}"));
     let value = backend.get(&key).await.map_err(fail)?;
     let ttl = match value {
@@ -71,7 +72,7 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
 /// --force. Exit 0 released, 1 nothing released.
 pub async fn release(global: &Global, args: ReleaseArgs) -> Result<u8, Fail> {
     let key = global.cache_key(&args.key)?;
-    let (_, backend) = global.connect_shared().await?;
+    let backend = global.connect_shared().await?.backend;
     let fail = |e: cachelock::BackendError| Fail::error(format!("cannot release {key:?}: {e}"));
     if let Some(token) = &args.token {
         return match backend

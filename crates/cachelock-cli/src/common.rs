@@ -1,12 +1,24 @@
-//! What every subcommand shares: global options, backend selection, errors.
+//! What every subcommand shares: global options, backend selection, errors,
+//! durations and messages.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cachelock::{BackendUrl, KeyBuilder, SharedBackend};
 
 /// The exit code for usage errors, bad URLs and backend failures.
 pub const EXIT_ERROR: u8 = 2;
+
+/// The longest duration any option accepts: 30 days. Longer leases would be
+/// read by Memcached as a date, and nothing a lock does needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long `-n` waits for another process's write lock on the SQLite file
+/// (the default busy timeout, used otherwise, is 10 s).
+pub const NO_WAIT_BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A failure that ends the command with `code` and prints `message` on one
 /// line of stderr.
@@ -34,7 +46,8 @@ pub fn one_line(s: &str) -> String {
 /// Options accepted by every subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Global {
-    /// Cache backend URL [default: sqlite file in the user's cache dir].
+    /// Cache backend URL [default: sqlite file in the user's cache dir; an
+    /// empty value means the default too].
     #[arg(long, env = "CACHELOCK_BACKEND", global = true, value_name = "URL")]
     pub backend: Option<String>,
     /// Namespace put before KEY in the cache key ("" for none).
@@ -46,41 +59,151 @@ pub struct Global {
         value_name = "NS"
     )]
     pub namespace: String,
-    /// Log more (-v: info, -vv: debug) on stderr; or set CACHELOCK_LOG.
+    /// PEM file of the CA that signed a rediss:// server's certificate, used
+    /// instead of the system's roots (a private CA). No effect without TLS.
+    #[arg(long, env = "CACHELOCK_TLS_CA", global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Say what happens (-v: getting the lock took N s, running CMD,
+    /// released), like flock --verbose; -vv and -vvv add the library's logs.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
+/// A backend connection and what was asked for.
+pub struct Connected {
+    pub url: BackendUrl,
+    pub backend: SharedBackend,
+    /// For SQLite: the file's identity when it was opened.
+    pub sqlite: Option<FileId>,
+}
+
+/// A file's device and inode, to notice that its path now names another
+/// file or none (`rm -rf ~/.cache` while a lock is held in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileId {
+    pub path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// Whether the path still names the file that was opened.
+    pub fn still_there(&self) -> bool {
+        Self::of(&self.path).is_ok_and(|now| now == *self)
+    }
+}
+
 impl Global {
-    /// The backend URL chosen: `--backend`, `CACHELOCK_BACKEND`, or the
-    /// default SQLite file (its directory is created, private to the user).
+    /// The backend URL chosen: `--backend`, `CACHELOCK_BACKEND`, or (also
+    /// when either is empty) the default SQLite file, whose directory is
+    /// then created, private to the user.
     pub fn backend_url(&self) -> Result<BackendUrl, Fail> {
-        match &self.backend {
-            Some(url) => BackendUrl::parse(url).map_err(Fail::error),
-            None => Ok(BackendUrl::Sqlite(default_sqlite_path()?)),
+        match self.backend.as_deref().map(str::trim) {
+            Some(url) if !url.is_empty() => BackendUrl::parse(url).map_err(Fail::error),
+            _ => Ok(BackendUrl::Sqlite(default_sqlite_path()?)),
         }
     }
 
-    /// Connects to the chosen backend.
-    pub async fn connect(&self) -> Result<(BackendUrl, SharedBackend), Fail> {
+    /// The `--tls-ca` file's contents, if one was given.
+    pub fn tls_ca_pem(&self) -> Result<Option<Vec<u8>>, Fail> {
+        match &self.tls_ca {
+            Some(path) if !path.as_os_str().is_empty() => {
+                std::fs::read(path).map(Some).map_err(|e| {
+                    Fail::error(format!(
+                        "cannot read the --tls-ca file {}: {e}",
+                        path.display()
+                    ))
+                })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Connects to the chosen backend (see [`open`](Self::open)).
+    pub async fn connect(&self, busy: Option<Duration>) -> Result<Connected, Fail> {
         let url = self.backend_url()?;
-        let backend = url.connect().await.map_err(|e| match e {
+        let tls_ca = self.tls_ca_pem()?;
+        self.open(url, tls_ca, busy).await
+    }
+
+    /// Connects to `url`, trusting `tls_ca` (PEM) for TLS if given. `busy`
+    /// is the SQLite busy timeout (`None`: the library's default). Any
+    /// failure here is the backend's, not the user's.
+    pub async fn open(
+        &self,
+        url: BackendUrl,
+        tls_ca: Option<Vec<u8>>,
+        busy: Option<Duration>,
+    ) -> Result<Connected, Fail> {
+        let connected = match (&url, tls_ca) {
+            (BackendUrl::Sqlite(path), _) => {
+                let busy = busy.unwrap_or(cachelock::backend::sqlite::DEFAULT_BUSY_TIMEOUT);
+                cachelock::SqliteBackend::open_with_busy_timeout(path, busy)
+                    .await
+                    .map(|b| Arc::new(b) as SharedBackend)
+            }
+            (BackendUrl::Redis(u), Some(pem)) => cachelock::RedisBackend::connect_with(
+                u,
+                cachelock::RedisOptions::new().tls_root_certificate(pem),
+            )
+            .await
+            .map(|b| Arc::new(b) as SharedBackend),
+            (BackendUrl::RedisCluster(nodes), Some(pem)) => {
+                let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+                cachelock::RedisBackend::connect_cluster_with(
+                    &nodes,
+                    cachelock::RedisOptions::new().tls_root_certificate(pem),
+                )
+                .await
+                .map(|b| Arc::new(b) as SharedBackend)
+            }
+            _ => url.connect().await,
+        };
+        let backend = connected.map_err(|e| match e {
             cachelock::BackendError::InvalidUrl { .. } => Fail::error(e),
             e => Fail::error(format!("cannot use backend {url}: {e}")),
         })?;
-        Ok((url, backend))
+        let sqlite = match &url {
+            BackendUrl::Sqlite(path) => Some(FileId::of(path).map_err(|e| {
+                Fail::error(format!(
+                    "cannot look at the SQLite file {}: {e}",
+                    path.display()
+                ))
+            })?),
+            _ => None,
+        };
+        Ok(Connected {
+            url,
+            backend,
+            sqlite,
+        })
     }
 
-    /// Connects to the chosen backend, refusing `memory://`, which no other
-    /// process can see (so a lock in it would exclude nothing).
-    pub async fn connect_shared(&self) -> Result<(BackendUrl, SharedBackend), Fail> {
+    /// Refuses `memory://`, which no other process can see (so a lock in it
+    /// would exclude nobody).
+    pub fn refuse_memory(&self) -> Result<(), Fail> {
         if self.backend_url()? == BackendUrl::Memory {
             return Err(Fail::error(
                 "memory:// lives inside one process, so a lock in it excludes nobody; \
                  use the default (sqlite), redis:// or memcached:// (memory:// is for bench)",
             ));
         }
-        self.connect().await
+        Ok(())
+    }
+
+    /// Connects to the chosen backend, refusing `memory://`.
+    pub async fn connect_shared(&self) -> Result<Connected, Fail> {
+        self.refuse_memory()?;
+        self.connect(None).await
     }
 
     /// The full cache key for the user's `key`.
@@ -113,22 +236,68 @@ pub fn default_sqlite_path() -> Result<PathBuf, Fail> {
     Ok(dir.join("locks.sqlite3"))
 }
 
-/// Parses a humantime duration ("30s", "1m 30s", "250ms").
+/// Parses a duration: bare seconds like flock (`5`, `0.5`) or humantime
+/// (`30s`, `1m 30s`, `250ms`), at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 1m, 250ms)"))
+    let s = s.trim();
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+        Duration::try_from_secs_f64(secs).map_err(|_| too_long())?
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("{e} (examples: 5, 0.5, 30s, 1m, 250ms)"))?
+    };
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
 }
 
-/// Formats a duration for people, to the millisecond.
+fn too_long() -> String {
+    format!(
+        "durations are at most {} (30days)",
+        show_duration(MAX_DURATION)
+    )
+}
+
+/// A duration for people, rounded: `250ms`, `1.7s`, `42s`, `2m 5s`, `3h 2m`.
 pub fn show_duration(d: Duration) -> String {
-    let ms = Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    humantime::format_duration(ms).to_string()
+    let ms = d.as_millis();
+    let secs = d.as_secs();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        let tenths = (ms + 50) / 100;
+        if tenths.is_multiple_of(10) {
+            format!("{}s", tenths / 10)
+        } else {
+            format!("{}.{}s", tenths / 10, tenths % 10)
+        }
+    } else if secs < 60 {
+        format!("{secs}s")
+    } else if secs < 3600 {
+        format!("{}m {}s", secs / 60, secs % 60)
+    } else if secs < 86_400 {
+        format!("{}h {}m", secs / 3600, (secs % 3600) / 60)
+    } else {
+        format!("{}d {}h", secs / 86_400, (secs % 86_400) / 3600)
+    }
 }
 
-/// Sets up tracing on stderr: `CACHELOCK_LOG` if set, else by `-v`.
+/// Whether messages on stderr may use ANSI colour: only on a terminal, and
+/// not when `NO_COLOR` is set (<https://no-color.org>).
+pub fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Sets up the library's logs on stderr: `CACHELOCK_LOG` if set, else by
+/// `-v` (-vv: info, -vvv: debug; below that only errors).
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "error",
-        1 => "info",
+        0 | 1 => "error",
+        2 => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CACHELOCK_LOG")
@@ -136,5 +305,45 @@ pub fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour())
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_bare_seconds_and_stay_bounded() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m 30s"), Ok(Duration::from_secs(150)));
+        assert_eq!(parse_duration("30days"), Ok(MAX_DURATION));
+        for bad in [
+            "31days",
+            "18446744073709551615s",
+            "1e9",
+            "99999999999999999999",
+            ".",
+            "x",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_are_shown_rounded() {
+        for (d, want) in [
+            (Duration::from_micros(101_735), "101ms"),
+            (Duration::from_millis(1735), "1.7s"),
+            (Duration::from_millis(2000), "2s"),
+            (Duration::from_millis(9960), "10s"),
+            (Duration::from_millis(42_600), "42s"),
+            (Duration::from_secs(125), "2m 5s"),
+            (Duration::from_secs(3 * 3600 + 120), "3h 2m"),
+            (MAX_DURATION, "30d 0h"),
+        ] {
+            assert_eq!(show_duration(d), want);
+        }
+    }
 }

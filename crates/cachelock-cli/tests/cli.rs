@@ -1,129 +1,19 @@
 //! The `cachelock` command tested as a user runs it: the built binary,
 //! spawned as a process, on the embedded default backend (a SQLite file in a
-//! per-test cache dir) and, when the test servers are up, on Redis and
-//! Memcached.
+//! per-test cache dir) and, in the `#[ignore]`d tests that `scripts/test`
+//! runs, on the test Redis, Redis Cluster and Memcached.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cachelock");
+use common::{Env, PrivateServer, key, server_env, server_url, stderr, stdout, wait_output};
 
-/// One test's private environment: its own cache dir (so the default SQLite
-/// file is private) and optionally a backend URL.
-struct Env {
-    dir: tempfile::TempDir,
-    backend: Option<String>,
-}
-
-impl Env {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            backend: None,
-        }
-    }
-
-    fn with_backend(url: &str) -> Self {
-        Self {
-            backend: Some(url.to_owned()),
-            ..Self::new()
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.env("XDG_CACHE_HOME", self.dir.path())
-            .env_remove("CACHELOCK_BACKEND")
-            .env_remove("CACHELOCK_NAMESPACE")
-            .env_remove("CACHELOCK_LOG");
-        if let Some(b) = &self.backend {
-            c.env("CACHELOCK_BACKEND", b);
-        }
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    /// Starts `cachelock run` in the background.
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.cmd()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    /// Waits (up to 10 s) until `status KEY` says held.
-    fn wait_held(&self, key: &str) {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(10) {
-            if self.run(&["status", key]).status.code() == Some(0) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("{key} was never held");
-    }
-
-    fn file(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-fn key(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "cli-test:{name}:{}:{}:{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Waits for a background child, at most `limit`.
-fn wait_output(child: Child, limit: Duration) -> (Output, Duration) {
-    let t = Instant::now();
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let out = child.wait_with_output().unwrap();
-    let took = t.elapsed();
-    assert!(took < limit, "the process did not end within {limit:?}");
-    drop(watchdog);
-    (out, took)
-}
-
-fn server_env(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("CACHELOCK_TEST_SERVICES").is_ok_and(|v| v == "1") => {
-            panic!("{var} is not set although CACHELOCK_TEST_SERVICES=1")
-        }
-        _ => {
-            eprintln!("SKIPPED: {var} is not set; run scripts/test to start the test servers");
-            None
-        }
-    }
-}
+/// The default exit code for "the command ran, but the lock was lost".
+const LOST: i32 = 3;
 
 // ---------------------------------------------------------------- run
 
@@ -305,7 +195,7 @@ fn kill_on_loss_after_force_release() {
     assert!(stdout(&out).contains("force-released"));
     // Renewal (every 300 ms) finds the key gone and sends SIGTERM.
     let (out, took) = wait_output(holder, Duration::from_secs(5));
-    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(LOST), "{}", stderr(&out));
     assert!(stderr(&out).contains("lost the lock"), "{}", stderr(&out));
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
@@ -330,7 +220,7 @@ fn kill_on_loss_escalates_to_sigkill() {
     env.wait_held(&k);
     assert_eq!(env.run(&["release", "--force", &k]).status.code(), Some(0));
     let (out, _) = wait_output(holder, Duration::from_secs(5));
-    assert_eq!(out.status.code(), Some(128 + 9), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(LOST), "{}", stderr(&out));
     assert!(stderr(&out).contains("SIGKILL"), "{}", stderr(&out));
 }
 
@@ -342,7 +232,7 @@ fn loss_without_kill_warns_and_keeps_the_command() {
     env.wait_held(&k);
     assert_eq!(env.run(&["release", "--force", &k]).status.code(), Some(0));
     let (out, took) = wait_output(holder, Duration::from_secs(5));
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(LOST), "{}", stderr(&out));
     assert!(
         took >= Duration::from_millis(1300),
         "the command ran on: {took:?}"
@@ -420,36 +310,16 @@ fn mutual_exclusion_on_the_embedded_default() {
     mutual_exclusion(&Env::new(), 8);
 }
 
-/// The server backend at `var`, unless the server is not up (skips) or this
-/// build has no such backend (skips, visibly).
-fn server_backend(var: &str) -> Option<Env> {
-    let url = server_env(var)?;
-    let env = Env::with_backend(&url);
-    let out = env.run(&["status", &key("probe")]);
-    if stderr(&out).contains("not supported in this build") {
-        eprintln!("SKIPPED: {url}: {}", stderr(&out).trim());
-        return None;
-    }
-    assert!(
-        matches!(out.status.code(), Some(0 | 1)),
-        "{url}: {}",
-        stderr(&out)
-    );
-    Some(env)
-}
-
 #[test]
+#[ignore = "needs the test servers: scripts/test"]
 fn mutual_exclusion_on_redis() {
-    if let Some(env) = server_backend("CACHELOCK_TEST_REDIS_URL") {
-        mutual_exclusion(&env, 8);
-    }
+    mutual_exclusion(&server_env("CACHELOCK_TEST_REDIS_URL"), 8);
 }
 
 #[test]
+#[ignore = "needs the test servers: scripts/test"]
 fn mutual_exclusion_on_redis_cluster() {
-    let Some(urls) = server_env("CACHELOCK_TEST_REDIS_CLUSTER_URLS") else {
-        return;
-    };
+    let urls = server_url("CACHELOCK_TEST_REDIS_CLUSTER_URLS");
     let hosts: Vec<&str> = urls
         .split(',')
         .map(|u| u.trim().trim_start_matches("redis://"))
@@ -466,10 +336,9 @@ fn mutual_exclusion_on_redis_cluster() {
 }
 
 #[test]
+#[ignore = "needs the test servers: scripts/test"]
 fn mutual_exclusion_on_memcached() {
-    if let Some(env) = server_backend("CACHELOCK_TEST_MEMCACHED_URLS") {
-        mutual_exclusion(&env, 8);
-    }
+    mutual_exclusion(&server_env("CACHELOCK_TEST_MEMCACHED_URLS"), 8);
 }
 
 // ---------------------------------------------------- errors and usage
@@ -730,78 +599,14 @@ fn bench_contended_without_the_lock_shows_violations() {
     assert!(v["overlaps"].as_u64().unwrap() > 0, "{v}");
 }
 
-/// A private Memcached on a free port, killed when dropped.
-struct PrivateMemcached {
-    child: Child,
-    url: String,
-}
-
-impl PrivateMemcached {
-    fn start() -> Option<Self> {
-        if Command::new("memcached").arg("-h").output().is_err() {
-            eprintln!("SKIPPED: no memcached binary");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("memcached");
-        cmd.args([
-            "-l",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "0",
-            "-m",
-            "16",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        if std::env::var("USER").is_ok_and(|u| u == "root") || is_root() {
-            cmd.args(["-u", "root"]);
-        }
-        let child = cmd.spawn().unwrap();
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "memcached did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Self {
-            child,
-            url: format!("memcached://127.0.0.1:{port}"),
-        })
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-impl Drop for PrivateMemcached {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The cache server dies under a running command: renewals fail, and once
 /// the lease has run out by the local clock the lock counts as lost and
 /// --kill-on-loss stops the command.
 #[test]
+#[ignore = "needs the test servers: scripts/test"]
 fn server_gone_during_run_loses_the_lease() {
-    let Some(mut server) = PrivateMemcached::start() else {
-        return;
-    };
-    let env = Env::with_backend(&server.url);
+    let mut server = PrivateServer::memcached();
+    let env = Env::with_backend(&format!("memcached://127.0.0.1:{}", server.port));
     let k = key("server-gone");
     let holder = env.spawn(&[
         "run",
@@ -818,7 +623,7 @@ fn server_gone_during_run_loses_the_lease() {
     server.child.wait().unwrap();
     let (out, took) = wait_output(holder, Duration::from_secs(6));
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(128 + 15), "{err}");
+    assert_eq!(out.status.code(), Some(LOST), "{err}");
     assert!(err.contains("could not renew the lease"), "{err}");
     assert!(err.contains("lost the lock"), "{err}");
     assert!(took < Duration::from_secs(3), "{took:?}");

@@ -91,11 +91,38 @@ impl<const N: usize> From<[&str; N]> for CacheKey {
     }
 }
 
-impl From<(&str, &str)> for CacheKey {
-    fn from((a, b): (&str, &str)) -> Self {
-        CacheKey::Parts(vec![a.to_owned(), b.to_owned()])
-    }
+/// Tuples of 1 to 8 parts, each anything [`Display`](std::fmt::Display)
+/// (`&str`, `String`, integers, ...), are [`CacheKey::Parts`]: every part
+/// is escaped, so `("user", 42)` and `("user:42",)` are different keys.
+///
+/// ```
+/// use cachelock::{CacheKey, KeyBuilder};
+///
+/// let keys = KeyBuilder::new("app");
+/// let name = String::from("ann");
+/// assert_eq!(keys.build(("user", 42u64)), "app:user:42");
+/// assert_eq!(keys.build(("user", &name, "a:b")), "app:user:ann:a%3Ab");
+/// assert_eq!(CacheKey::from(("a", "b")), CacheKey::Parts(vec!["a".into(), "b".into()]));
+/// ```
+macro_rules! tuple_keys {
+    ($($name:ident),+) => {
+        impl<$($name: std::fmt::Display),+> From<($($name,)+)> for CacheKey {
+            #[allow(non_snake_case)]
+            fn from(($($name,)+): ($($name,)+)) -> Self {
+                CacheKey::Parts(vec![$($name.to_string()),+])
+            }
+        }
+    };
 }
+
+tuple_keys!(A);
+tuple_keys!(A, B);
+tuple_keys!(A, B, C);
+tuple_keys!(A, B, C, D);
+tuple_keys!(A, B, C, D, E);
+tuple_keys!(A, B, C, D, E, F);
+tuple_keys!(A, B, C, D, E, F, G);
+tuple_keys!(A, B, C, D, E, F, G, H);
 
 /// Builds full cache keys: namespace, escaping, length limit and optional
 /// HMAC.

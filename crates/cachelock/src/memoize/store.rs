@@ -182,7 +182,7 @@ pub(crate) async fn store_plain(ctx: &Ctx<'_>, plain: &[u8], guard: Option<&mut 
     if try_inline {
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
             Ok(item) if item.len() <= ctx.limit => {
-                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
                     tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                 }
                 return;
@@ -355,7 +355,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
             return false;
         }
@@ -368,7 +368,7 @@ impl ChunkWriter {
         let Some(first) = self.first_write else {
             return;
         };
-        let margin = ctx.chunk_ttl() - ctx.options.expiration;
+        let margin = ctx.chunk_ttl() - ctx.call.expiration;
         if first.elapsed() < margin / 2 {
             return;
         }

@@ -5,7 +5,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use cachelock::{CacheLock, LockOptions, Released, Wait};
+use cachelock::{CacheLock, LockOptions, Released};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
@@ -74,13 +74,15 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Fail::error)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(Fail::error)?;
 
-    let wait = match (args.no_wait, args.wait) {
-        (true, _) => Wait::NoWait,
-        (false, Some(d)) => Wait::Timeout(d),
-        (false, None) => Wait::Forever,
+    let acquire = async {
+        match (args.no_wait, args.wait) {
+            (true, _) => lock.try_acquire().await,
+            (false, Some(d)) => lock.acquire_timeout(d).await,
+            (false, None) => lock.acquire().await,
+        }
     };
     let acquired = tokio::select! {
-        r = lock.acquire_with(wait) => r,
+        r = acquire => r,
         _ = sigint.recv() => return Ok(128 + Signal::SIGINT as u8),
         _ = sigterm.recv() => return Ok(128 + Signal::SIGTERM as u8),
         _ = sighup.recv() => return Ok(128 + Signal::SIGHUP as u8),

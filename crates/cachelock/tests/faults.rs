@@ -98,8 +98,7 @@ fn memo_options(chunk: usize) -> MemoizeOptions {
         .chunk_size(chunk)
         .lock(
             LockOptions::new()
-                .lease(Duration::from_secs(5))
-                .wait(Wait::Timeout(Duration::from_secs(1))),
+                .lease(Duration::from_secs(5)).max_wait(Duration::from_secs(1)),
         )
 }
 
@@ -318,7 +317,7 @@ async fn latency_above_the_response_timeout(kind: Kind) {
         // The free lock: its timed-out add was cleaned up or expires with
         // its 3 s lease; either way it can be taken again.
         let g = free
-            .acquire_with(Wait::Timeout(Duration::from_secs(6)))
+            .acquire_timeout(Duration::from_secs(6))
             .await
             .unwrap();
         assert_eq!(g.release().await.unwrap(), Released::Released);
@@ -383,7 +382,7 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
             Err(e) => assert!(e.is_unavailable(), "{e:?}"),
         }
         let g = l
-            .acquire_with(Wait::Timeout(Duration::from_secs(8)))
+            .acquire_timeout(Duration::from_secs(8))
             .await
             .unwrap();
         assert_eq!(g.release().await.unwrap(), Released::Released);
@@ -656,12 +655,12 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         let mut g = l.try_acquire().await.unwrap();
         tokens.push(g.token().to_owned());
         g.extend(None).await.unwrap();
-        g.release().await.unwrap();
+        let _ = g.release().await.unwrap();
         // A waiter that times out.
         let g = l.try_acquire().await.unwrap();
         tokens.push(g.token().to_owned());
         let e = l
-            .acquire_with(Wait::Timeout(Duration::from_millis(200)))
+            .acquire_timeout(Duration::from_millis(200))
             .await
             .unwrap_err();
         assert!(e.is_timed_out(), "{e:?}");
@@ -699,8 +698,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         // release finds the lease gone), and a lock held elsewhere.
         let mo = MemoizeOptions::new().expiration(LONG).lock(
             LockOptions::new()
-                .lease(Duration::from_secs(1))
-                .wait(Wait::Timeout(Duration::from_millis(300))),
+                .lease(Duration::from_secs(1)).max_wait(Duration::from_millis(300)),
         );
         let mk = unique_key("log-tokens-memo");
         let slow: u32 = memoize(&b, mk.as_str(), &mo, || async {
@@ -725,7 +723,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
             .await
             .unwrap();
         assert_eq!(v, 8);
-        held.release().await.unwrap();
+        let _ = held.release().await.unwrap();
         tokens
     })
     .await;
@@ -789,8 +787,7 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
         let key = unique_key("memo-locked-out");
         let mo = memo_options(16 * 1024).lock(
             LockOptions::new()
-                .lease(Duration::from_secs(10))
-                .wait(Wait::Timeout(Duration::from_millis(300))),
+                .lease(Duration::from_secs(10)).max_wait(Duration::from_millis(300)),
         );
         let lock_key = mo.full_lock_key(&CacheKey::from(key.as_str()));
         let holder = CacheLock::new(other.clone(), lock_key.clone(), LockOptions::default())
@@ -902,7 +899,7 @@ async fn contention_under_faults_has_no_silent_overlap(kind: Kind) {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let guard = match lock
-                    .acquire_with(Wait::Timeout(Duration::from_secs(1)))
+                    .acquire_timeout(Duration::from_secs(1))
                     .await
                 {
                     Ok(guard) => guard,

@@ -53,3 +53,4 @@ pub fn unique_key(name: &str) -> String {
 pub mod memoize_cases;
 pub mod stampede;
 pub mod stream_cases;
+pub mod opts;

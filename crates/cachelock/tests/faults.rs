@@ -24,10 +24,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cachelock::{
-    BackendError, CacheKey, CacheLock, Error, LockOptions, MemoizeError, MemoizeOptions,
-    OnLockTimeout, Released, SharedBackend, Wait, memoize,
+    BackendError, CacheKey, CacheLock, Error, LockOptions, MemoizeError, OnLockFailure, Released,
+    SharedBackend,
 };
 use common::memoize_cases::Counter;
+use common::opts::{Opts, memoize};
 use common::rig::{Kind, Rig, RigOptions, assert_recovers, bounded, retry_unavailable};
 use common::{logs, unique_key};
 use tokio::time::Instant;
@@ -91,8 +92,8 @@ async fn token_under(b: &cachelock::SharedBackend, key: &str) -> Option<String> 
 
 /// Memoize settings for the scenarios: chunks of `chunk` bytes, no
 /// compression (so the stored size is the value's), a short lock.
-fn memo_options(chunk: usize) -> MemoizeOptions {
-    MemoizeOptions::new()
+fn memo_options(chunk: usize) -> Opts {
+    Opts::new()
         .expiration(LONG)
         .compression(false)
         .chunk_size(chunk)
@@ -119,7 +120,7 @@ fn big_value(seed: u64, len: usize) -> Vec<u8> {
 async fn memo(
     b: &SharedBackend,
     key: &str,
-    o: &MemoizeOptions,
+    o: &Opts,
     n: &Counter,
     value: &[u8],
 ) -> Vec<u8> {
@@ -129,7 +130,7 @@ async fn memo(
 async fn memo_result(
     b: &SharedBackend,
     key: &str,
-    o: &MemoizeOptions,
+    o: &Opts,
     n: &Counter,
     value: &[u8],
 ) -> Result<Vec<u8>, MemoizeError<Infallible>> {
@@ -146,7 +147,7 @@ async fn memo_result(
 async fn assert_cached_soon(
     b: &SharedBackend,
     key: &str,
-    o: &MemoizeOptions,
+    o: &Opts,
     n: &Counter,
     value: &[u8],
 ) {
@@ -438,11 +439,11 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
         let expected: Vec<String> = (0..20_000)
             .map(|i| format!("item {i:05} {}", "x".repeat(200 + i % 97)))
             .collect();
-        let read = |o: MemoizeOptions| {
+        let read = |o: Opts| {
             let items = expected.clone();
             let (b, sk) = (b.clone(), sk.clone());
             async move {
-                let s = cachelock::memoize_iter(
+                let s = common::opts::memoize_iter(
                     &b,
                     sk.as_str(),
                     &o,
@@ -696,7 +697,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
 
         // Memoize's own locks: a compute that outlives its lease (the
         // release finds the lease gone), and a lock held elsewhere.
-        let mo = MemoizeOptions::new().expiration(LONG).lock(
+        let mo = Opts::new().expiration(LONG).lock(
             LockOptions::new()
                 .lease(Duration::from_secs(1)).max_wait(Duration::from_millis(300)),
         );
@@ -805,8 +806,8 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
             t.elapsed()
         );
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        // With OnLockTimeout::Fail: a typed error and no compute.
-        let fail = mo.clone().on_lock_timeout(OnLockTimeout::Fail);
+        // With OnLockFailure::Fail: a typed error and no compute.
+        let fail = mo.clone().on_lock_failure(OnLockFailure::Fail);
         let key2 = unique_key("memo-locked-out-fail");
         let lock_key2 = fail.full_lock_key(&CacheKey::from(key2.as_str()));
         let holder2 = CacheLock::new(other.clone(), lock_key2, LockOptions::default())

@@ -107,12 +107,6 @@ impl Flights {
             finished: false,
         })
     }
-
-    /// How many flights are in progress.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.0.lock().len()
-    }
 }
 
 /// The leader's handle; dropping it without [`Flight::finish`] makes the

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use cachelock::{Cache, CacheBuilder, MemoryBackend, SharedBackend};
 
-
 /// Median nanoseconds per op over `rounds` rounds of `per_round` ops.
 async fn median_ns<F, Fut>(rounds: usize, per_round: usize, mut op: F) -> f64
 where
@@ -105,7 +104,9 @@ async fn hit_1kb(o: CacheBuilder, label: &str, goal: f64, rounds: usize, per: us
     let value = text(1024, 7);
     let key = format!("bench:1kb:{label}");
     let full = cache.full_key(key.as_str());
-    let v: String = cache.get_with(key.as_str(), || async { value.clone() }).await;
+    let v: String = cache
+        .get_with(key.as_str(), || async { value.clone() })
+        .await;
     assert_eq!(v, value);
     // The same stored bytes under another key, read raw.
     let stored = b.get(&full).await.unwrap().unwrap();
@@ -121,7 +122,9 @@ async fn hit_1kb(o: CacheBuilder, label: &str, goal: f64, rounds: usize, per: us
             std::hint::black_box(b.get(&raw_key).await.unwrap());
         },
         || async {
-            let v: String = cache.get_with(key.as_str(), || async { String::new() }).await;
+            let v: String = cache
+                .get_with(key.as_str(), || async { String::new() })
+                .await;
             std::hint::black_box(v);
         },
     )
@@ -150,7 +153,9 @@ async fn read_10mb(o: CacheBuilder, label: &str, rounds: usize, per: usize) {
     let b = cache.backend();
     let value = text(LEN, 11);
     let key = format!("bench:10mb:{label}");
-    let v: String = cache.get_with(key.as_str(), || async { value.clone() }).await;
+    let v: String = cache
+        .get_with(key.as_str(), || async { value.clone() })
+        .await;
     assert_eq!(v.len(), LEN);
     // Raw chunks of the same count and size.
     let chunk = cachelock::memoize::DEFAULT_CHUNK_SIZE - cachelock::memoize::CHUNK_OVERHEAD;
@@ -176,7 +181,9 @@ async fn read_10mb(o: CacheBuilder, label: &str, rounds: usize, per: usize) {
     })
     .await;
     let memo = median_ns(rounds, per, || async {
-        let v: String = cache.get_with(key.as_str(), || async { String::new() }).await;
+        let v: String = cache
+            .get_with(key.as_str(), || async { String::new() })
+            .await;
         std::hint::black_box(v);
     })
     .await;

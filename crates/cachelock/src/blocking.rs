@@ -301,10 +301,7 @@ impl Entry<'_> {
         I::IntoIter: Send + 'static,
     {
         MemoizeIter {
-            stream: Some(
-                self.inner
-                    .stream_with(futures_util::stream::iter(items)),
-            ),
+            stream: Some(self.inner.stream_with(futures_util::stream::iter(items))),
         }
     }
 }
@@ -430,7 +427,9 @@ impl LockGuard {
 
     /// As [`crate::LockGuard::remaining`].
     pub fn remaining(&self) -> Duration {
-        self.inner.as_ref().map_or(Duration::ZERO, |g| g.remaining())
+        self.inner
+            .as_ref()
+            .map_or(Duration::ZERO, |g| g.remaining())
     }
 
     /// Whether the lease is known to be gone.

@@ -468,7 +468,10 @@ impl fmt::Debug for CacheBuilder {
         f.debug_struct("CacheBuilder")
             .field("backend", &self.backend)
             .field("namespace", &self.namespace)
-            .field("key_secret", &self.key_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "key_secret",
+                &self.key_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("expiration", &self.expiration)
             .field("lock", &self.lock)
             .field("lock_on_miss", &self.lock_on_miss)
@@ -630,7 +633,10 @@ impl CacheBuilder {
             expiration: self.expiration,
             codec: Codec {
                 compression: self.compression,
-                cipher: self.encryption_key.as_deref().map(|k| Arc::new(Cipher::new(k))),
+                cipher: self
+                    .encryption_key
+                    .as_deref()
+                    .map(|k| Arc::new(Cipher::new(k))),
             },
             lock: self.lock_on_miss.then(|| self.lock.clone()),
             limit,

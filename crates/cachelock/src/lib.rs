@@ -67,7 +67,7 @@ pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, connect};
 pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};
-pub use key::{CacheKey, KeyBuilder};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
+pub use key::{CacheKey, KeyBuilder};
 pub use lock::{CacheLock, LockGuard, LockOptions, MAX_DURATION, Outcome, Released};
 pub use memoize::{Compression, MemoizeError, MemoizeStream, OnLockFailure};

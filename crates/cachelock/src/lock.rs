@@ -538,7 +538,9 @@ impl CacheLock {
         } else {
             0.0
         };
-        retry.saturating_add(Duration::try_from_secs_f64(retry.as_secs_f64() * jitter).unwrap_or_default())
+        retry.saturating_add(
+            Duration::try_from_secs_f64(retry.as_secs_f64() * jitter).unwrap_or_default(),
+        )
     }
 
     /// The pause after the `n`th backend failure in a row: the retry pause

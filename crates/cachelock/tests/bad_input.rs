@@ -326,13 +326,7 @@ mod memoize_input {
         }
     }
 
-    async fn memo(
-        b: &SharedBackend,
-        key: &str,
-        o: &Opts,
-        n: &Counter,
-        value: &[u8],
-    ) -> Vec<u8> {
+    async fn memo(b: &SharedBackend, key: &str, o: &Opts, n: &Counter, value: &[u8]) -> Vec<u8> {
         mz(b, key, o, n, value.to_vec()).await
     }
 
@@ -558,11 +552,7 @@ mod memoize_input {
         let b: SharedBackend = Arc::new(cachelock::MemoryBackend::new());
         let max = b.max_value_size();
         // (Encrypted: inline, since an encrypted manifest hides its chunk keys.)
-        for o in [
-            chunked(),
-            Opts::new().encryption_key(b"k1"),
-            Opts::new(),
-        ] {
+        for o in [chunked(), Opts::new().encryption_key(b"k1"), Opts::new()] {
             let key = unique_key("fuzz-entry");
             let value: Vec<String> = (0..300).map(|i| format!("item {i}")).collect();
             let v = value.clone();

@@ -13,7 +13,11 @@ fn backend() -> SharedBackend {
 }
 
 fn cache(b: &SharedBackend, lock: LockOptions) -> blocking::Cache {
-    Cache::builder(b.clone()).lock(lock).build().unwrap().blocking()
+    Cache::builder(b.clone())
+        .lock(lock)
+        .build()
+        .unwrap()
+        .blocking()
 }
 
 fn key(name: &str) -> String {
@@ -38,21 +42,31 @@ fn memoize_computes_once_then_hits() {
     assert_eq!(c.get::<Vec<String>>(k.as_str()).unwrap().unwrap().len(), 2);
     c.invalidate(k.as_str()).unwrap();
     assert_eq!(c.get::<Vec<String>>(k.as_str()).unwrap(), None);
-    assert_eq!(c.get_with(k.as_str(), || vec!["b".to_string()]).unwrap(), vec!["b"]);
+    assert_eq!(
+        c.get_with(k.as_str(), || vec!["b".to_string()]).unwrap(),
+        vec!["b"]
+    );
 }
 
 #[test]
 fn memoize_compute_error_is_returned() {
     let c = cache(&backend(), LockOptions::new());
-    let r: Result<u8, _> = c.try_get_with(key("err").as_str(), || Err(std::io::Error::other("nope")));
+    let r: Result<u8, _> =
+        c.try_get_with(key("err").as_str(), || Err(std::io::Error::other("nope")));
     assert!(matches!(r, Err(MemoizeError::Compute(ref e)) if e.to_string() == "nope"));
     // Issue 10, item 15: the message says what the compute said.
-    assert_eq!(r.unwrap_err().to_string(), "computing the value failed: nope");
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "computing the value failed: nope"
+    );
 }
 
 #[test]
 fn memoize_from_many_threads_computes_once() {
-    let c = cache(&backend(), LockOptions::new().max_wait(Duration::from_secs(10)));
+    let c = cache(
+        &backend(),
+        LockOptions::new().max_wait(Duration::from_secs(10)),
+    );
     let k = key("threads");
     let calls = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..8)

@@ -265,7 +265,10 @@ async fn invalid_options_are_refused() {
         .expiration(Duration::MAX)
         .or_try_insert_with(|| async { Ok::<_, Never>(1u8) })
         .await;
-    assert!(matches!(r, Err(cachelock::MemoizeError::Config(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(cachelock::MemoizeError::Config(_))),
+        "{r:?}"
+    );
     assert_eq!(cache.get::<u8>("k").await, None);
 }
 

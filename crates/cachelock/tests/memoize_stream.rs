@@ -15,8 +15,8 @@ mod props {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use cachelock::{MemoizeError, MemoryBackend, SharedBackend};
     use crate::common::opts::{Opts, memoize_iter};
+    use cachelock::{MemoizeError, MemoryBackend, SharedBackend};
     use futures_util::StreamExt;
     use proptest::prelude::*;
 

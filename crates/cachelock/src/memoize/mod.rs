@@ -77,10 +77,10 @@ use crate::handle::Inner;
 use crate::key::CacheKey;
 use crate::lock::Tasks;
 
-pub use codec::{CHUNK_OVERHEAD, Compression, FORMAT_VERSION, INLINE_OVERHEAD};
 /// For the `memoize_decode` fuzz target only; not part of the API.
 #[doc(hidden)]
 pub use codec::fuzz_decode;
+pub use codec::{CHUNK_OVERHEAD, Compression, FORMAT_VERSION, INLINE_OVERHEAD};
 pub use options::{DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRATION, OnLockFailure};
 pub use stream::MemoizeStream;
 
@@ -90,8 +90,8 @@ pub(crate) use options::{Call, Config, MIN_CHUNK_SIZE};
 pub(crate) use stream::stream_with;
 
 use flight::{Flight, FlightOutcome, Joined};
-pub(crate) use store::{ReadOutcome, read_value};
 use store::store_plain;
+pub(crate) use store::{ReadOutcome, read_value};
 use wait::{LockWait, release, wait_for_lock};
 
 /// A memoize failure that matters to the caller. Cache read and write
@@ -173,12 +173,10 @@ impl<'a> Ctx<'a> {
     /// manifest never outlives its chunks.
     pub(crate) fn chunk_ttl(&self) -> std::time::Duration {
         let e = self.call.expiration;
-        e.saturating_add(
-            (e / 10).clamp(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(300),
-            ),
-        )
+        e.saturating_add((e / 10).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(300),
+        ))
     }
 }
 
@@ -254,9 +252,7 @@ where
                 FlightOutcome::LockFailed(failure) => {
                     return match call.on_lock_failure {
                         OnLockFailure::Fail => Err(Failure::Lock(failure.to_error(), compute)),
-                        OnLockFailure::ComputeAnyway => {
-                            lead(&ctx, key, compute, None, false).await
-                        }
+                        OnLockFailure::ComputeAnyway => lead(&ctx, key, compute, None, false).await,
                     };
                 }
             },

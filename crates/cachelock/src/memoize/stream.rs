@@ -450,8 +450,7 @@ impl<T: Serialize, E> Fresh<T, E> {
             if writer.chunk_count() == 0 && self.buf.len() + INLINE_OVERHEAD <= ctx.limit {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await
-                        {
+                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
                             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                         }
                     }

@@ -140,7 +140,8 @@ pub async fn waiter_times_out_and_holder_keeps_lock(b: SharedBackend) {
     let waiter = lock(
         &b,
         &key,
-        LockOptions::default().max_wait(Duration::from_millis(50))
+        LockOptions::default()
+            .max_wait(Duration::from_millis(50))
             .retry_interval(Duration::from_millis(400)),
     );
     let start = Instant::now();
@@ -358,7 +359,11 @@ pub async fn with_lock_releases(b: SharedBackend) {
 /// out while the work ran (it used to return `Ok(value)` and log nothing).
 pub async fn with_lock_reports_an_overrun(b: SharedBackend) {
     let key = unique_key("closure-overrun");
-    let l = lock(&b, &key, LockOptions::default().lease(Duration::from_secs(1)));
+    let l = lock(
+        &b,
+        &key,
+        LockOptions::default().lease(Duration::from_secs(1)),
+    );
     let (logs, _g) = logs::capture();
     let out = l
         .with_lock(|| async {
@@ -386,10 +391,14 @@ pub async fn extend_past_deadline_touches_nothing(b: SharedBackend) {
     use super::memoize_cases::{Op, Wrap};
     let w = Wrap::new(b.clone());
     let key = unique_key("extend-late");
-    let mut guard = lock(&w.shared(), &key, LockOptions::default().lease(Duration::from_secs(1)))
-        .acquire()
-        .await
-        .unwrap();
+    let mut guard = lock(
+        &w.shared(),
+        &key,
+        LockOptions::default().lease(Duration::from_secs(1)),
+    )
+    .acquire()
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     b.set(&key, guard.token().as_bytes(), Duration::from_secs(60))
         .await
@@ -399,8 +408,17 @@ pub async fn extend_past_deadline_touches_nothing(b: SharedBackend) {
     let err = guard.extend(None).await.unwrap_err();
     assert!(err.is_lease_expired(), "{err:?}");
     assert!(guard.is_lost());
-    assert_eq!(w.count(|op| matches!(op, Op::ExtendIfEq(_))), 0, "{:?}", w.ops());
-    assert!(logs.at("WARN").iter().any(|l| l.contains(&key)), "{:?}", logs.lines());
+    assert_eq!(
+        w.count(|op| matches!(op, Op::ExtendIfEq(_))),
+        0,
+        "{:?}",
+        w.ops()
+    );
+    assert!(
+        logs.at("WARN").iter().any(|l| l.contains(&key)),
+        "{:?}",
+        logs.lines()
+    );
     assert_eq!(guard.release().await.unwrap(), Released::Expired);
     b.delete(&key).await.unwrap();
 }

@@ -46,7 +46,10 @@ impl Opts {
 
     /// One more builder step (a new recipe: handles are not shared with
     /// the old one).
-    pub fn then(mut self, step: impl Fn(CacheBuilder) -> CacheBuilder + Send + Sync + 'static) -> Self {
+    pub fn then(
+        mut self,
+        step: impl Fn(CacheBuilder) -> CacheBuilder + Send + Sync + 'static,
+    ) -> Self {
         self.steps.push(Arc::new(step));
         self.handles = Arc::default();
         self

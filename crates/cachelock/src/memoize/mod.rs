@@ -212,47 +212,66 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let ctx = Ctx::new(inner, call, inner.config.keys.build_key(key));
-    if call.force_overwrite {
-        return lead(&ctx, key, compute, None, true).await;
+    if !call.force_overwrite {
+        // The hit path: one read, nothing shared.
+        if let ReadOutcome::Hit(v, _) = first_read::<T>(&ctx).await {
+            return Ok(v);
+        }
     }
-    // The hit path: one read, nothing shared.
-    if let ReadOutcome::Hit(v, _) = first_read::<T>(&ctx).await {
-        return Ok(v);
+    // The miss path is boxed, so the hit path's future stays small.
+    Box::pin(miss(inner, &ctx, key, call, compute)).await
+}
+
+/// After a miss (or for a forced overwrite): single flight, then lead.
+async fn miss<T, E, F, Fut>(
+    inner: &Inner,
+    ctx: &Ctx<'_>,
+    key: &CacheKey,
+    call: &Call,
+    compute: F,
+) -> Result<T, Failure<E, F>>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    if call.force_overwrite {
+        return lead(ctx, key, compute, None, true).await;
     }
     if !inner.config.single_flight {
-        return lead(&ctx, key, compute, None, true).await;
+        return lead(ctx, key, compute, None, true).await;
     }
     // One attempt per handle: the leader computes (under the lock); the
     // others wait for it and decode what it found.
     let mut retries = 0;
     loop {
         match inner.flights.join::<T>(&ctx.key) {
-            Joined::Leader(flight) => return lead(&ctx, key, compute, Some(flight), true).await,
+            Joined::Leader(flight) => return lead(ctx, key, compute, Some(flight), true).await,
             Joined::Follower(waiter) => match waiter.wait().await {
                 FlightOutcome::Done(plain) => match store::decode_value::<T>(&plain) {
                     Ok(v) => return Ok(v),
-                    Err(_) => return lead(&ctx, key, compute, None, true).await,
+                    Err(_) => return lead(ctx, key, compute, None, true).await,
                 },
                 // The leader was dropped: try again, a few times.
                 FlightOutcome::Retry => {
                     retries += 1;
                     if retries > flight::MAX_RETRIES {
                         tracing::debug!(key = %ctx.key, "memoize leaders kept going away; going on alone");
-                        return lead(&ctx, key, compute, None, true).await;
+                        return lead(ctx, key, compute, None, true).await;
                     }
                 }
                 FlightOutcome::ComputeFailed => {
-                    if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx).await {
+                    if let ReadOutcome::Hit(v, _) = read_value::<T>(ctx).await {
                         return Ok(v);
                     }
-                    return lead(&ctx, key, compute, None, true).await;
+                    return lead(ctx, key, compute, None, true).await;
                 }
                 // The leader waited for the lock in vain, as long as we
                 // would have: do what our own call says.
                 FlightOutcome::LockFailed(failure) => {
                     return match call.on_lock_failure {
                         OnLockFailure::Fail => Err(Failure::Lock(failure.to_error(), compute)),
-                        OnLockFailure::ComputeAnyway => lead(&ctx, key, compute, None, false).await,
+                        OnLockFailure::ComputeAnyway => lead(ctx, key, compute, None, false).await,
                     };
                 }
             },

@@ -37,7 +37,11 @@ async fn library_and_command_see_each_others_locks() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(guard.token()), "{text}");
     let _ = guard.release().await.unwrap();
-    assert_eq!(status(&url, &key).status.code(), Some(1), "free after release");
+    assert_eq!(
+        status(&url, &key).status.code(),
+        Some(1),
+        "free after release"
+    );
 
     // Held by `cachelock run`, held for the library.
     let mut run = cachelock(&url, &["run", &key, "--", "sleep", "30"])

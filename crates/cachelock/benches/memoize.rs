@@ -136,6 +136,19 @@ async fn hit_1kb(o: CacheBuilder, label: &str, goal: f64, rounds: usize, per: us
         std::hint::black_box(s);
     })
     .await;
+    let key_ns = median_ns(rounds, per, || async {
+        std::hint::black_box(cache.full_key(key.as_str()));
+    })
+    .await;
+    let get_ns = median_ns(rounds, per, || async {
+        std::hint::black_box(cache.get::<String>(key.as_str()).await);
+    })
+    .await;
+    println!(
+        "  [{label}] parts: full key {} | Cache::get {}",
+        fmt_ns(key_ns),
+        fmt_ns(get_ns)
+    );
     println!(
         "hit 1 KB [{label}] ({} stored bytes): raw get {} | raw get + decode {} | get_with {} | ratio get_with/raw get = {:.2}x (goal <= {goal}x), vs raw get + decode = {:.2}x",
         stored.len(),

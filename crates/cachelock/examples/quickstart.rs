@@ -162,7 +162,9 @@ async fn stampede(cache: &Cache) -> Result<(), Box<dyn std::error::Error>> {
     let rounds = 10_000u32;
     for _ in 0..rounds {
         let _: String = cache
-            .get_with(("monthly-report", "2026-11"), || async { unreachable!("cached") })
+            .get_with(("monthly-report", "2026-11"), || async {
+                unreachable!("cached")
+            })
             .await;
     }
     println!(

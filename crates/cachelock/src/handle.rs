@@ -365,6 +365,7 @@ impl Entry<'_> {
     #[must_use]
     pub fn expiration(mut self, expiration: Duration) -> Self {
         self.call.expiration = expiration;
+        self.call.checked = false;
         self
     }
 
@@ -389,6 +390,7 @@ impl Entry<'_> {
     #[must_use]
     pub fn lock_key(mut self, key: impl Into<String>) -> Self {
         self.call.lock_key = Some(key.into());
+        self.call.checked = false;
         self
     }
 

@@ -109,6 +109,8 @@ pub(crate) struct Call {
     pub(crate) force_overwrite: bool,
     pub(crate) on_lock_failure: OnLockFailure,
     pub(crate) lock_key: Option<String>,
+    /// False once the call overrode a setting that must be checked.
+    pub(crate) checked: bool,
 }
 
 impl Call {
@@ -119,11 +121,16 @@ impl Call {
             force_overwrite: false,
             on_lock_failure: OnLockFailure::ComputeAnyway,
             lock_key: None,
+            checked: true,
         }
     }
 
-    /// Checks what the call overrode.
+    /// Checks what the call overrode (the handle's own settings were
+    /// checked by its builder).
     pub(crate) fn validate(&self) -> crate::Result<()> {
+        if self.checked {
+            return Ok(());
+        }
         check_duration("memoize expiration", self.expiration, false)?;
         if self.lock_key.as_deref() == Some("") {
             return Err(Error::InvalidConfig(

@@ -236,7 +236,6 @@ impl Cache {
 }
 
 /// A blocking [`Entry`](crate::Entry).
-#[must_use = "an entry does nothing until or_try_insert_with or stream_with"]
 #[derive(Debug)]
 pub struct Entry<'a> {
     inner: crate::Entry<'a>,

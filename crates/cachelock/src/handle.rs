@@ -351,7 +351,6 @@ impl Cache {
 }
 
 /// A memoize call with settings of its own, from [`Cache::entry`].
-#[must_use = "an entry does nothing until or_try_insert_with or stream_with"]
 #[derive(Debug)]
 pub struct Entry<'a> {
     cache: &'a Cache,
@@ -449,7 +448,6 @@ impl Entry<'_> {
 /// Builds a [`Cache`]; every setting is checked once, by
 /// [`build`](Self::build).
 #[derive(Clone)]
-#[must_use = "a builder does nothing until build()"]
 pub struct CacheBuilder {
     backend: SharedBackend,
     namespace: String,

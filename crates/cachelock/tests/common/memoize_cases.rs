@@ -301,7 +301,7 @@ pub fn opts() -> Opts {
 #[derive(Debug, Clone, Copy)]
 pub enum Wait {
     /// One attempt.
-    NoWait,
+    Once,
     /// Without limit.
     Forever,
     /// Up to this long.
@@ -323,7 +323,7 @@ pub fn lock_opts(wait: Wait) -> LockOptions {
         .lease(Duration::from_secs(10))
         .retry_interval(Duration::from_millis(20));
     match wait {
-        Wait::NoWait => o.max_wait(Duration::ZERO),
+        Wait::Once => o.max_wait(Duration::ZERO),
         Wait::Forever => o,
         Wait::Timeout(d) => o.max_wait(d),
     }
@@ -655,7 +655,7 @@ pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait),
+        lock_opts(Wait::Once),
     )
     .unwrap();
     let held = other.acquire().await.unwrap();
@@ -692,7 +692,7 @@ pub async fn lock_timeout_computes_and_keeps_other_lock(b: SharedBackend) {
     let k = unique_key("timeout");
     let o = opts().lock(lock_opts(Wait::Timeout(Duration::from_millis(200))));
     let lock_key = o.full_lock_key(&k.as_str().into());
-    let other = CacheLock::new(b.clone(), lock_key.clone(), lock_opts(Wait::NoWait)).unwrap();
+    let other = CacheLock::new(b.clone(), lock_key.clone(), lock_opts(Wait::Once)).unwrap();
     let held = other.acquire().await.unwrap();
     let c = Counter::default();
     let logs = Logs::capture();
@@ -722,7 +722,7 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait),
+        lock_opts(Wait::Once),
     )
     .unwrap();
     let held = other.acquire().await.unwrap();
@@ -738,7 +738,7 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
     }
     assert_eq!(c.get(), 0);
     // No wait + Fail: one attempt, then a timeout.
-    let o = o.lock(lock_opts(Wait::NoWait));
+    let o = o.lock(lock_opts(Wait::Once));
     let r = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(1u8) }).await;
     assert!(
         matches!(r, Err(MemoizeError::Lock(ref e)) if e.is_timed_out()),
@@ -753,7 +753,7 @@ pub async fn expired_lease_is_taken_over(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait).lease(Duration::from_secs(1)),
+        lock_opts(Wait::Once).lease(Duration::from_secs(1)),
     )
     .unwrap();
     other.acquire().await.unwrap().forget();
@@ -816,7 +816,7 @@ pub async fn force_overwrite_takes_the_lock(b: SharedBackend) {
     assert!(seen.load(Ordering::SeqCst));
     assert_eq!(mz(&b, &k, &opts(), &c, 0u8).await, 2);
     // Lock held elsewhere: force_overwrite waits for it too.
-    let other = CacheLock::new(b.clone(), lock_key, lock_opts(Wait::NoWait)).unwrap();
+    let other = CacheLock::new(b.clone(), lock_key, lock_opts(Wait::Once)).unwrap();
     let held = other.acquire().await.unwrap();
     let r = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(3u8) }).await;
     assert!(matches!(r, Err(MemoizeError::Lock(_))), "{r:?}");

@@ -74,7 +74,7 @@ fn small() -> Opts {
 fn lock_opts(wait: Wait) -> LockOptions {
     let o = LockOptions::new().lease(Duration::from_secs(10));
     match wait {
-        Wait::NoWait => o.max_wait(Duration::ZERO),
+        Wait::Once => o.max_wait(Duration::ZERO),
         Wait::Forever => o,
         Wait::Timeout(d) => o.max_wait(d),
     }
@@ -460,7 +460,7 @@ pub async fn stream_value_appearing_while_waiting(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait),
+        lock_opts(Wait::Once),
     )
     .unwrap();
     let held = other.acquire().await.unwrap();

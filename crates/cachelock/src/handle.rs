@@ -293,7 +293,7 @@ impl Cache {
     {
         let call = Call::new(&self.inner.config);
         let ctx = memoize::Ctx::new(&self.inner, &call, self.full_key(key));
-        match memoize::read_value::<T>(&ctx).await {
+        match memoize::read_value_only::<T>(&ctx).await {
             memoize::ReadOutcome::Hit(v, _) => Some(v),
             _ => None,
         }

@@ -91,7 +91,7 @@ pub(crate) use stream::stream_with;
 
 use flight::{Flight, FlightOutcome, Joined};
 use store::store_plain;
-pub(crate) use store::{ReadOutcome, read_value};
+pub(crate) use store::{ReadOutcome, read_value, read_value_only};
 use wait::{LockWait, release, wait_for_lock};
 
 /// A memoize failure that matters to the caller. Cache read and write
@@ -281,7 +281,7 @@ where
 
 /// The first read of a call, logging a miss.
 async fn first_read<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
-    let found = read_value::<T>(ctx).await;
+    let found = read_value_only::<T>(ctx).await;
     if matches!(found, ReadOutcome::Miss) {
         tracing::debug!(key = %ctx.key, "Cache miss for key");
     }

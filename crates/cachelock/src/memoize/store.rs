@@ -47,6 +47,16 @@ pub(crate) fn log_corrupt(key: &str, reason: &Corrupt) {
 
 /// Reads and decodes the value under `ctx.key`.
 pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
+    read(ctx, true).await
+}
+
+/// As [`read_value`], without keeping the plaintext of an inline hit (the
+/// hit path hands out only the value).
+pub(crate) async fn read_value_only<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
+    read(ctx, false).await
+}
+
+async fn read<T: DeserializeOwned>(ctx: &Ctx<'_>, keep_plain: bool) -> ReadOutcome<T> {
     let raw = match ctx.cache.get(&ctx.key).await {
         Ok(Some(raw)) => raw,
         Ok(None) => return ReadOutcome::Miss,
@@ -65,6 +75,7 @@ pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcom
         }) => match decode_value::<T>(&plain) {
             Ok(v) => {
                 let plain = match plain {
+                    _ if !keep_plain => Bytes::new(),
                     Cow::Borrowed(s) => sub_bytes(&raw, s),
                     Cow::Owned(v) => Bytes::from(v),
                 };

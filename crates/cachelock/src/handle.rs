@@ -165,8 +165,12 @@ impl Cache {
         self.inner.config.keys.lock_key(&key.into())
     }
 
-    /// The lock on `key` (put under the namespace), with the handle's lock
-    /// settings.
+    /// The lock on `key` (put under the namespace, as the `cachelock`
+    /// command does), with the handle's lock settings.
+    ///
+    /// A lock's key is the key itself, so do not use one key both for a
+    /// lock and for a memoized value; memoize's own lock lives under
+    /// [`full_lock_key`](Self::full_lock_key).
     pub fn lock(&self, key: impl Into<CacheKey>) -> CacheLock {
         let inner = &self.inner;
         CacheLock::from_parts(

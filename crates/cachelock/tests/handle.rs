@@ -284,3 +284,46 @@ fn compute_errors_say_what_went_wrong() {
     let e: MemoizeError<std::io::Error> = MemoizeError::Compute(std::io::Error::other("db down"));
     assert_eq!(e.to_string(), "computing the value failed: db down");
 }
+
+/// A follower re-joins after a leader is cancelled, but not forever: after
+/// 8 cancelled leaders in a row it goes on alone and computes.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn retries_after_cancelled_leaders_are_capped() {
+    use std::pin::pin;
+    use std::task::Poll;
+    let c = Cache::builder(MemoryBackend::new())
+        .lock_on_miss(false)
+        .build()
+        .unwrap();
+    let k = unique_key("flight-cap");
+    let stuck = || {
+        c.get_with(k.as_str(), || async {
+            std::future::pending::<()>().await;
+            0u32
+        })
+    };
+    let n = Counter::default();
+    let mut follower = pin!(c.get_with(k.as_str(), || async {
+        n.hit();
+        7u32
+    }));
+    let mut leader = Box::pin(stuck());
+    assert!(futures_util::poll!(leader.as_mut()).is_pending());
+    assert!(futures_util::poll!(follower.as_mut()).is_pending());
+    for cancelled in 1..=8 {
+        drop(leader);
+        // A new leader gets in before the follower looks again.
+        leader = Box::pin(stuck());
+        assert!(futures_util::poll!(leader.as_mut()).is_pending());
+        assert!(
+            futures_util::poll!(follower.as_mut()).is_pending(),
+            "still following after {cancelled} cancelled leaders"
+        );
+        assert_eq!(n.get(), 0);
+    }
+    drop(leader);
+    leader = Box::pin(stuck());
+    assert!(futures_util::poll!(leader.as_mut()).is_pending());
+    assert_eq!(futures_util::poll!(follower.as_mut()), Poll::Ready(7));
+    assert_eq!(n.get(), 1, "it went on alone");
+}

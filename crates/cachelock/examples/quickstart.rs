@@ -161,11 +161,14 @@ async fn stampede(cache: &Cache) -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let rounds = 10_000u32;
     for _ in 0..rounds {
-        let _: String = cache
+        let report: String = cache
             .get_with(("monthly-report", "2026-11"), || async {
-                unreachable!("cached")
+                "recomputed".to_string()
             })
             .await;
+        if report != "42 pages" {
+            return Err("a cached call computed again".into());
+        }
     }
     println!(
         "  then {rounds} more calls found it in the cache: {:.1} µs per call, no compute",

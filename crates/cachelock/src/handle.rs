@@ -131,7 +131,7 @@ impl Cache {
     /// [`Error::Backend`] if the URL is refused or the backend cannot be
     /// reached.
     pub async fn connect(url: &str) -> Result<Self> {
-        let backend = crate::backend::url::connect(url).await?;
+        let backend = crate::connect(url).await?;
         Self::builder(backend).build()
     }
 

@@ -144,14 +144,9 @@ async fn hit_1kb(o: CacheBuilder, label: &str, goal: f64, rounds: usize, per: us
         std::hint::black_box(cache.get::<String>(key.as_str()).await);
     })
     .await;
-    let sum_ns = median_ns(rounds, per, || async {
-        std::hint::black_box(xxhash_rust::xxh3::xxh3_64(&stored[..stored.len() - 8]));
-    })
-    .await;
     println!(
-        "  [{label}] parts: full key {} | item checksum (xxh3) {} | Cache::get {}",
+        "  [{label}] parts: full key {} | Cache::get {}",
         fmt_ns(key_ns),
-        fmt_ns(sum_ns),
         fmt_ns(get_ns)
     );
     println!(

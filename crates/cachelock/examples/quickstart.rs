@@ -1,9 +1,14 @@
 //! cachelock at work on the embedded in-memory backend (no server needed).
 //!
-//! Eight tasks contend for one lock. Each holds it for a short "critical
-//! section"; the program checks that no two sections overlap and prints a
-//! timeline, then shows a non-blocking attempt, a timed-out wait and a lost
-//! lease being reported.
+//! Part 1, the lock: eight tasks contend for one lock. Each holds it for a
+//! short "critical section"; the program checks that no two sections
+//! overlap and prints a timeline, then shows a non-blocking attempt, a
+//! timed-out wait and a lost lease being reported.
+//!
+//! Part 2, a stampede: 500 callers ask for the same missing value at the
+//! same moment, and computing it takes 300 ms. One of them computes it;
+//! every caller gets it about 300 ms after asking; later callers get it
+//! from the cache in microseconds.
 //!
 //! Run it with `cargo run --example quickstart`.
 
@@ -11,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cachelock::{CacheLock, KeyBuilder, LockOptions, MemoryBackend, Released, SharedBackend};
+use cachelock::{Cache, LockOptions, MemoryBackend, Released};
 use tokio::time::Instant;
 
 #[tokio::main]
@@ -26,14 +31,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
-    let cache: SharedBackend = Arc::new(MemoryBackend::new());
-    let key = KeyBuilder::new("quickstart").build(["report", "2026-11"]);
-    let options = LockOptions::new()
-        .lease(Duration::from_secs(5))
-        .retry_interval(Duration::from_millis(10));
-    let lock = CacheLock::new(cache.clone(), key.clone(), options)?;
+    let cache = Cache::builder(MemoryBackend::new())
+        .namespace("quickstart")
+        .lock(
+            LockOptions::new()
+                .lease(Duration::from_secs(5))
+                .retry_interval(Duration::from_millis(10)),
+        )
+        .build()?;
+    let lock = cache.lock(("report", "2026-11"));
+    let key = lock.key().to_owned();
 
-    println!("cachelock quickstart: 8 tasks contend for one lock on key {key:?}");
+    println!("cachelock quickstart, part 1: 8 tasks contend for one lock on key {key:?}");
     println!("(embedded in-memory backend; each task holds the lock for 30 ms)\n");
 
     let start = Instant::now();
@@ -90,7 +99,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => println!("  unexpected: {other:?}"),
     }
     // The cache loses the key (eviction, restart): the holder finds out.
-    cache.delete(&key).await?;
+    cache.backend().delete(&key).await?;
     println!(
         "  the cache lost the key; releasing reports: {:?}",
         guard.release().await?
@@ -98,6 +107,75 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     if overlaps != 0 || !all_alone {
         return Err("mutual exclusion was violated".into());
+    }
+
+    stampede(&cache).await?;
+    cache.close().await;
+    Ok(())
+}
+
+/// Part 2: 500 callers miss the same value at once; it takes 300 ms to
+/// compute.
+async fn stampede(cache: &Cache) -> Result<(), Box<dyn std::error::Error>> {
+    const CALLERS: usize = 500;
+    const COMPUTE: Duration = Duration::from_millis(300);
+    println!(
+        "\ncachelock quickstart, part 2: {CALLERS} callers ask for the same missing value at once; \
+         computing it takes {} ms",
+        COMPUTE.as_millis()
+    );
+    let computes = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut callers = Vec::with_capacity(CALLERS);
+    for _ in 0..CALLERS {
+        let (cache, computes) = (cache.clone(), computes.clone());
+        callers.push(tokio::spawn(async move {
+            let asked = Instant::now();
+            let report: String = cache
+                .get_with(("monthly-report", "2026-11"), || async move {
+                    computes.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(COMPUTE).await; // the expensive part
+                    "42 pages".to_string()
+                })
+                .await;
+            (report, asked.elapsed())
+        }));
+    }
+    let mut waits = Vec::with_capacity(CALLERS);
+    for c in callers {
+        let (report, waited) = c.await?;
+        if report != "42 pages" {
+            return Err(format!("a caller got {report:?}").into());
+        }
+        waits.push(waited);
+    }
+    waits.sort();
+    let computes = computes.load(Ordering::SeqCst);
+    println!(
+        "  the value was computed {computes} time(s) for {CALLERS} callers; every caller had it \
+         after {}–{} ms (all done {} ms after the first asked)",
+        waits[0].as_millis(),
+        waits[CALLERS - 1].as_millis(),
+        start.elapsed().as_millis()
+    );
+    let t = Instant::now();
+    let rounds = 10_000u32;
+    for _ in 0..rounds {
+        let report: String = cache
+            .get_with(("monthly-report", "2026-11"), || async {
+                "recomputed".to_string()
+            })
+            .await;
+        if report != "42 pages" {
+            return Err("a cached call computed again".into());
+        }
+    }
+    println!(
+        "  then {rounds} more calls found it in the cache: {:.1} µs per call, no compute",
+        t.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+    );
+    if computes != 1 {
+        return Err(format!("computed {computes} times, not once").into());
     }
     Ok(())
 }

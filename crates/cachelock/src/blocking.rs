@@ -1,84 +1,308 @@
-//! The lock and memoize for synchronous callers.
+//! The handle, the lock and memoize for synchronous callers.
 //!
-//! As `reqwest::blocking` does, these calls run the async implementation on
-//! a small tokio runtime owned by cachelock (one worker thread, created on
-//! first use and shared by the process), blocking the calling thread until
-//! it is done. They work from a plain `fn main` and from any thread that is
-//! not itself running async code; called from inside a tokio runtime they
-//! return [`Error::InvalidConfig`] instead of blocking it (use the async API
-//! there).
+//! These calls run the async implementation on the calling thread, with a
+//! small tokio runtime owned by cachelock (one worker thread, created on
+//! first use and shared by the process) driving its timers and sockets.
+//! They work from a plain `fn main`, from any thread, and from
+//! `tokio::task::spawn_blocking` on a multi-thread runtime.
+//!
+//! A call is refused with [`Error::BlockingRefused`] (nothing done) only
+//! where blocking could deadlock: on a thread of a current-thread tokio
+//! runtime (blocking its only thread would stop the runtime that may be
+//! driving the backend's connections), and on cachelock's own runtime
+//! thread. Use the async API there.
 //!
 //! ```
-//! use std::sync::Arc;
-//! use cachelock::{MemoizeOptions, MemoryBackend, SharedBackend, blocking};
+//! use cachelock::{MemoryBackend, blocking};
 //!
-//! let cache: SharedBackend = Arc::new(MemoryBackend::new());
-//! let v: u64 = blocking::memoize(&cache, "answer", &MemoizeOptions::new(), || {
-//!     Ok::<_, std::io::Error>(42)
-//! })
-//! .unwrap();
+//! let cache = cachelock::Cache::builder(MemoryBackend::new()).build()?.blocking();
+//! let v: u64 = cache.get_with("answer", || 42)?;
 //! assert_eq!(v, 42);
+//! let guard = cache.lock("job").try_acquire()?;
+//! assert!(guard.remaining() > std::time::Duration::ZERO);
+//! let _ = guard.release()?;
+//! # Ok::<(), cachelock::Error>(())
 //! ```
 
+use std::cell::Cell;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::time::Instant;
 
 use crate::backend::SharedBackend;
-use crate::error::{BackendError, Error, Result};
+use crate::error::{Error, Result};
 use crate::key::CacheKey;
-use crate::lock::{LockOptions, Released, Wait};
-use crate::memoize::{MemoizeError, MemoizeOptions, MemoizeStream};
+use crate::lock::{LockOptions, Outcome, Released};
+use crate::memoize::{MemoizeError, MemoizeStream, OnLockFailure};
+
+thread_local! {
+    /// Set on the threads of cachelock's own runtime.
+    static ON_OWN_RUNTIME: Cell<bool> = const { Cell::new(false) };
+}
 
 static RUNTIME: LazyLock<std::result::Result<Runtime, String>> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("cachelock-blocking")
+        .on_thread_start(|| ON_OWN_RUNTIME.with(|f| f.set(true)))
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
 });
 
-/// Runs `fut` to completion on the shared runtime.
-fn block_on<F: Future>(fut: F) -> Result<F::Output> {
-    if Handle::try_current().is_ok() {
-        return Err(Error::InvalidConfig(
-            "cachelock::blocking was called from inside an async runtime; use the async API there"
-                .into(),
-        ));
+/// Why blocking here would deadlock, if it would.
+fn refusal() -> Option<&'static str> {
+    if ON_OWN_RUNTIME.with(Cell::get) {
+        return Some(
+            "called on cachelock's own runtime thread, which must stay free to drive the call",
+        );
     }
-    match &*RUNTIME {
-        Ok(rt) => Ok(rt.block_on(fut)),
-        Err(e) => Err(Error::InvalidConfig(format!(
-            "could not start cachelock's blocking runtime: {e}"
-        ))),
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::CurrentThread => Some(
+            "called inside a current-thread tokio runtime: blocking its only thread stops the \
+             runtime, which may be the one driving the backend (a deadlock); use the async API",
+        ),
+        _ => None,
     }
 }
 
-/// Runs any future to completion on cachelock's blocking runtime, for
-/// what the facade does not wrap, such as connecting a backend, so that
-/// its connections belong to the runtime the facade uses:
+/// Wakes a thread parked in [`block_on`].
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `fut` to completion on the calling thread, with cachelock's runtime
+/// as the current runtime (its worker drives timers and I/O).
+fn block_on<F: Future>(fut: F) -> Result<F::Output> {
+    if let Some(why) = refusal() {
+        return Err(Error::BlockingRefused(why.into()));
+    }
+    let rt = RUNTIME.as_ref().map_err(|e| {
+        Error::BlockingRefused(format!("could not start cachelock's blocking runtime: {e}"))
+    })?;
+    let _enter = rt.enter();
+    let mut fut = std::pin::pin!(fut);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return Ok(v);
+        }
+        std::thread::park();
+    }
+}
+
+/// Connects to the backend a URL names (see [`connect`](crate::connect)),
+/// with its connections on cachelock's runtime, and builds a handle with
+/// the default settings.
 ///
 /// ```no_run
-/// use std::sync::Arc;
-/// use cachelock::{MemcachedBackend, SharedBackend, blocking};
-///
-/// let cache: SharedBackend =
-///     Arc::new(blocking::run(MemcachedBackend::connect("memcached://127.0.0.1:11211")).unwrap()?);
-/// # Ok::<(), cachelock::BackendError>(())
+/// let cache = cachelock::blocking::connect("redis://127.0.0.1:6379")?;
+/// let n: u32 = cache.get_with("n", || 7)?;
+/// # Ok::<(), cachelock::Error>(())
 /// ```
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] when called inside an async runtime or if the
-/// runtime could not be started.
-pub fn run<F: Future>(fut: F) -> Result<F::Output> {
-    block_on(fut)
+/// As [`Cache::connect`](crate::Cache::connect), and
+/// [`Error::BlockingRefused`].
+pub fn connect(url: &str) -> Result<Cache> {
+    let cache = block_on(crate::Cache::connect(url))??;
+    Ok(Cache::from_async(cache))
+}
+
+/// A blocking [`Cache`](crate::Cache): the same methods, blocking. Get one
+/// from [`crate::Cache::blocking`] or [`connect`].
+#[derive(Debug, Clone)]
+pub struct Cache {
+    inner: crate::Cache,
+}
+
+impl Cache {
+    pub(crate) fn from_async(inner: crate::Cache) -> Self {
+        Self { inner }
+    }
+
+    /// The async handle (shared: same settings, flights and background
+    /// work).
+    pub fn as_async(&self) -> &crate::Cache {
+        &self.inner
+    }
+
+    /// As [`crate::Cache::lock`].
+    pub fn lock(&self, key: impl Into<CacheKey>) -> CacheLock {
+        CacheLock {
+            inner: self.inner.lock(key),
+        }
+    }
+
+    /// As [`crate::Cache::get_with`], blocking; `compute` runs on the
+    /// calling thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BlockingRefused`] if and only if blocking here could
+    /// deadlock (see the [module docs](self)).
+    pub fn get_with<T, F>(&self, key: impl Into<CacheKey>, compute: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> T,
+    {
+        block_on(self.inner.get_with(key, || async { compute() }))
+    }
+
+    /// As [`crate::Cache::try_get_with`], blocking; `compute` runs on the
+    /// calling thread.
+    ///
+    /// # Errors
+    ///
+    /// As the async form; [`MemoizeError::Config`] with
+    /// [`Error::BlockingRefused`] if blocking here could deadlock.
+    pub fn try_get_with<T, E, F>(
+        &self,
+        key: impl Into<CacheKey>,
+        compute: F,
+    ) -> std::result::Result<T, MemoizeError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> std::result::Result<T, E>,
+    {
+        self.entry(key).or_try_insert_with(compute)
+    }
+
+    /// As [`crate::Cache::stream_with`], for an iterator of results: a
+    /// blocking iterator. Dropping it early releases the lock and caches
+    /// nothing.
+    pub fn stream_with<T, E, I>(&self, key: impl Into<CacheKey>, items: I) -> MemoizeIter<T, E>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        I: IntoIterator<Item = std::result::Result<T, E>>,
+        I::IntoIter: Send + 'static,
+    {
+        self.entry(key).stream_with(items)
+    }
+
+    /// As [`crate::Cache::get`], blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BlockingRefused`] if and only if blocking here could
+    /// deadlock.
+    pub fn get<T: DeserializeOwned>(&self, key: impl Into<CacheKey>) -> Result<Option<T>> {
+        block_on(self.inner.get(key))
+    }
+
+    /// As [`crate::Cache::invalidate`], blocking.
+    ///
+    /// # Errors
+    ///
+    /// As the async form, and [`Error::BlockingRefused`].
+    pub fn invalidate(&self, key: impl Into<CacheKey>) -> Result<()> {
+        block_on(self.inner.invalidate(key))?
+    }
+
+    /// As [`crate::Cache::entry`].
+    pub fn entry(&self, key: impl Into<CacheKey>) -> Entry<'_> {
+        Entry {
+            inner: self.inner.entry(key),
+        }
+    }
+
+    /// As [`crate::Cache::close`], blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BlockingRefused`] if and only if blocking here could
+    /// deadlock.
+    pub fn close(&self) -> Result<bool> {
+        block_on(self.inner.close())
+    }
+}
+
+/// A blocking [`Entry`](crate::Entry).
+#[derive(Debug)]
+pub struct Entry<'a> {
+    inner: crate::Entry<'a>,
+}
+
+impl Entry<'_> {
+    /// As [`crate::Entry::expiration`].
+    #[must_use]
+    pub fn expiration(self, expiration: Duration) -> Self {
+        Self {
+            inner: self.inner.expiration(expiration),
+        }
+    }
+
+    /// As [`crate::Entry::on_lock_failure`].
+    #[must_use]
+    pub fn on_lock_failure(self, on: OnLockFailure) -> Self {
+        Self {
+            inner: self.inner.on_lock_failure(on),
+        }
+    }
+
+    /// As [`crate::Entry::force_overwrite`].
+    #[must_use]
+    pub fn force_overwrite(self, force: bool) -> Self {
+        Self {
+            inner: self.inner.force_overwrite(force),
+        }
+    }
+
+    /// As [`crate::Entry::lock_key`].
+    #[must_use]
+    pub fn lock_key(self, key: impl Into<String>) -> Self {
+        Self {
+            inner: self.inner.lock_key(key),
+        }
+    }
+
+    /// As [`crate::Entry::or_try_insert_with`], blocking; `compute` runs on
+    /// the calling thread.
+    ///
+    /// # Errors
+    ///
+    /// As the async form; [`MemoizeError::Config`] with
+    /// [`Error::BlockingRefused`] if blocking here could deadlock.
+    pub fn or_try_insert_with<T, E, F>(self, compute: F) -> std::result::Result<T, MemoizeError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> std::result::Result<T, E>,
+    {
+        block_on(self.inner.or_try_insert_with(|| async { compute() }))
+            .map_err(MemoizeError::Config)?
+    }
+
+    /// As [`crate::Entry::stream_with`], for an iterator: a blocking
+    /// iterator.
+    pub fn stream_with<T, E, I>(self, items: I) -> MemoizeIter<T, E>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        I: IntoIterator<Item = std::result::Result<T, E>>,
+        I::IntoIter: Send + 'static,
+    {
+        MemoizeIter {
+            stream: Some(self.inner.stream_with(futures_util::stream::iter(items))),
+        }
+    }
 }
 
 /// A blocking [`CacheLock`](crate::CacheLock).
@@ -88,7 +312,7 @@ pub struct CacheLock {
 }
 
 impl CacheLock {
-    /// As [`crate::CacheLock::new`].
+    /// As [`crate::CacheLock::new`], for lock-only users.
     ///
     /// # Errors
     ///
@@ -112,61 +336,73 @@ impl CacheLock {
     ///
     /// # Errors
     ///
-    /// As the async form, plus [`Error::InvalidConfig`] when called inside
-    /// an async runtime.
+    /// As the async form, and [`Error::BlockingRefused`].
     pub fn acquire(&self) -> Result<LockGuard> {
-        self.acquire_with(self.inner.options().default_wait())
+        guard(block_on(self.inner.acquire())?)
     }
 
     /// As [`crate::CacheLock::try_acquire`], blocking.
     ///
     /// # Errors
     ///
-    /// As [`acquire`](Self::acquire).
+    /// As the async form, and [`Error::BlockingRefused`].
     pub fn try_acquire(&self) -> Result<LockGuard> {
-        self.acquire_with(Wait::NoWait)
+        guard(block_on(self.inner.try_acquire())?)
     }
 
     /// As [`crate::CacheLock::acquire_timeout`], blocking.
     ///
     /// # Errors
     ///
-    /// As [`acquire`](Self::acquire).
+    /// As the async form, and [`Error::BlockingRefused`].
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard> {
-        self.acquire_with(Wait::Timeout(timeout))
+        guard(block_on(self.inner.acquire_timeout(timeout))?)
     }
 
-    /// As [`crate::CacheLock::acquire_with`], blocking.
+    /// As [`crate::CacheLock::with_lock`]: runs `work` while holding the
+    /// lock, then releases it.
     ///
     /// # Errors
     ///
-    /// As [`acquire`](Self::acquire).
-    pub fn acquire_with(&self, wait: Wait) -> Result<LockGuard> {
-        let inner = block_on(self.inner.acquire_with(wait))??;
-        Ok(LockGuard { inner: Some(inner) })
-    }
-
-    /// Runs `work` while holding the lock, then releases it (a release
-    /// failure is logged).
-    ///
-    /// # Errors
-    ///
-    /// As [`acquire`](Self::acquire).
-    pub fn with_lock<T>(&self, work: impl FnOnce() -> T) -> Result<T> {
+    /// As [`acquire`](Self::acquire); `work` did not run.
+    pub fn with_lock<T>(&self, work: impl FnOnce() -> T) -> Result<Outcome<T>> {
         let guard = self.acquire()?;
-        let out = work();
-        if let Err(e) = guard.release() {
+        let value = work();
+        let released = match guard.release() {
+            Ok(r) => Ok(r),
+            Err(Error::Backend(e)) => Err(e),
+            Err(e) => Err(crate::BackendError::protocol(self.key(), e)),
+        };
+        if let Err(e) = &released {
             tracing::error!(key = %self.key(), error = %e, "failed to release cache lock");
         }
-        Ok(out)
+        Ok(Outcome { value, released })
     }
+
+    /// As [`crate::CacheLock::close`], blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BlockingRefused`] if and only if blocking here could
+    /// deadlock.
+    pub fn close(&self) -> Result<bool> {
+        block_on(self.inner.close())
+    }
+}
+
+fn guard(acquired: Result<crate::LockGuard>) -> Result<LockGuard> {
+    Ok(LockGuard {
+        inner: Some(acquired?),
+    })
 }
 
 /// A blocking [`LockGuard`](crate::LockGuard). Dropping it releases the
 /// lock in the background on cachelock's runtime.
 #[derive(Debug)]
 #[must_use = "the lock is released as soon as the guard is dropped"]
+#[clippy::has_significant_drop]
 pub struct LockGuard {
+    /// Always `Some` until consumed by `release` or `forget`.
     inner: Option<crate::LockGuard>,
 }
 
@@ -181,6 +417,20 @@ impl LockGuard {
         self.inner.as_ref().map_or("", |g| g.token())
     }
 
+    /// As [`crate::LockGuard::deadline`].
+    pub fn deadline(&self) -> Instant {
+        self.inner
+            .as_ref()
+            .map_or_else(Instant::now, |g| g.deadline())
+    }
+
+    /// As [`crate::LockGuard::remaining`].
+    pub fn remaining(&self) -> Duration {
+        self.inner
+            .as_ref()
+            .map_or(Duration::ZERO, |g| g.remaining())
+    }
+
     /// Whether the lease is known to be gone.
     pub fn is_lost(&self) -> bool {
         self.inner.as_ref().is_none_or(|g| g.is_lost())
@@ -190,8 +440,7 @@ impl LockGuard {
     ///
     /// # Errors
     ///
-    /// As the async form, plus [`Error::InvalidConfig`] when called inside
-    /// an async runtime.
+    /// As the async form, and [`Error::BlockingRefused`].
     pub fn extend(&mut self, lease: Option<Duration>) -> Result<()> {
         match self.inner.as_mut() {
             Some(g) => block_on(g.extend(lease))?,
@@ -205,62 +454,26 @@ impl LockGuard {
     ///
     /// # Errors
     ///
-    /// [`BackendError`] if the backend failed (or, as
-    /// [`BackendError::Protocol`], if called inside an async runtime; the
-    /// guard is then released in the background).
-    pub fn release(mut self) -> std::result::Result<Released, BackendError> {
+    /// [`Error::Backend`] if the backend failed; [`Error::BlockingRefused`]
+    /// if blocking here could deadlock (the guard is then released in the
+    /// background).
+    pub fn release(mut self) -> Result<Released> {
         let Some(g) = self.inner.take() else {
             return Ok(Released::Released);
         };
-        let key = g.key().to_owned();
-        match block_on(g.release()) {
-            Ok(r) => r,
-            Err(e) => Err(BackendError::protocol(key, e)),
+        if let Some(why) = refusal() {
+            self.inner = Some(g);
+            return Err(Error::BlockingRefused(why.into()));
         }
+        Ok(block_on(g.release())??)
     }
-}
 
-/// [`crate::memoize()`] for synchronous callers: `compute` is a plain
-/// closure, run on the calling thread.
-///
-/// # Errors
-///
-/// As [`crate::memoize()`]; [`MemoizeError::Config`] when called inside an
-/// async runtime.
-pub fn memoize<T, E, F>(
-    cache: &SharedBackend,
-    key: impl Into<CacheKey>,
-    options: &MemoizeOptions,
-    compute: F,
-) -> std::result::Result<T, MemoizeError<E>>
-where
-    T: Serialize + DeserializeOwned + Send + Sync + 'static,
-    E: Send + 'static,
-    F: FnOnce() -> std::result::Result<T, E>,
-{
-    let key = key.into();
-    block_on(crate::memoize::memoize(cache, key, options, || async {
-        compute()
-    }))
-    .map_err(MemoizeError::Config)?
-}
-
-/// [`crate::memoize_iter`] for synchronous callers: a blocking iterator.
-/// Dropping it early releases the lock and caches nothing.
-pub fn memoize_iter<T, E, I>(
-    cache: &SharedBackend,
-    key: impl Into<CacheKey>,
-    options: &MemoizeOptions,
-    items: I,
-) -> MemoizeIter<T, E>
-where
-    T: Serialize + DeserializeOwned + Send + 'static,
-    E: Send + 'static,
-    I: IntoIterator<Item = std::result::Result<T, E>>,
-    I::IntoIter: Send + 'static,
-{
-    MemoizeIter {
-        stream: Some(crate::memoize::memoize_iter(cache, key, options, items)),
+    /// As [`crate::LockGuard::forget`]: the key stays until its lease runs
+    /// out.
+    pub fn forget(mut self) {
+        if let Some(g) = self.inner.take() {
+            g.forget();
+        }
     }
 }
 
@@ -280,7 +493,7 @@ impl Drop for LockGuard {
     }
 }
 
-/// The blocking iterator returned by [`memoize_iter`].
+/// The blocking iterator returned by [`Cache::stream_with`].
 #[derive(Debug)]
 pub struct MemoizeIter<T, E> {
     stream: Option<MemoizeStream<T, E>>,

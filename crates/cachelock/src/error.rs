@@ -155,6 +155,10 @@ pub enum Error {
     /// A setting was refused when a lock or memoize call was configured.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A [`blocking`](crate::blocking) call was refused because blocking
+    /// this thread could deadlock (the message says why). Nothing was done.
+    #[error("cachelock::blocking refused to block this thread: {0}")]
+    BlockingRefused(String),
     /// A value could not be encoded for the cache.
     #[error("could not encode value for key {key:?}: {message}")]
     Encode {
@@ -174,6 +178,11 @@ impl Error {
     /// True for [`Error::TimedOut`] (waiting for a lock, not a backend timeout).
     pub fn is_timed_out(&self) -> bool {
         matches!(self, Self::TimedOut { .. })
+    }
+
+    /// True for [`Error::BlockingRefused`].
+    pub fn is_blocking_refused(&self) -> bool {
+        matches!(self, Self::BlockingRefused(_))
     }
 
     /// True for [`Error::LeaseExpired`].

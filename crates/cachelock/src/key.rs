@@ -91,11 +91,38 @@ impl<const N: usize> From<[&str; N]> for CacheKey {
     }
 }
 
-impl From<(&str, &str)> for CacheKey {
-    fn from((a, b): (&str, &str)) -> Self {
-        CacheKey::Parts(vec![a.to_owned(), b.to_owned()])
-    }
+/// Tuples of 1 to 8 parts, each anything [`Display`](std::fmt::Display)
+/// (`&str`, `String`, integers, ...), are [`CacheKey::Parts`]: every part
+/// is escaped, so `("user", 42)` and `("user:42",)` are different keys.
+///
+/// ```
+/// use cachelock::{CacheKey, KeyBuilder};
+///
+/// let keys = KeyBuilder::new("app");
+/// let name = String::from("ann");
+/// assert_eq!(keys.build(("user", 42u64)), "app:user:42");
+/// assert_eq!(keys.build(("user", &name, "a:b")), "app:user:ann:a%3Ab");
+/// assert_eq!(CacheKey::from(("a", "b")), CacheKey::Parts(vec!["a".into(), "b".into()]));
+/// ```
+macro_rules! tuple_keys {
+    ($($name:ident),+) => {
+        impl<$($name: std::fmt::Display),+> From<($($name,)+)> for CacheKey {
+            #[allow(non_snake_case)]
+            fn from(($($name,)+): ($($name,)+)) -> Self {
+                CacheKey::Parts(vec![$($name.to_string()),+])
+            }
+        }
+    };
 }
+
+tuple_keys!(A);
+tuple_keys!(A, B);
+tuple_keys!(A, B, C);
+tuple_keys!(A, B, C, D);
+tuple_keys!(A, B, C, D, E);
+tuple_keys!(A, B, C, D, E, F);
+tuple_keys!(A, B, C, D, E, F, G);
+tuple_keys!(A, B, C, D, E, F, G, H);
 
 /// Builds full cache keys: namespace, escaping, length limit and optional
 /// HMAC.
@@ -161,16 +188,39 @@ impl KeyBuilder {
 
     /// Builds the full key for a [`CacheKey`] without consuming it.
     pub fn build_key(&self, key: &CacheKey) -> String {
-        let mut segments: Vec<std::borrow::Cow<'_, str>> =
-            self.namespace.iter().map(|s| s.as_str().into()).collect();
-        match key {
-            CacheKey::Plain(k) => segments.push(k.as_str().into()),
-            CacheKey::Parts(parts) => segments.extend(parts.iter().map(|p| escape_part(p).into())),
+        // One allocation on the common path: the segments are written
+        // straight into the key (this is on every memoize hit).
+        let key_len = match key {
+            CacheKey::Plain(k) => k.len(),
+            CacheKey::Parts(parts) => parts.iter().map(|p| p.len() + 1).sum(),
+        };
+        let ns_len: usize = self.namespace.iter().map(|s| s.len() + 1).sum();
+        let mut full = String::with_capacity(ns_len + key_len + 8);
+        let mut first = true;
+        let mut sep = |full: &mut String| {
+            if !std::mem::take(&mut first) {
+                full.push(':');
+            }
+        };
+        for s in &self.namespace {
+            sep(&mut full);
+            full.push_str(s);
         }
-        let full = segments.join(":");
+        match key {
+            CacheKey::Plain(k) => {
+                sep(&mut full);
+                full.push_str(k);
+            }
+            CacheKey::Parts(parts) => {
+                for p in parts {
+                    sep(&mut full);
+                    push_escaped_part(&mut full, p);
+                }
+            }
+        }
         match &self.secret {
             Some(secret) => hmac_hex(secret, full.as_bytes()),
-            None => limit_length(escape_invalid(&full)),
+            None => limit_length(escape_invalid(full)),
         }
     }
 
@@ -182,9 +232,19 @@ impl KeyBuilder {
     }
 }
 
-/// Escapes one key part: `%` first, then `:`.
-fn escape_part(part: &str) -> String {
-    part.replace('%', "%25").replace(':', "%3A")
+/// Appends one key part, escaped: `%` becomes `%25`, `:` becomes `%3A`.
+fn push_escaped_part(out: &mut String, part: &str) {
+    if !part.contains(['%', ':']) {
+        out.push_str(part);
+        return;
+    }
+    for c in part.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            ':' => out.push_str("%3A"),
+            c => out.push(c),
+        }
+    }
 }
 
 /// Replaces bytes `0x00..=0x20` and `0x7f` with the literal text `\xNN`.
@@ -192,9 +252,9 @@ fn escape_part(part: &str) -> String {
 /// A backslash becomes `\x5c` too, so the escape is one-to-one: the seed left
 /// backslashes alone, which made `"a\0b"` and the literal text `"a\x00b"`
 /// one key.
-fn escape_invalid(key: &str) -> String {
+fn escape_invalid(key: String) -> String {
     if !key.bytes().any(|b| is_invalid_byte(b) || b == b'\\') {
-        return key.to_owned();
+        return key;
     }
     let mut out = String::with_capacity(key.len() + 16);
     for c in key.chars() {

@@ -1,58 +1,45 @@
 //! Distributed locks and stampede-safe memoization kept in a cache.
 //!
-//! cachelock lets many processes on many machines share one cache safely:
+//! Hold one [`Cache`] handle per backend (as you would a connection pool):
 //!
-//! * [`CacheLock`]: a lock taken by an atomic add of a random token with a
-//!   lease, released only by its holder;
-//! * [`memoize()`] / [`memoize_stream`]: compute an expensive value once even when many callers miss it
-//!   at the same moment.
-//!
-//! Backends: the embedded [`MemoryBackend`] (no server needed), `SqliteBackend` (feature `sqlite`: one machine, many processes), Redis
-//! (standalone and Cluster) and Memcached (one or many servers), all behind
-//! one [`Backend`] trait.
+//! * [`Cache::lock`] gives a [`CacheLock`]: taken by an atomic add of a
+//!   random token with a lease, released only by its holder;
+//!   [`acquire`](CacheLock::acquire) waits, [`try_acquire`](CacheLock::try_acquire)
+//!   does not, [`acquire_timeout`](CacheLock::acquire_timeout) waits at most
+//!   that long;
+//! * [`Cache::get_with`] / [`Cache::try_get_with`] / [`Cache::stream_with`]
+//!   compute an expensive value once even when many callers, in this
+//!   process or others, miss it at the same moment.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> cachelock::Result<()> {
-//! use std::sync::Arc;
 //! use std::time::Duration;
-//! use cachelock::{CacheLock, KeyBuilder, LockOptions, MemoryBackend};
+//! use cachelock::{Cache, LockOptions, MemoryBackend};
 //!
-//! let cache = Arc::new(MemoryBackend::new());
-//! let keys = KeyBuilder::new("example.com");
-//! let lock = CacheLock::new(
-//!     cache,
-//!     keys.build("nightly-report"),
-//!     LockOptions::new().lease(Duration::from_secs(60)),
-//! )?;
+//! let cache = Cache::builder(MemoryBackend::new())          // or Cache::connect("redis://...")
+//!     .lock(LockOptions::new().lease(Duration::from_secs(60)))
+//!     .build()?;
 //!
-//! let report = lock.with_lock(|| async { "built once" }).await?;
-//! assert_eq!(report, "built once");
+//! // One process at a time (the key is `cachelock:nightly-report`, as the CLI's).
+//! let guard = cache.lock("nightly-report").acquire().await?;
+//! // ... the work; guard.extend(None).await? renews the lease ...
+//! let _released = guard.release().await?;                 // Released, Expired or Lost
+//!
+//! // Computed once however many callers miss it at the same moment.
+//! let total: u64 = cache.get_with(("report", 2026, 11), || async { 40 + 2 }).await;
+//! assert_eq!(total, 42);
+//! cache.close().await;                                      // background releases done
 //! # Ok(()) }
 //! ```
 //!
-//! Memoize an expensive value: on a miss one caller computes it under the
-//! lock while every other caller (in this process or any other) waits for
-//! the value and reads it.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use std::sync::Arc;
-//! use cachelock::{LockOptions, MemoizeOptions, MemoryBackend, SharedBackend, memoize};
-//!
-//! let cache: SharedBackend = Arc::new(MemoryBackend::new());
-//! let options = MemoizeOptions::new().lock(LockOptions::default());
-//! let total: u64 = memoize(&cache, ("report", "2026-11"), &options, || async {
-//!     Ok::<_, std::io::Error>(40 + 2) // the expensive part
-//! })
-//! .await
-//! .unwrap();
-//! assert_eq!(total, 42);
-//! # }
-//! ```
-//!
-//! Synchronous callers use [`blocking`]; [`connect`] builds a backend from a
-//! URL (`redis://`, `redis+cluster://`, `memcached://`, `sqlite://`,
-//! `memory://`).
+//! Backends and the Cargo features that bring them: the embedded
+//! [`MemoryBackend`] (always; one process), Redis standalone and Cluster
+//! (feature `redis`, on by default), Memcached (feature `memcached`, on by
+//! default) and `SqliteBackend` (feature `sqlite`: one machine, many
+//! processes), all behind one [`Backend`] trait. [`connect`] and
+//! [`Cache::connect`] take a URL (`redis://`, `rediss://`,
+//! `redis+cluster://`, `memcached://`, `sqlite://`, `memory://`).
+//! Synchronous callers use [`Cache::blocking`] or [`blocking::connect`].
 //!
 //! A lock kept in a cache is *soft*: the cache may evict the key or lose it
 //! on restart. cachelock detects that and reports it, but it cannot prevent
@@ -62,6 +49,7 @@
 pub mod backend;
 pub mod blocking;
 mod error;
+mod handle;
 pub mod key;
 pub mod lock;
 pub mod memoize;
@@ -79,9 +67,7 @@ pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, connect};
 pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};
+pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
 pub use key::{CacheKey, KeyBuilder};
-pub use lock::{CacheLock, LockGuard, LockOptions, Released, Wait};
-pub use memoize::{
-    Compression, MemoizeError, MemoizeOptions, MemoizeStream, OnLockTimeout, memoize, memoize_iter,
-    memoize_stream,
-};
+pub use lock::{CacheLock, LockGuard, LockOptions, MAX_DURATION, Outcome, Released};
+pub use memoize::{Compression, MemoizeError, MemoizeStream, OnLockFailure};

@@ -18,35 +18,57 @@
 //! is logged.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rand::RngExt;
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backend::{SharedBackend, TokenCheck};
 use crate::error::{BackendError, Error, Result};
 
-/// How long an acquire waits for a lock held by someone else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Wait {
-    /// Try once; a held lock is [`Error::Held`].
-    NoWait,
-    /// Retry until the lock is free, however long that takes.
-    Forever,
-    /// Retry until the lock is free or this much time has passed, then
-    /// [`Error::TimedOut`].
-    Timeout(Duration),
+/// The longest duration any cachelock setting accepts (lease, wait, retry
+/// interval, expiration, poll interval): 365 days. Longer settings are
+/// refused with [`Error::InvalidConfig`]; a longer per-call timeout (as
+/// given to [`CacheLock::acquire_timeout`]) means "no limit".
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Refuses `d` above [`MAX_DURATION`] (and zero unless `zero_ok`).
+pub(crate) fn check_duration(what: &str, d: Duration, zero_ok: bool) -> Result<()> {
+    if d.is_zero() && !zero_ok {
+        return Err(Error::InvalidConfig(format!("the {what} must be positive")));
+    }
+    if d > MAX_DURATION {
+        return Err(Error::InvalidConfig(format!(
+            "the {what} ({d:?}) is longer than the maximum of 365 days"
+        )));
+    }
+    Ok(())
 }
 
-/// Settings of a [`CacheLock`]. The defaults are those of the original
-/// Djblets `CacheLock`.
+/// `at + d`, or `None` if that is too far in the future to represent.
+fn later(at: Instant, d: Duration) -> Option<Instant> {
+    at.checked_add(d)
+}
+
+/// The wall-clock time `d` from now, for logs (`None` if unrepresentable).
+fn wall_clock_in(d: Duration) -> Option<SystemTime> {
+    SystemTime::now().checked_add(d)
+}
+
+/// Settings of a [`CacheLock`]: a builder whose setters consume it; the
+/// lock's getters ([`CacheLock::lease`], ...) read them back. The defaults
+/// are those of the original Djblets `CacheLock`, waiting without limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LockOptions {
-    lease: Duration,
-    retry_interval: Duration,
-    jitter: f64,
-    wait: Wait,
+    pub(crate) lease: Duration,
+    pub(crate) retry_interval: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) fail_fast: bool,
 }
 
 impl Default for LockOptions {
@@ -55,7 +77,8 @@ impl Default for LockOptions {
             lease: Duration::from_secs(30),
             retry_interval: Duration::from_millis(250),
             jitter: 0.25,
-            wait: Wait::Forever,
+            max_wait: None,
+            fail_fast: false,
         }
     }
 }
@@ -66,7 +89,8 @@ impl LockOptions {
         Self::default()
     }
 
-    /// How long a lock lasts unless extended (the key's TTL). Defaults to 30 s.
+    /// How long a lock lasts unless extended (the key's TTL). Defaults to
+    /// 30 s. At most [`MAX_DURATION`].
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
@@ -89,40 +113,34 @@ impl LockOptions {
         self
     }
 
-    /// How [`CacheLock::acquire`] waits. Defaults to [`Wait::Forever`].
+    /// The longest [`CacheLock::acquire`] waits before
+    /// [`Error::TimedOut`] (zero: one attempt). Defaults to no limit.
+    /// [`CacheLock::try_acquire`] and [`CacheLock::acquire_timeout`] do
+    /// not use it.
     #[must_use]
-    pub fn wait(mut self, wait: Wait) -> Self {
-        self.wait = wait;
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = Some(wait);
         self
     }
 
-    /// The lease.
-    pub fn lease_duration(&self) -> Duration {
-        self.lease
+    /// End a wait at the first backend failure instead of retrying it.
+    /// Defaults to `false`: while the wait has time left, a backend that is
+    /// unavailable or timed out is retried with backoff (logged as `WARN`).
+    /// The very first attempt of a wait failing is always an error at once.
+    #[must_use]
+    pub fn fail_fast(mut self, fail_fast: bool) -> Self {
+        self.fail_fast = fail_fast;
+        self
     }
 
-    /// The retry interval.
-    pub fn retry_duration(&self) -> Duration {
-        self.retry_interval
-    }
-
-    /// The default wait.
-    pub fn default_wait(&self) -> Wait {
-        self.wait
-    }
-
-    /// Checks the settings: the lease, the retry interval and a timeout must
-    /// be positive, and the jitter a fraction between 0 and 1.
-    pub fn validate(&self) -> Result<()> {
-        if self.lease.is_zero() {
-            return Err(Error::InvalidConfig(
-                "the lock lease must be positive".into(),
-            ));
-        }
-        if self.retry_interval.is_zero() {
-            return Err(Error::InvalidConfig(
-                "the retry interval must be positive".into(),
-            ));
+    /// Checks the settings: lease, retry interval and wait within
+    /// [`MAX_DURATION`], lease and retry interval positive, the jitter a
+    /// fraction between 0 and 1.
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_duration("lock lease", self.lease, false)?;
+        check_duration("lock retry interval", self.retry_interval, false)?;
+        if let Some(wait) = self.max_wait {
+            check_duration("lock wait", wait, true)?;
         }
         if !(0.0..=1.0).contains(&self.jitter) {
             return Err(Error::InvalidConfig(format!(
@@ -130,31 +148,95 @@ impl LockOptions {
                 self.jitter
             )));
         }
-        if self.wait == Wait::Timeout(Duration::ZERO) {
-            return Err(Error::InvalidConfig(
-                "the wait timeout must be positive (use Wait::NoWait to try once)".into(),
-            ));
-        }
         Ok(())
     }
 }
+
+/// Background work (releases of dropped guards, clean-ups of interrupted
+/// adds) spawned for a [`Cache`](crate::Cache) or a [`CacheLock`], so that
+/// `close()` can wait for it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tasks(Arc<TasksInner>);
+
+#[derive(Debug, Default)]
+struct TasksInner {
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+/// Decrements the count when the task ends or is dropped unfinished.
+struct TaskDone(Arc<TasksInner>);
+
+impl Drop for TaskDone {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Tasks {
+    /// Spawns `fut` on `handle`, counted until it ends.
+    pub(crate) fn spawn<F>(&self, handle: &Handle, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.0.running.fetch_add(1, Ordering::AcqRel);
+        let done = TaskDone(self.0.clone());
+        handle.spawn(async move {
+            let _done = done;
+            fut.await;
+        });
+    }
+
+    /// How many are still running.
+    pub(crate) fn running(&self) -> usize {
+        self.0.running.load(Ordering::Acquire)
+    }
+
+    /// Waits until none is running, or `timeout` passed. True if none is.
+    pub(crate) async fn wait(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.0.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.running() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+/// How long `close()` waits for background work: 5 s.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A distributed lock on one cache key.
 ///
 /// A `CacheLock` is a description of the lock (backend, key, settings); it
 /// can be shared and used by many tasks at once. Each successful acquire
-/// returns its own [`LockGuard`] with its own token.
+/// returns its own [`LockGuard`] with its own token. Get one from
+/// [`Cache::lock`](crate::Cache::lock), or, without a handle, from
+/// [`CacheLock::new`].
+///
+/// The method decides whether it waits, as in `tokio::sync::Mutex`:
+/// [`acquire`](Self::acquire) waits (up to the lock's
+/// [`max_wait`](LockOptions::max_wait), if any),
+/// [`try_acquire`](Self::try_acquire) makes one attempt, and
+/// [`acquire_timeout`](Self::acquire_timeout) waits at most the time given.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> cachelock::Result<()> {
-/// use std::sync::Arc;
-/// use cachelock::{CacheLock, LockOptions, MemoryBackend};
+/// use cachelock::{Cache, MemoryBackend};
 ///
-/// let cache = Arc::new(MemoryBackend::new());
-/// let lock = CacheLock::new(cache, "example.com:report", LockOptions::default())?;
+/// let cache = Cache::builder(MemoryBackend::new()).build()?;
+/// let lock = cache.lock("report");
 /// let guard = lock.acquire().await?;
 /// // ... the expensive work, done once ...
-/// guard.release().await?;
+/// let _ = guard.release().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -162,6 +244,7 @@ pub struct CacheLock {
     backend: SharedBackend,
     key: String,
     options: LockOptions,
+    tasks: Tasks,
 }
 
 /// Test that the types users hold across `.await`s can move between threads.
@@ -172,17 +255,28 @@ fn bounds(lock: &CacheLock) {
     check_send_sync_static::<CacheLock>();
     check_send_sync_static::<LockGuard>();
     check_send(&lock.acquire());
+    check_send(&lock.try_acquire());
     check_send(&lock.with_lock(|| async {}));
 }
 
+/// When a wait ends.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// One attempt: a held lock is [`Error::Held`].
+    Once,
+    /// Until this instant ([`Error::TimedOut`] after it); `None`: never.
+    Deadline(Option<Instant>),
+}
+
 impl CacheLock {
-    /// A lock on `key`, which is used as given: build it with
-    /// [`KeyBuilder`](crate::KeyBuilder).
+    /// A lock on `key`, which is used as given (build it with
+    /// [`KeyBuilder`](crate::KeyBuilder)), for lock-only users; with a
+    /// [`Cache`](crate::Cache) use [`Cache::lock`](crate::Cache::lock).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] if and only if the key is empty or the
-    /// options fail [`LockOptions::validate`].
+    /// options are out of range (see [`LockOptions`]).
     pub fn new(
         backend: SharedBackend,
         key: impl Into<String>,
@@ -195,11 +289,22 @@ impl CacheLock {
             ));
         }
         options.validate()?;
-        Ok(Self {
+        Ok(Self::from_parts(backend, key, options, Tasks::default()))
+    }
+
+    /// A lock with already validated options.
+    pub(crate) fn from_parts(
+        backend: SharedBackend,
+        key: String,
+        options: LockOptions,
+        tasks: Tasks,
+    ) -> Self {
+        Self {
             backend,
             key,
             options,
-        })
+            tasks,
+        }
     }
 
     /// The full cache key of the lock.
@@ -207,9 +312,19 @@ impl CacheLock {
         &self.key
     }
 
-    /// The lock's settings.
-    pub fn options(&self) -> &LockOptions {
-        &self.options
+    /// The lease a new guard gets.
+    pub fn lease(&self) -> Duration {
+        self.options.lease
+    }
+
+    /// The pause between attempts while waiting (before jitter).
+    pub fn retry_interval(&self) -> Duration {
+        self.options.retry_interval
+    }
+
+    /// The longest [`acquire`](Self::acquire) waits; `None`: no limit.
+    pub fn max_wait(&self) -> Option<Duration> {
+        self.options.max_wait
     }
 
     /// The backend the lock lives in.
@@ -217,28 +332,41 @@ impl CacheLock {
         &self.backend
     }
 
-    /// Takes the lock, waiting as the options say.
+    /// Takes the lock, waiting while someone else holds it: without limit,
+    /// or up to the lock's [`max_wait`](LockOptions::max_wait).
+    ///
+    /// Between attempts it sleeps for the retry interval plus random jitter;
+    /// the last sleep is cut to the time left, so the wait never overshoots
+    /// by more than one backend round trip. While time is left, a backend
+    /// that is unavailable or timed out is retried with backoff and a
+    /// `WARN` event (unless [`fail_fast`](LockOptions::fail_fast)); the very
+    /// first attempt failing is an error at once (a wrong address must not
+    /// hang the caller).
     ///
     /// # Errors
     ///
-    /// * [`Error::Held`] if and only if the wait is [`Wait::NoWait`] and the
-    ///   lock is held elsewhere;
-    /// * [`Error::TimedOut`] if and only if the wait is a timeout and it
-    ///   passed;
-    /// * [`Error::Backend`] if the backend failed. If the add's reply was
-    ///   lost, the key is read back first: if it holds our token, the lock is
-    ///   ours and no error is returned.
+    /// * [`Error::TimedOut`] if and only if a `max_wait` is set and it passed;
+    /// * [`Error::Backend`] if the first attempt failed, if the backend
+    ///   failed for another reason than being unavailable, or if it was
+    ///   still unavailable when the wait ended. If the add's reply was lost,
+    ///   the key is read back first: if it holds our token, the lock is ours
+    ///   and no error is returned.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe in effect: if the future is dropped while an add is in
-    /// flight, a background task deletes our token if the add went through,
-    /// so a cancelled acquire does not hold the lock for a whole lease.
+    /// flight, a background task (which `close()` waits for) deletes our
+    /// token if the add went through, so a cancelled acquire does not hold
+    /// the lock for a whole lease.
     pub async fn acquire(&self) -> Result<LockGuard> {
-        self.acquire_with(self.options.wait).await
+        let until = match self.options.max_wait {
+            Some(wait) => Until::Deadline(later(Instant::now(), wait)),
+            None => Until::Deadline(None),
+        };
+        self.acquire_until(until).await
     }
 
-    /// Tries once, as [`acquire_with`](Self::acquire_with)`(Wait::NoWait)`.
+    /// Makes one attempt.
     ///
     /// # Errors
     ///
@@ -249,99 +377,135 @@ impl CacheLock {
     ///
     /// As for [`acquire`](Self::acquire).
     pub async fn try_acquire(&self) -> Result<LockGuard> {
-        self.acquire_with(Wait::NoWait).await
+        self.acquire_until(Until::Once).await
     }
 
-    /// Waits at most `timeout`, as [`acquire_with`](Self::acquire_with)`(Wait::Timeout(timeout))`.
+    /// Waits at most `timeout` (zero: one attempt, then
+    /// [`Error::TimedOut`]), whatever the lock's `max_wait`. A timeout too
+    /// long to represent waits without limit.
     ///
     /// # Errors
     ///
     /// [`Error::TimedOut`] if and only if the timeout passed;
-    /// [`Error::Backend`] if the backend failed.
+    /// [`Error::Backend`] as for [`acquire`](Self::acquire).
     ///
     /// # Cancel safety
     ///
     /// As for [`acquire`](Self::acquire).
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard> {
-        self.acquire_with(Wait::Timeout(timeout)).await
+        self.acquire_until(Until::Deadline(later(Instant::now(), timeout)))
+            .await
     }
 
-    /// Takes the lock with a wait given for this call only (the original's
-    /// per-call `blocking` and `timeout`). A zero timeout makes one attempt
-    /// and then times out.
-    ///
-    /// Between attempts it sleeps for the retry interval plus random jitter;
-    /// the last sleep is cut to the time left, so the wait never overshoots
-    /// the timeout by more than one backend round trip.
-    ///
-    /// # Errors
-    ///
-    /// As for [`acquire`](Self::acquire), with `wait` in place of the
-    /// options' wait.
-    ///
-    /// # Cancel safety
-    ///
-    /// As for [`acquire`](Self::acquire).
-    pub async fn acquire_with(&self, wait: Wait) -> Result<LockGuard> {
+    async fn acquire_until(&self, until: Until) -> Result<LockGuard> {
         let start = Instant::now();
         let token = new_token();
         let lease = self.options.lease;
+        let mut attempts: u32 = 0;
+        let mut failures: u32 = 0;
         loop {
             let sent = Instant::now();
-            if self.try_add(&token, lease).await? {
-                let guard = LockGuard::new(self, token, sent + lease);
-                tracing::debug!(
-                    key = %self.key,
-                    token = %guard.token(),
-                    lease = ?lease,
-                    estimated_expiry = ?SystemTime::now() + lease,
-                    "acquired cache lock"
-                );
-                return Ok(guard);
-            }
-            let pause = self.retry_pause();
-            let pause = match wait {
-                Wait::NoWait => {
+            attempts = attempts.saturating_add(1);
+            let outcome = self.try_add(&token, lease).await;
+            let pause = match outcome {
+                Ok(true) => {
+                    let guard = LockGuard::new(self, token, sent);
+                    tracing::debug!(
+                        key = %self.key,
+                        token = %guard.token(),
+                        lease = ?lease,
+                        estimated_expiry = ?wall_clock_in(lease),
+                        "acquired cache lock"
+                    );
+                    return Ok(guard);
+                }
+                Ok(false) => {
+                    failures = 0;
+                    self.retry_pause()
+                }
+                Err(e) => {
+                    let retry = attempts > 1
+                        && e.is_unavailable()
+                        && !self.options.fail_fast
+                        && matches!(until, Until::Deadline(d) if d.is_none_or(|d| Instant::now() < d));
+                    if !retry {
+                        return Err(e);
+                    }
+                    failures = failures.saturating_add(1);
+                    let pause = self.backoff(failures);
+                    tracing::warn!(
+                        key = %self.key,
+                        error = %e,
+                        retry_in = ?pause,
+                        "backend failed while waiting for the cache lock; retrying"
+                    );
+                    pause
+                }
+            };
+            let pause = match until {
+                Until::Once => {
                     return Err(Error::Held {
                         key: self.key.clone(),
                     });
                 }
-                Wait::Forever => pause,
-                Wait::Timeout(timeout) => {
-                    let waited = start.elapsed();
-                    if waited >= timeout {
-                        tracing::warn!(key = %self.key, ?timeout, "timed out waiting for cache lock");
+                Until::Deadline(None) => pause,
+                Until::Deadline(Some(deadline)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let waited = start.elapsed();
+                        tracing::warn!(key = %self.key, ?waited, "timed out waiting for cache lock");
                         return Err(Error::TimedOut {
                             key: self.key.clone(),
                             waited,
                         });
                     }
-                    pause.min(timeout - waited)
+                    pause.min(deadline - now)
                 }
             };
             tokio::time::sleep(pause).await;
         }
     }
 
-    /// Runs `work` while holding the lock (taken with the options' wait) and
-    /// releases it afterwards, also when `work` panics or the returned
-    /// future is dropped (the guard then releases in the background).
+    /// Runs `work` while holding the lock (taken as by
+    /// [`acquire`](Self::acquire)) and releases it afterwards, also when
+    /// `work` panics or the returned future is dropped (the guard then
+    /// releases in the background).
+    ///
+    /// The [`Outcome`] carries `work`'s output and what the release found,
+    /// so a lease that ran out during `work` is not silent.
     ///
     /// # Errors
     ///
-    /// The acquire's errors. A failure to release after `work` finished is
-    /// logged, not returned, so `work`'s output is never lost.
-    pub async fn with_lock<F, Fut, T>(&self, work: F) -> Result<T>
+    /// The acquire's errors; `work` did not run.
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`acquire`](Self::acquire); once `work` runs, dropping the
+    /// future drops the guard, which releases in the background.
+    pub async fn with_lock<F, Fut, T>(&self, work: F) -> Result<Outcome<T>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
         let guard = self.acquire().await?;
-        let out = work().await;
-        if let Err(e) = guard.release().await {
+        let value = work().await;
+        let released = guard.release().await;
+        if let Err(e) = &released {
             tracing::error!(key = %self.key, error = %e, "failed to release cache lock");
         }
-        Ok(out)
+        Ok(Outcome { value, released })
+    }
+
+    /// Waits (at most [`CLOSE_TIMEOUT`]) for the background work of this
+    /// lock and its guards: releases of dropped guards and the clean-up of
+    /// interrupted acquires. Call it before the process exits. Returns
+    /// whether all of it finished.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the work goes on in the background.
+    pub async fn close(&self) -> bool {
+        self.tasks.wait(CLOSE_TIMEOUT).await
     }
 
     /// One atomic add of `token`. A lost reply is resolved by reading the
@@ -374,7 +538,17 @@ impl CacheLock {
         } else {
             0.0
         };
-        retry + retry.mul_f64(jitter)
+        retry.saturating_add(
+            Duration::try_from_secs_f64(retry.as_secs_f64() * jitter).unwrap_or_default(),
+        )
+    }
+
+    /// The pause after the `n`th backend failure in a row: the retry pause
+    /// doubled each time, at most 5 s (or the retry interval if longer).
+    fn backoff(&self, n: u32) -> Duration {
+        let cap = Duration::from_secs(5).max(self.options.retry_interval);
+        let factor = 1u32 << n.saturating_sub(1).min(16);
+        self.retry_pause().saturating_mul(factor).min(cap)
     }
 }
 
@@ -386,7 +560,7 @@ fn new_token() -> String {
 /// Cleans up an add whose outcome we never learned (the future was dropped
 /// mid-flight, or its reply was lost and could not be read back).
 struct PendingAdd {
-    cleanup: Option<(SharedBackend, String, String, Duration)>,
+    cleanup: Option<(SharedBackend, String, String, Duration, Tasks)>,
 }
 
 impl PendingAdd {
@@ -397,6 +571,7 @@ impl PendingAdd {
                 lock.key.clone(),
                 token.to_owned(),
                 lease,
+                lock.tasks.clone(),
             )),
         }
     }
@@ -408,11 +583,11 @@ impl PendingAdd {
 
 impl Drop for PendingAdd {
     fn drop(&mut self) {
-        let Some((backend, key, token, lease)) = self.cleanup.take() else {
+        let Some((backend, key, token, lease, tasks)) = self.cleanup.take() else {
             return;
         };
         if let Ok(handle) = Handle::try_current() {
-            handle.spawn(async move {
+            tasks.spawn(&handle, async move {
                 if let Ok(TokenCheck::Matched) =
                     backend.delete_if_eq(&key, token.as_bytes(), lease).await
                 {
@@ -424,25 +599,52 @@ impl Drop for PendingAdd {
 }
 
 /// What [`LockGuard::release`] found.
+#[must_use = "Expired and Lost mean another holder may have run at the same time"]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Released {
     /// The key held our token and was deleted.
     Released,
     /// The local lease deadline had passed, so the cache was not touched:
-    /// the lock may already belong to someone else.
+    /// the lock may already belong to someone else. Logged as `WARN`.
     Expired,
     /// The key was gone or held another token: the lease had been lost
     /// (evicted, expired on the server, or the server restarted). Nothing was
-    /// deleted.
+    /// deleted. Logged as `WARN`.
     Lost,
+}
+
+/// What [`CacheLock::with_lock`] returns: the work's output and what the
+/// release found.
+#[must_use = "check `released`: the lease may have run out during the work"]
+#[derive(Debug)]
+pub struct Outcome<T> {
+    /// The output of the work.
+    pub value: T,
+    /// What the release found ([`Released::Expired`] or [`Released::Lost`]:
+    /// the lease ran out during the work), or why it failed.
+    pub released: std::result::Result<Released, BackendError>,
+}
+
+impl<T> Outcome<T> {
+    /// True if the lock was held to the end (released as
+    /// [`Released::Released`]).
+    pub fn held_throughout(&self) -> bool {
+        matches!(self.released, Ok(Released::Released))
+    }
+
+    /// The work's output, whatever the release found.
+    pub fn into_value(self) -> T {
+        self.value
+    }
 }
 
 /// Proof of holding a [`CacheLock`]; releases the lock when dropped.
 ///
 /// Prefer [`release`](Self::release), which reports what happened. A guard
 /// dropped without release inside a tokio runtime hands the release to a
-/// background task; dropped outside any runtime, it logs an error and the
-/// lock expires with its lease. `Drop` never blocks and never panics.
+/// background task (which `close()` waits for); dropped outside any
+/// runtime, it logs an error and the lock expires with its lease. `Drop`
+/// never blocks and never panics.
 ///
 /// A guard is released at most once, which the type system enforces:
 ///
@@ -461,21 +663,24 @@ pub struct LockGuard {
     key: String,
     token: String,
     lease: Duration,
-    deadline: Instant,
+    /// `None`: too far in the future to represent (never, in practice).
+    deadline: Option<Instant>,
     lost: bool,
     armed: bool,
+    tasks: Tasks,
 }
 
 impl LockGuard {
-    fn new(lock: &CacheLock, token: String, deadline: Instant) -> Self {
+    fn new(lock: &CacheLock, token: String, sent: Instant) -> Self {
         Self {
             backend: lock.backend.clone(),
             key: lock.key.clone(),
             token,
             lease: lock.options.lease,
-            deadline,
+            deadline: later(sent, lock.options.lease),
             lost: false,
             armed: true,
+            tasks: lock.tasks.clone(),
         }
     }
 
@@ -492,28 +697,37 @@ impl LockGuard {
     /// When the lease runs out by the local clock (measured from before the
     /// add or extend was sent, so it never runs later than the server's).
     pub fn deadline(&self) -> Instant {
+        // A lease is at most MAX_DURATION, so this is always set in practice.
         self.deadline
+            .unwrap_or_else(|| Instant::now() + MAX_DURATION)
     }
 
     /// Time left on the lease by the local clock; zero once it has run out.
     pub fn remaining(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
+        self.deadline().saturating_duration_since(Instant::now())
     }
 
     /// Whether the lease is known to be gone: the local deadline passed, or
     /// an [`extend`](Self::extend) found the key lost.
     pub fn is_lost(&self) -> bool {
-        self.lost || Instant::now() >= self.deadline
+        self.lost || self.past_deadline()
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     /// Extends the lease to `lease` from now (`None`: the lock's own lease),
-    /// only if the key still holds our token.
+    /// only if the key still holds our token. Past the local lease
+    /// deadline the cache is not touched: the lease is gone.
     ///
     /// # Errors
     ///
-    /// * [`Error::LeaseExpired`] if and only if the key is gone or holds
-    ///   another token; a `WARN` event is logged and the guard is marked
-    ///   lost (release will then delete nothing);
+    /// * [`Error::LeaseExpired`] if and only if the local deadline passed,
+    ///   or the key is gone or holds another token; a `WARN` event is logged
+    ///   and the guard is marked lost (release will then delete nothing);
+    /// * [`Error::InvalidConfig`] if `lease` is zero or over
+    ///   [`MAX_DURATION`]; nothing was sent;
     /// * [`Error::Backend`] if the backend failed; the lease is unchanged.
     ///
     /// # Cancel safety
@@ -522,10 +736,16 @@ impl LockGuard {
     /// and the guard keeps the older (earlier) deadline.
     pub async fn extend(&mut self, lease: Option<Duration>) -> Result<()> {
         let lease = lease.unwrap_or(self.lease);
-        if lease.is_zero() {
-            return Err(Error::InvalidConfig(
-                "the lock lease must be positive".into(),
-            ));
+        check_duration("lock lease", lease, false)?;
+        if self.past_deadline() {
+            self.lost = true;
+            tracing::warn!(
+                key = %self.key,
+                "cache lock lease ran out before it was extended; the lock is no longer valid"
+            );
+            return Err(Error::LeaseExpired {
+                key: self.key.clone(),
+            });
         }
         let sent = Instant::now();
         match self
@@ -534,13 +754,13 @@ impl LockGuard {
             .await?
         {
             TokenCheck::Matched => {
-                self.deadline = sent + lease;
+                self.deadline = later(sent, lease);
                 self.lost = false;
                 tracing::debug!(
                     key = %self.key,
                     token = %self.token,
                     ?lease,
-                    estimated_expiry = ?SystemTime::now() + lease,
+                    estimated_expiry = ?wall_clock_in(lease),
                     "extended cache lock"
                 );
                 Ok(())
@@ -561,9 +781,9 @@ impl LockGuard {
     /// Releases the lock and reports what was found.
     ///
     /// Past the local lease deadline, the cache is not touched at all
-    /// ([`Released::Expired`]). Otherwise one owner-checked delete (one round
-    /// trip where the backend has an atomic form) removes the key if it still
-    /// holds our token.
+    /// ([`Released::Expired`], logged as `WARN`). Otherwise one
+    /// owner-checked delete (one round trip where the backend has an atomic
+    /// form) removes the key if it still holds our token.
     ///
     /// # Errors
     ///
@@ -599,10 +819,14 @@ async fn release_now(
     key: &str,
     token: &str,
     lease: Duration,
-    deadline: Instant,
+    deadline: Option<Instant>,
 ) -> std::result::Result<Released, BackendError> {
-    if Instant::now() > deadline {
-        tracing::debug!(%key, %token, "released cache lock, which already expired from cache");
+    if deadline.is_some_and(|d| Instant::now() > d) {
+        tracing::warn!(
+            %key,
+            "cache lock lease ran out before release; another holder may have run meanwhile; \
+             nothing was deleted"
+        );
         return Ok(Released::Expired);
     }
     match backend.delete_if_eq(key, token.as_bytes(), lease).await? {
@@ -633,7 +857,7 @@ impl Drop for LockGuard {
                 let token = std::mem::take(&mut self.token);
                 let (lease, deadline) = (self.lease, self.deadline);
                 tracing::debug!(%key, "cache lock guard dropped; releasing in the background");
-                handle.spawn(async move {
+                self.tasks.spawn(&handle, async move {
                     if let Err(e) = release_now(&backend, &key, &token, lease, deadline).await {
                         tracing::error!(%key, error = %e, "background release of cache lock failed");
                     }

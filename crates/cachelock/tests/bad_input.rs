@@ -286,11 +286,12 @@ mod memoize_input {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use cachelock::{CacheKey, KeyBuilder, MemoizeOptions, SharedBackend, memoize, memoize_iter};
+    use cachelock::{CacheKey, SharedBackend};
     use futures_util::StreamExt;
     use serde::{Deserialize, Serialize};
 
     use super::common::memoize_cases::{Counter, mz};
+    use super::common::opts::{Opts, memoize, memoize_iter};
     use super::{LONG, backends, common::unique_key};
 
     /// The manifest's fields as stored (postcard), to find chunk keys and
@@ -325,25 +326,19 @@ mod memoize_input {
         }
     }
 
-    async fn memo(
-        b: &SharedBackend,
-        key: &str,
-        o: &MemoizeOptions,
-        n: &Counter,
-        value: &[u8],
-    ) -> Vec<u8> {
+    async fn memo(b: &SharedBackend, key: &str, o: &Opts, n: &Counter, value: &[u8]) -> Vec<u8> {
         mz(b, key, o, n, value.to_vec()).await
     }
 
-    fn chunked() -> MemoizeOptions {
-        MemoizeOptions::new()
+    fn chunked() -> Opts {
+        Opts::new()
             .expiration(LONG)
             .compression(false)
             .chunk_size(1024)
     }
 
     /// The stored manifest of `key` and the keys of its chunks.
-    async fn chunk_keys(b: &SharedBackend, o: &MemoizeOptions, key: &str) -> (String, Vec<String>) {
+    async fn chunk_keys(b: &SharedBackend, o: &Opts, key: &str) -> (String, Vec<String>) {
         let full = o.full_key(&CacheKey::from(key));
         let raw = b.get(&full).await.unwrap().expect("a stored manifest");
         assert_eq!(&raw[..4], &[0xC1, 0x0C, 1, 2], "a manifest");
@@ -406,7 +401,7 @@ mod memoize_input {
                 let ik = unique_key("planted-inline");
                 b.set(&ik, &junk, LONG).await.unwrap();
                 let m = Counter::default();
-                assert!(memo(&b, &ik, &MemoizeOptions::new(), &m, b"ok").await == b"ok");
+                assert!(memo(&b, &ik, &Opts::new(), &m, b"ok").await == b"ok");
                 assert_eq!(m.get(), 1);
                 let sk = unique_key("planted-stream");
                 b.set(&sk, &junk, LONG).await.unwrap();
@@ -498,14 +493,14 @@ mod memoize_input {
                 b.set(&key, raw, LONG).await.unwrap();
                 let n = Counter::default();
                 let t = Instant::now();
-                assert!(memo(&b, &key, &MemoizeOptions::new(), &n, b"safe").await == b"safe");
+                assert!(memo(&b, &key, &Opts::new(), &n, b"safe").await == b"safe");
                 assert_eq!(n.get(), 1, "{name}: claim {i}");
                 let sk = unique_key("hostile-claim-stream");
                 b.set(&sk, raw, LONG).await.unwrap();
                 let items: Vec<u8> = memoize_iter(
                     &b,
                     sk.as_str(),
-                    &MemoizeOptions::new(),
+                    &Opts::new(),
                     [Ok::<_, Infallible>(1u8), Ok(2)],
                 )
                 .map(|r| r.unwrap())
@@ -528,9 +523,9 @@ mod memoize_input {
     #[ignore = "needs the test servers: scripts/test"]
     async fn wrong_encryption_key_is_a_miss() {
         for (name, b) in backends().await {
-            let names = KeyBuilder::new("bad-input").secret(b"names".to_vec());
-            let base = MemoizeOptions::new()
-                .keys(names)
+            let base = Opts::new()
+                .namespace("bad-input")
+                .key_secret(b"names")
                 .expiration(LONG)
                 .chunk_size(1024);
             let one = base.clone().encryption_key(b"key one");
@@ -557,15 +552,11 @@ mod memoize_input {
     /// the wrong key or with a chunk missing.
     #[tokio::test]
     async fn fuzz_entry_point_decodes_real_items() {
-        use cachelock::memoize::codec::fuzz_decode;
+        use cachelock::memoize::fuzz_decode;
         let b: SharedBackend = Arc::new(cachelock::MemoryBackend::new());
         let max = b.max_value_size();
         // (Encrypted: inline, since an encrypted manifest hides its chunk keys.)
-        for o in [
-            chunked(),
-            MemoizeOptions::new().encryption_key(b"k1"),
-            MemoizeOptions::new(),
-        ] {
+        for o in [chunked(), Opts::new().encryption_key(b"k1"), Opts::new()] {
             let key = unique_key("fuzz-entry");
             let value: Vec<String> = (0..300).map(|i| format!("item {i}")).collect();
             let v = value.clone();

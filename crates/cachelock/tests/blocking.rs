@@ -1,16 +1,23 @@
-//! The blocking facade, from plain `fn`s (no runtime) and plain threads.
+//! The blocking facade, from plain `fn`s (no runtime), plain threads and
+//! `spawn_blocking`.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cachelock::{
-    LockOptions, MemoizeError, MemoizeOptions, MemoryBackend, SharedBackend, Wait, blocking,
-};
+use cachelock::{Cache, LockOptions, MemoizeError, MemoryBackend, SharedBackend, blocking};
 
-fn cache() -> SharedBackend {
+fn backend() -> SharedBackend {
     Arc::new(MemoryBackend::new())
+}
+
+fn cache(b: &SharedBackend, lock: LockOptions) -> blocking::Cache {
+    Cache::builder(b.clone())
+        .lock(lock)
+        .build()
+        .unwrap()
+        .blocking()
 }
 
 fn key(name: &str) -> String {
@@ -19,43 +26,54 @@ fn key(name: &str) -> String {
 
 #[test]
 fn memoize_computes_once_then_hits() {
-    let b = cache();
+    let c = cache(&backend(), LockOptions::new());
     let k = key("memoize");
     let calls = AtomicUsize::new(0);
-    let o = MemoizeOptions::new().lock(LockOptions::new());
     for _ in 0..3 {
-        let v: Vec<String> = blocking::memoize(&b, k.as_str(), &o, || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, std::io::Error>(vec!["a".into(), "ü".into()])
-        })
-        .unwrap();
+        let v: Vec<String> = c
+            .try_get_with(k.as_str(), || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(vec!["a".into(), "ü".into()])
+            })
+            .unwrap();
         assert_eq!(v, vec!["a", "ü"]);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(c.get::<Vec<String>>(k.as_str()).unwrap().unwrap().len(), 2);
+    c.invalidate(k.as_str()).unwrap();
+    assert_eq!(c.get::<Vec<String>>(k.as_str()).unwrap(), None);
+    assert_eq!(
+        c.get_with(k.as_str(), || vec!["b".to_string()]).unwrap(),
+        vec!["b"]
+    );
 }
 
 #[test]
 fn memoize_compute_error_is_returned() {
-    let b = cache();
+    let c = cache(&backend(), LockOptions::new());
     let r: Result<u8, _> =
-        blocking::memoize(&b, key("err").as_str(), &MemoizeOptions::new(), || {
-            Err(std::io::Error::other("nope"))
-        });
+        c.try_get_with(key("err").as_str(), || Err(std::io::Error::other("nope")));
     assert!(matches!(r, Err(MemoizeError::Compute(ref e)) if e.to_string() == "nope"));
+    // Issue 10, item 15: the message says what the compute said.
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "computing the value failed: nope"
+    );
 }
 
 #[test]
 fn memoize_from_many_threads_computes_once() {
-    let b = cache();
+    let c = cache(
+        &backend(),
+        LockOptions::new().max_wait(Duration::from_secs(10)),
+    );
     let k = key("threads");
     let calls = Arc::new(AtomicUsize::new(0));
-    let o =
-        MemoizeOptions::new().lock(LockOptions::new().wait(Wait::Timeout(Duration::from_secs(10))));
     let threads: Vec<_> = (0..8)
         .map(|_| {
-            let (b, k, o, calls) = (b.clone(), k.clone(), o.clone(), calls.clone());
+            let (c, k, calls) = (c.clone(), k.clone(), calls.clone());
             std::thread::spawn(move || {
-                blocking::memoize(&b, k.as_str(), &o, || {
+                c.try_get_with(k.as_str(), || {
                     calls.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(200));
                     Ok::<_, std::io::Error>(42u32)
@@ -72,11 +90,13 @@ fn memoize_from_many_threads_computes_once() {
 
 #[test]
 fn lock_acquire_release_and_contention() {
-    let b = cache();
+    let b = backend();
     let k = key("lock");
     let lock = blocking::CacheLock::new(b.clone(), k.as_str(), LockOptions::new()).unwrap();
     let guard = lock.acquire().unwrap();
     assert_eq!(guard.key(), k);
+    assert!(guard.remaining() > Duration::from_secs(29));
+    assert!(guard.deadline() > tokio::time::Instant::now());
     let stored = futures_util::FutureExt::now_or_never(b.get(&k))
         .unwrap()
         .unwrap();
@@ -97,87 +117,114 @@ fn lock_acquire_release_and_contention() {
     assert!(waited.1 >= Duration::from_millis(200));
     assert_eq!(guard.release().unwrap(), cachelock::Released::Released);
     let out = lock.with_lock(|| 5).unwrap();
-    assert_eq!(out, 5);
-    assert!(lock.try_acquire().is_ok());
+    assert!(out.held_throughout());
+    assert_eq!(out.value, 5);
+    // forget: the key stays until its lease runs out.
+    lock.try_acquire().unwrap().forget();
+    assert!(lock.try_acquire().unwrap_err().is_held());
 }
 
 #[test]
 fn dropped_guard_is_released_in_the_background() {
-    let b = cache();
-    let k = key("drop");
-    let lock = blocking::CacheLock::new(b.clone(), k.as_str(), LockOptions::new()).unwrap();
+    let c = cache(&backend(), LockOptions::new());
+    let lock = c.lock(key("drop"));
     drop(lock.acquire().unwrap());
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        if lock.try_acquire().is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("the dropped guard was never released");
+    assert!(c.close().unwrap(), "close waits for the background release");
+    assert!(lock.try_acquire().is_ok());
 }
 
 #[test]
-fn memoize_iter_round_trip_and_early_drop() {
-    let b = cache();
+fn stream_round_trip_and_early_drop() {
+    let c = cache(&backend(), LockOptions::new());
     let k = key("iter");
-    let o = MemoizeOptions::new().lock(LockOptions::new());
     let items: Vec<Result<u32, std::io::Error>> = (0..10).map(Ok).collect();
-    let mut it = blocking::memoize_iter(&b, k.as_str(), &o, items);
+    let mut it = c.stream_with(k.as_str(), items);
     assert_eq!(it.next().unwrap().unwrap(), 0);
     drop(it);
     // Dropped early: nothing cached, lock released (in the background).
-    let again: Vec<u32> =
-        blocking::memoize_iter(&b, k.as_str(), &o, (0..10).map(Ok::<u32, std::io::Error>))
-            .map(Result::unwrap)
-            .collect();
+    let again: Vec<u32> = c
+        .stream_with(k.as_str(), (0..10).map(Ok::<u32, std::io::Error>))
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(again, (0..10).collect::<Vec<_>>());
-    let hit: Vec<u32> = blocking::memoize_iter(
-        &b,
-        k.as_str(),
-        &o,
-        Vec::<Result<u32, std::io::Error>>::new(),
-    )
-    .map(Result::unwrap)
-    .collect();
+    let hit: Vec<u32> = c
+        .stream_with(k.as_str(), Vec::<Result<u32, std::io::Error>>::new())
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(hit, (0..10).collect::<Vec<_>>());
 }
 
-#[tokio::test]
-async fn inside_a_runtime_it_refuses_instead_of_panicking() {
-    let b = cache();
-    let r: Result<u8, MemoizeError<std::io::Error>> =
-        blocking::memoize(&b, "k", &MemoizeOptions::new(), || Ok(1));
-    assert!(matches!(r, Err(MemoizeError::Config(_))), "{r:?}");
-    let lock = blocking::CacheLock::new(b, "k", LockOptions::new()).unwrap();
-    assert!(lock.acquire().is_err());
+/// tokio's own bridge: blocking code in `spawn_blocking` works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_inside_spawn_blocking() {
+    let c = cache(&backend(), LockOptions::new());
+    let k = key("spawn-blocking");
+    let v = tokio::task::spawn_blocking(move || {
+        let g = c.lock(k.as_str()).try_acquire().unwrap();
+        let _ = g.release().unwrap();
+        c.get_with(k.as_str(), || 9u8).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(v, 9);
+}
+
+/// Where blocking could deadlock (the only thread of a current-thread
+/// runtime), it refuses with its own error, saying why (issue 10, item 15).
+#[tokio::test(flavor = "current_thread")]
+async fn inside_a_current_thread_runtime_it_refuses_and_says_why() {
+    let c = cache(&backend(), LockOptions::new());
+    let r: Result<u8, MemoizeError<std::io::Error>> = c.try_get_with("k", || Ok(1));
+    match r {
+        Err(MemoizeError::Config(e)) => {
+            assert!(e.is_blocking_refused(), "{e:?}");
+            let text = e.to_string();
+            assert!(text.contains("current-thread tokio runtime"), "{text}");
+            assert!(text.contains("deadlock"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let err = c.lock("k").acquire().unwrap_err();
+    assert!(err.is_blocking_refused(), "{err:?}");
+    assert!(c.get_with("k", || 1u8).unwrap_err().is_blocking_refused());
+}
+
+#[test]
+fn connect_without_double_question_marks() {
+    let c = blocking::connect("memory://").unwrap();
+    assert_eq!(c.get_with("n", || 7u32).unwrap(), 7);
+    assert!(blocking::connect("nope://x").is_err());
 }
 
 #[test]
 #[ignore = "needs the test servers: scripts/test"]
 fn through_real_memcached() {
     let urls = server_env("CACHELOCK_TEST_MEMCACHED_URLS");
-    let b: SharedBackend = Arc::new(
-        blocking::run(cachelock::MemcachedBackend::connect(&urls))
-            .unwrap()
-            .unwrap(),
-    );
+    let url = if urls.starts_with("memcached://") {
+        urls
+    } else {
+        format!("memcached://{urls}")
+    };
+    let base = blocking::connect(&url).unwrap();
+    let c = Cache::builder(base.as_async().backend().clone())
+        .chunk_size(4096)
+        .build()
+        .unwrap()
+        .blocking();
     let k = key("memcached");
     let calls = AtomicUsize::new(0);
-    let o = MemoizeOptions::new()
-        .lock(LockOptions::new())
-        .chunk_size(4096);
     let big = "m".repeat(20_000) + &"n".repeat(20_000);
     for _ in 0..2 {
-        let v: String = blocking::memoize(&b, k.as_str(), &o, || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, std::io::Error>(big.clone())
-        })
-        .unwrap();
+        let v: String = c
+            .try_get_with(k.as_str(), || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(big.clone())
+            })
+            .unwrap();
         assert_eq!(v, big);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let lock = blocking::CacheLock::new(b, key("memcached-lock"), LockOptions::new()).unwrap();
+    let lock = c.lock(key("memcached-lock"));
     let g = lock.acquire().unwrap();
     assert!(lock.try_acquire().unwrap_err().is_held());
     assert_eq!(g.release().unwrap(), cachelock::Released::Released);

@@ -24,10 +24,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cachelock::{
-    BackendError, CacheKey, CacheLock, Error, LockOptions, MemoizeError, MemoizeOptions,
-    OnLockTimeout, Released, SharedBackend, Wait, memoize,
+    BackendError, CacheKey, CacheLock, Error, LockOptions, MemoizeError, OnLockFailure, Released,
+    SharedBackend,
 };
 use common::memoize_cases::Counter;
+use common::opts::{Opts, memoize};
 use common::rig::{Kind, Rig, RigOptions, assert_recovers, bounded, retry_unavailable};
 use common::{logs, unique_key};
 use tokio::time::Instant;
@@ -70,6 +71,7 @@ on_both!(
     memoize_computes_anyway_when_down_slow_or_locked_out,
     contention_under_faults_has_no_silent_overlap,
     recovers_after_handshake_replies_are_cut,
+    a_waiter_rides_out_a_backend_blip,
 );
 
 fn lock(rig_backend: &cachelock::SharedBackend, key: &str, lease: Duration) -> CacheLock {
@@ -95,15 +97,15 @@ async fn token_under(b: &cachelock::SharedBackend, key: &str) -> Option<String> 
 
 /// Memoize settings for the scenarios: chunks of `chunk` bytes, no
 /// compression (so the stored size is the value's), a short lock.
-fn memo_options(chunk: usize) -> MemoizeOptions {
-    MemoizeOptions::new()
+fn memo_options(chunk: usize) -> Opts {
+    Opts::new()
         .expiration(LONG)
         .compression(false)
         .chunk_size(chunk)
         .lock(
             LockOptions::new()
                 .lease(Duration::from_secs(5))
-                .wait(Wait::Timeout(Duration::from_secs(1))),
+                .max_wait(Duration::from_secs(1)),
         )
 }
 
@@ -121,20 +123,14 @@ fn big_value(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Memoizes `value` under `key`; the compute counts itself.
-async fn memo(
-    b: &SharedBackend,
-    key: &str,
-    o: &MemoizeOptions,
-    n: &Counter,
-    value: &[u8],
-) -> Vec<u8> {
+async fn memo(b: &SharedBackend, key: &str, o: &Opts, n: &Counter, value: &[u8]) -> Vec<u8> {
     memo_result(b, key, o, n, value).await.unwrap()
 }
 
 async fn memo_result(
     b: &SharedBackend,
     key: &str,
-    o: &MemoizeOptions,
+    o: &Opts,
     n: &Counter,
     value: &[u8],
 ) -> Result<Vec<u8>, MemoizeError<Infallible>> {
@@ -148,13 +144,7 @@ async fn memo_result(
 
 /// Calls memoize until a call is served from the cache (no compute), for at
 /// most 40 calls; every value returned on the way must be `value`.
-async fn assert_cached_soon(
-    b: &SharedBackend,
-    key: &str,
-    o: &MemoizeOptions,
-    n: &Counter,
-    value: &[u8],
-) {
+async fn assert_cached_soon(b: &SharedBackend, key: &str, o: &Opts, n: &Counter, value: &[u8]) {
     for _ in 0..40 {
         let before = n.get();
         let got = memo(b, key, o, n, value).await;
@@ -317,10 +307,7 @@ async fn latency_above_the_response_timeout(kind: Kind) {
         );
         // The free lock: its timed-out add was cleaned up or expires with
         // its 3 s lease; either way it can be taken again.
-        let g = free
-            .acquire_with(Wait::Timeout(Duration::from_secs(6)))
-            .await
-            .unwrap();
+        let g = free.acquire_timeout(Duration::from_secs(6)).await.unwrap();
         assert_eq!(g.release().await.unwrap(), Released::Released);
         assert_eq!(guard.release().await.unwrap(), Released::Released);
         assert_cached_soon(&b, &mk, &mo, &n, &value).await;
@@ -380,10 +367,7 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
             }
             Err(e) => assert!(e.is_unavailable(), "{e:?}"),
         }
-        let g = l
-            .acquire_with(Wait::Timeout(Duration::from_secs(8)))
-            .await
-            .unwrap();
+        let g = l.acquire_timeout(Duration::from_secs(8)).await.unwrap();
         assert_eq!(g.release().await.unwrap(), Released::Released);
 
         // Memoize, chunked (300 kB in 16 kB chunks). A write whose replies
@@ -437,11 +421,11 @@ async fn connection_cut_in_the_middle_of_a_large_value(kind: Kind) {
         let expected: Vec<String> = (0..20_000)
             .map(|i| format!("item {i:05} {}", "x".repeat(200 + i % 97)))
             .collect();
-        let read = |o: MemoizeOptions| {
+        let read = |o: Opts| {
             let items = expected.clone();
             let (b, sk) = (b.clone(), sk.clone());
             async move {
-                let s = cachelock::memoize_iter(
+                let s = common::opts::memoize_iter(
                     &b,
                     sk.as_str(),
                     &o,
@@ -648,12 +632,12 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         let mut g = l.try_acquire().await.unwrap();
         tokens.push(g.token().to_owned());
         g.extend(None).await.unwrap();
-        g.release().await.unwrap();
+        let _ = g.release().await.unwrap();
         // A waiter that times out.
         let g = l.try_acquire().await.unwrap();
         tokens.push(g.token().to_owned());
         let e = l
-            .acquire_with(Wait::Timeout(Duration::from_millis(200)))
+            .acquire_timeout(Duration::from_millis(200))
             .await
             .unwrap_err();
         assert!(e.is_timed_out(), "{e:?}");
@@ -689,10 +673,10 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
 
         // Memoize's own locks: a compute that outlives its lease (the
         // release finds the lease gone), and a lock held elsewhere.
-        let mo = MemoizeOptions::new().expiration(LONG).lock(
+        let mo = Opts::new().expiration(LONG).lock(
             LockOptions::new()
                 .lease(Duration::from_secs(1))
-                .wait(Wait::Timeout(Duration::from_millis(300))),
+                .max_wait(Duration::from_millis(300)),
         );
         let mk = unique_key("log-tokens-memo");
         let slow: u32 = memoize(&b, mk.as_str(), &mo, || async {
@@ -717,7 +701,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
             .await
             .unwrap();
         assert_eq!(v, 8);
-        held.release().await.unwrap();
+        let _ = held.release().await.unwrap();
         tokens
     })
     .await;
@@ -780,7 +764,7 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
         let mo = memo_options(16 * 1024).lock(
             LockOptions::new()
                 .lease(Duration::from_secs(10))
-                .wait(Wait::Timeout(Duration::from_millis(300))),
+                .max_wait(Duration::from_millis(300)),
         );
         let lock_key = mo.full_lock_key(&CacheKey::from(key.as_str()));
         let holder = CacheLock::new(other.clone(), lock_key.clone(), LockOptions::default())
@@ -798,8 +782,8 @@ async fn memoize_computes_anyway_when_down_slow_or_locked_out(kind: Kind) {
             t.elapsed()
         );
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        // With OnLockTimeout::Fail: a typed error and no compute.
-        let fail = mo.clone().on_lock_timeout(OnLockTimeout::Fail);
+        // With OnLockFailure::Fail: a typed error and no compute.
+        let fail = mo.clone().on_lock_failure(OnLockFailure::Fail);
         let key2 = unique_key("memo-locked-out-fail");
         let lock_key2 = fail.full_lock_key(&CacheKey::from(key2.as_str()));
         let holder2 = CacheLock::new(other.clone(), lock_key2, LockOptions::default())
@@ -889,10 +873,7 @@ async fn contention_under_faults_has_no_silent_overlap(kind: Kind) {
             .unwrap();
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let guard = match lock
-                    .acquire_with(Wait::Timeout(Duration::from_secs(1)))
-                    .await
-                {
+                let guard = match lock.acquire_timeout(Duration::from_secs(1)).await {
                     Ok(guard) => guard,
                     Err(_) => {
                         // Back off as a real client would.
@@ -1048,6 +1029,87 @@ async fn recovers_after_handshake_replies_are_cut(kind: Kind) {
             }
         }
         assert_recovers(&b).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// A waiter and a blip (issue 10, item 8)
+
+/// While a wait budget remains, a waiter retries a backend that is
+/// unavailable or timed out (with a WARN) instead of failing at the first
+/// error; `fail_fast` fails at once; the very first attempt failing is an
+/// error at once, budget or not. Before the fix the waiter returned the
+/// first backend error (a 0.5-1 s restart killed every waiting run).
+async fn a_waiter_rides_out_a_backend_blip(kind: Kind) {
+    let rig = Rig::start(kind).await;
+    bounded(Duration::from_secs(60), async {
+        let key = unique_key("blip");
+        let direct = rig.direct().await;
+        // Held elsewhere for 2 s, then it expires.
+        let _held = lock(&direct, &key, Duration::from_secs(2))
+            .try_acquire()
+            .await
+            .unwrap();
+        let waiter = lock(&rig.backend, &key, Duration::from_secs(5));
+        let (logs, _g) = logs::capture();
+        let wait = tokio::spawn({
+            let waiter = waiter.clone();
+            async move { waiter.acquire_timeout(Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.proxy.black_hole(true);
+        rig.proxy.cut_all();
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        rig.proxy.heal();
+        let guard = wait.await.unwrap().expect("the wait outlives the blip");
+        assert!(
+            logs.at("WARN")
+                .iter()
+                .any(|l| l.contains("retrying") && l.contains(&key)),
+            "{:?}",
+            logs.lines()
+        );
+        let _ = guard.release().await;
+
+        // fail_fast: the first failure during the wait ends it.
+        let key = unique_key("blip-fail-fast");
+        let _held = lock(&direct, &key, Duration::from_secs(10))
+            .try_acquire()
+            .await
+            .unwrap();
+        let fast = CacheLock::new(
+            rig.backend.clone(),
+            key.as_str(),
+            LockOptions::new()
+                .lease(Duration::from_secs(5))
+                .retry_interval(Duration::from_millis(50))
+                .fail_fast(true),
+        )
+        .unwrap();
+        let wait = tokio::spawn(async move { fast.acquire_timeout(Duration::from_secs(20)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.proxy.black_hole(true);
+        rig.proxy.cut_all();
+        let t = Instant::now();
+        let e = wait.await.unwrap().unwrap_err();
+        assert!(e.is_unavailable(), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+        // Unreachable at the first attempt: an error at once.
+        let first = lock(
+            &rig.backend,
+            &unique_key("blip-first"),
+            Duration::from_secs(5),
+        );
+        let t = Instant::now();
+        let e = first
+            .acquire_timeout(Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        assert!(e.is_unavailable(), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        rig.proxy.heal();
     })
     .await;
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cachelock::{
     Backend, BackendError, BackendResult, CacheLock, Error, LockOptions, MemoryBackend,
-    SharedBackend, Wait,
+    SharedBackend,
 };
 
 lock_tests!(
@@ -29,7 +29,10 @@ fn invalid_options_are_refused_when_built() {
     let bad = [
         LockOptions::default().lease(Duration::ZERO),
         LockOptions::default().retry_interval(Duration::ZERO),
-        LockOptions::default().wait(Wait::Timeout(Duration::ZERO)),
+        // Over MAX_DURATION: refused, never a panic (issue 10, item 9).
+        LockOptions::default().lease(Duration::MAX),
+        LockOptions::default().retry_interval(Duration::MAX),
+        LockOptions::default().max_wait(Duration::MAX),
         LockOptions::default().jitter(-0.1),
         LockOptions::default().jitter(f64::NAN),
     ];
@@ -211,7 +214,7 @@ async fn an_add_whose_reply_was_lost_is_resolved_by_reading_back() {
         b.inner.get("lost-reply").await.unwrap().as_deref(),
         Some(guard.token().as_bytes())
     );
-    guard.release().await.unwrap();
+    let _ = guard.release().await.unwrap();
 
     // The add never happened (refused): a backend error, not "held".
     *b.fail_adds.lock().unwrap() = Some(false);
@@ -223,5 +226,5 @@ async fn an_add_whose_reply_was_lost_is_resolved_by_reading_back() {
     let other = l.try_acquire().await.unwrap();
     *b.fail_adds.lock().unwrap() = Some(false);
     assert!(l.try_acquire().await.unwrap_err().is_held());
-    other.release().await.unwrap();
+    let _ = other.release().await.unwrap();
 }

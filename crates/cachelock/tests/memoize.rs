@@ -6,8 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachelock::{MemoizeOptions, MemoryBackend, SharedBackend, memoize};
+use cachelock::{MemoryBackend, SharedBackend};
 use common::memoize_cases::{Counter, Never, Op, Wrap, mz};
+use common::opts::{Opts, memoize};
 use proptest::prelude::*;
 
 memoize_tests!(
@@ -25,7 +26,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Stores `value` under a fresh key with `o` and returns the backend, the
 /// key and the chunk keys written.
-async fn stored(o: &MemoizeOptions, value: &str) -> (SharedBackend, String, Vec<String>) {
+async fn stored(o: &Opts, value: &str) -> (SharedBackend, String, Vec<String>) {
     let w = Wrap::new(Arc::new(MemoryBackend::new()));
     let b = w.shared();
     let k = common::unique_key("prop");
@@ -34,8 +35,8 @@ async fn stored(o: &MemoizeOptions, value: &str) -> (SharedBackend, String, Vec<
     (w.inner.clone(), k, chunks)
 }
 
-fn options(chunked: bool, compressed: bool, encrypted: bool) -> MemoizeOptions {
-    let mut o = MemoizeOptions::new().compression(compressed);
+fn options(chunked: bool, compressed: bool, encrypted: bool) -> Opts {
+    let mut o = Opts::new().compression(compressed);
     if chunked {
         o = o.chunk_size(256);
     }
@@ -48,7 +49,7 @@ fn options(chunked: bool, compressed: bool, encrypted: bool) -> MemoizeOptions {
 /// Reads `k` with memoize whose compute returns `fallback`: whatever the
 /// cache holds, the result must be the stored value or the fallback,
 /// never anything else, and must not panic.
-async fn read_back(b: &SharedBackend, k: &str, o: &MemoizeOptions, fallback: &str) -> String {
+async fn read_back(b: &SharedBackend, k: &str, o: &Opts, fallback: &str) -> String {
     let f = fallback.to_string();
     memoize(b, k, o, || async move { Ok::<_, Never>(f) })
         .await
@@ -155,7 +156,7 @@ async fn lease_is_extended_after_each_chunk_batch() {
     let value: Vec<u64> = (0..2_500_000u64)
         .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         .collect();
-    let o = MemoizeOptions::new()
+    let o = Opts::new()
         .compression(false)
         .lock(cachelock::LockOptions::new());
     let got = memoize(&b, k.as_str(), &o, || async {
@@ -194,7 +195,7 @@ async fn lost_lease_while_writing_is_logged_and_write_goes_on() {
     let w = Wrap::new(Arc::new(MemoryBackend::new()));
     let b = w.shared();
     let k = common::unique_key("lost-lease");
-    let o = MemoizeOptions::new()
+    let o = Opts::new()
         .compression(false)
         .lock(cachelock::LockOptions::new());
     let lock_key = o.full_lock_key(&k.as_str().into());
@@ -224,7 +225,7 @@ async fn chunks_outlive_the_manifest() {
     let b: SharedBackend = Arc::new(MemoryBackend::new());
     let w = Wrap::new(b.clone());
     let k = common::unique_key("ttl");
-    let o = MemoizeOptions::new()
+    let o = Opts::new()
         .chunk_size(256)
         .expiration(Duration::from_secs(100));
     mz(&w.shared(), &k, &o, &Counter::default(), "t".repeat(1_000)).await;
@@ -236,29 +237,49 @@ async fn chunks_outlive_the_manifest() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn invalid_options_are_refused() {
+    use cachelock::LockOptions;
     let b: SharedBackend = Arc::new(MemoryBackend::new());
+    // Checked once, by build(); Duration::MAX anywhere is refused, never a
+    // panic (issue 10, item 9).
     for o in [
-        MemoizeOptions::new().chunk_size(10),
-        MemoizeOptions::new().expiration(Duration::ZERO),
-        MemoizeOptions::new().poll_jitter(2.0),
-        MemoizeOptions::new().lock(cachelock::LockOptions::new().lease(Duration::ZERO)),
+        Opts::new().chunk_size(10),
+        Opts::new().expiration(Duration::ZERO),
+        Opts::new().expiration(Duration::MAX),
+        Opts::new().poll_interval(Duration::MAX),
+        Opts::new().poll_jitter(2.0),
+        Opts::new().lock(LockOptions::new().lease(Duration::ZERO)),
+        Opts::new().lock(LockOptions::new().lease(Duration::MAX)),
+        Opts::new().lock(LockOptions::new().max_wait(Duration::MAX)),
+        Opts::new().lock(LockOptions::new().retry_interval(Duration::MAX)),
     ] {
-        let r = memoize(&b, "k", &o, || async { Ok::<_, Never>(1u8) }).await;
+        let r = o.builder(&b).build();
         assert!(
-            matches!(r, Err(cachelock::MemoizeError::Config(_))),
+            matches!(r, Err(cachelock::Error::InvalidConfig(_))),
             "{r:?}"
         );
     }
+    // Per call: a typed error, nothing stored.
+    let cache = Opts::new().on(&b);
+    let r = cache
+        .entry("k")
+        .expiration(Duration::MAX)
+        .or_try_insert_with(|| async { Ok::<_, Never>(1u8) })
+        .await;
+    assert!(
+        matches!(r, Err(cachelock::MemoizeError::Config(_))),
+        "{r:?}"
+    );
+    assert_eq!(cache.get::<u8>("k").await, None);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn waiters_share_the_leaders_lock_timeout() {
-    use cachelock::{CacheLock, LockOptions, MemoizeError, OnLockTimeout, Wait};
+    use cachelock::{CacheLock, LockOptions, MemoizeError, OnLockFailure};
     let b: SharedBackend = Arc::new(MemoryBackend::new());
     let k = common::unique_key("flight-timeout");
-    let o = MemoizeOptions::new()
-        .lock(LockOptions::new().wait(Wait::Timeout(Duration::from_millis(200))))
-        .on_lock_timeout(OnLockTimeout::Fail);
+    let o = Opts::new()
+        .lock(LockOptions::new().max_wait(Duration::from_millis(200)))
+        .on_lock_failure(OnLockFailure::Fail);
     let held = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
@@ -293,7 +314,7 @@ async fn waiters_share_the_leaders_lock_timeout() {
 async fn waiters_do_not_queue_behind_failing_computes() {
     let b: SharedBackend = Arc::new(MemoryBackend::new());
     let k = common::unique_key("flight-error");
-    let o = MemoizeOptions::new();
+    let o = Opts::new();
     let c = Counter::default();
     let start = tokio::time::Instant::now();
     let calls = (0..10).map(|_| {
@@ -325,7 +346,7 @@ async fn waiters_do_not_queue_behind_failing_computes() {
 async fn a_waiter_takes_over_from_a_dropped_leader() {
     let b: SharedBackend = Arc::new(MemoryBackend::new());
     let k = common::unique_key("flight-drop");
-    let o = MemoizeOptions::new();
+    let o = Opts::new();
     let leader = {
         let (b, k, o) = (b.clone(), k.clone(), o.clone());
         tokio::spawn(async move {
@@ -354,7 +375,7 @@ async fn single_flight_can_be_turned_off() {
     for (lock, computes) in [(false, 8), (true, 1)] {
         let b: SharedBackend = Arc::new(MemoryBackend::new());
         let k = common::unique_key("no-flight");
-        let mut o = MemoizeOptions::new().single_flight(false);
+        let mut o = Opts::new().single_flight(false);
         if lock {
             o = o.lock(cachelock::LockOptions::new());
         }

@@ -15,7 +15,8 @@ mod props {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use cachelock::{MemoizeError, MemoizeOptions, MemoryBackend, SharedBackend, memoize_iter};
+    use crate::common::opts::{Opts, memoize_iter};
+    use cachelock::{MemoizeError, MemoryBackend, SharedBackend};
     use futures_util::StreamExt;
     use proptest::prelude::*;
 
@@ -29,7 +30,7 @@ mod props {
     async fn read(
         b: &SharedBackend,
         k: &str,
-        o: &MemoizeOptions,
+        o: &Opts,
     ) -> Vec<Result<String, MemoizeError<Never>>> {
         memoize_iter(b, k, o, items("fresh").into_iter().map(Ok::<_, Never>))
             .collect()
@@ -43,7 +44,7 @@ mod props {
         let w = Wrap::new(Arc::new(MemoryBackend::new()));
         let b = w.shared();
         let k = common::unique_key("mid-stream");
-        let o = MemoizeOptions::new().chunk_size(256).compression(false);
+        let o = Opts::new().chunk_size(256).compression(false);
         let stored = items("stored");
         let _: Vec<_> = memoize_iter(
             &b,
@@ -90,7 +91,7 @@ mod props {
                 let w = Wrap::new(Arc::new(MemoryBackend::new()));
                 let b = w.shared();
                 let k = common::unique_key("prop-stream");
-                let mut o = MemoizeOptions::new().chunk_size(256).compression(compressed);
+                let mut o = Opts::new().chunk_size(256).compression(compressed);
                 if encrypted {
                     o = o.encryption_key(b"0123456789abcdef");
                 }

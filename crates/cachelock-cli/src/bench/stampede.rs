@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cachelock::{LockOptions, MemoizeOptions, SharedBackend};
+use cachelock::{Cache, LockOptions, SharedBackend};
 use serde::{Deserialize, Serialize};
 
 use super::report::{median, print};
@@ -102,28 +102,36 @@ pub async fn run(global: &Global, args: StampedeArgs) -> Result<u8, Fail> {
 
 /// One worker: T tasks call memoize on the cold key at the common start.
 pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerReport, Fail> {
-    let mut options = MemoizeOptions::new().expiration(Duration::from_secs(600));
+    // One handle per worker, as one process would have: with memory://
+    // the workers are tasks of one process but do not share a single flight.
+    let mut builder = Cache::builder(backend.clone())
+        .namespace("")
+        .expiration(Duration::from_secs(600))
+        .lock_on_miss(!args.no_lock);
     if !args.no_lock {
         // A lease well past the compute time, so the lock never runs out
         // while the value is being computed.
         let lease = (args.duration * 4).max(Duration::from_secs(30));
-        options = options.lock(LockOptions::new().lease(lease));
+        builder = builder.lock(LockOptions::new().lease(lease));
     }
+    let cache = builder
+        .build()
+        .map_err(|e| Fail::error(format!("memoize: {e}")))?;
     sleep_until_us(args.start_us).await;
     let mut tasks = Vec::with_capacity(args.tasks);
     for _ in 0..args.tasks {
-        let (backend, options) = (backend.clone(), options.clone());
+        let (backend, cache) = (backend.clone(), cache.clone());
         let (key, counter, compute) = (args.key.clone(), args.counter.clone(), args.duration);
         let start_us = args.start_us;
         tasks.push(tokio::spawn(async move {
-            let b = backend.clone();
-            let value: u64 = cachelock::memoize(&backend, key.as_str(), &options, || async move {
-                b.incr(&counter, 1).await?;
-                tokio::time::sleep(compute).await;
-                Ok::<u64, cachelock::BackendError>(42)
-            })
-            .await
-            .map_err(|e| Fail::error(format!("memoize: {e}")))?;
+            let value: u64 = cache
+                .try_get_with(key.as_str(), || async move {
+                    backend.incr(&counter, 1).await?;
+                    tokio::time::sleep(compute).await;
+                    Ok::<u64, cachelock::BackendError>(42)
+                })
+                .await
+                .map_err(|e| Fail::error(format!("memoize: {e}")))?;
             if value != 42 {
                 return Err(Fail::error(format!("memoize returned {value}, not 42")));
             }

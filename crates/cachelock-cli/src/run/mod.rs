@@ -134,7 +134,6 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
     let options = LockOptions::new()
         .lease(args.lease)
         .retry_interval(args.retry_interval);
-    options.validate().map_err(Fail::error)?;
     global.refuse_memory()?;
     let verbose = global.verbose > 0;
     let url = global.backend_url()?;

@@ -5,7 +5,7 @@
 //! behind the checksum instead of stopping at it.
 #![no_main]
 
-use cachelock::memoize::codec::fuzz_decode;
+use cachelock::memoize::fuzz_decode;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,23 +1,27 @@
-//! Single flight within one process: concurrent memoize calls for the same
-//! backend and full key share one attempt (moka's `get_with` idea).
+//! Single flight within one handle: concurrent memoize calls of one
+//! [`Cache`](crate::Cache) for the same full key and value type share one
+//! attempt (moka's `get_with` idea, its `value_initializer.rs`).
 //!
-//! The first caller becomes the leader and registers a cell under (backend
-//! address, key); later callers find it and wait. The leader reads the
+//! The first caller becomes the leader and registers a cell under (full
+//! key, `TypeId` of the value); later callers find it and wait. The leader reads the
 //! cache and, on a miss, computes; it then publishes the value's encoded
 //! bytes (the waiters decode them, so `T` need not be `Clone`) or why there
 //! is none. A leader dropped without finishing publishes `Retry`, so a
 //! waiter takes over.
 
+use std::any::TypeId;
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::backend::SharedBackend;
+type FlightKey = (String, TypeId);
 
-type FlightKey = (usize, String);
+/// How many times a follower joins a new flight after leaders that were
+/// dropped before finishing; then it goes on alone.
+pub(crate) const MAX_RETRIES: u32 = 8;
 
 /// What a finished attempt left for its waiters.
 #[derive(Debug, Clone)]
@@ -80,13 +84,36 @@ struct Cell {
     notify: Notify,
 }
 
-static FLIGHTS: LazyLock<Mutex<HashMap<FlightKey, Arc<Cell>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+type Table = Arc<Mutex<HashMap<FlightKey, Arc<Cell>>>>;
+
+/// The flights of one handle.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Flights(Table);
+
+impl Flights {
+    /// Joins the attempt for `key` and value type `T`, or starts one.
+    pub(crate) fn join<T: 'static>(&self, key: &str) -> Joined {
+        let fkey = (key.to_owned(), TypeId::of::<T>());
+        let mut map = self.0.lock();
+        if let Some(cell) = map.get(&fkey) {
+            return Joined::Follower(Waiter { cell: cell.clone() });
+        }
+        let cell = Arc::new(Cell::default());
+        map.insert(fkey.clone(), cell.clone());
+        Joined::Leader(Flight {
+            table: self.0.clone(),
+            key: fkey,
+            cell,
+            finished: false,
+        })
+    }
+}
 
 /// The leader's handle; dropping it without [`Flight::finish`] makes the
 /// waiters retry.
 #[derive(Debug)]
 pub(crate) struct Flight {
+    table: Table,
     key: FlightKey,
     cell: Arc<Cell>,
     finished: bool,
@@ -107,27 +134,7 @@ pub(crate) enum Joined {
     Follower(Waiter),
 }
 
-fn backend_id(cache: &SharedBackend) -> usize {
-    Arc::as_ptr(cache) as *const () as usize
-}
-
 impl Flight {
-    /// Joins the attempt for `key` on `cache`, or starts one.
-    pub(crate) fn join(cache: &SharedBackend, key: &str) -> Joined {
-        let fkey = (backend_id(cache), key.to_owned());
-        let mut map = FLIGHTS.lock();
-        if let Some(cell) = map.get(&fkey) {
-            return Joined::Follower(Waiter { cell: cell.clone() });
-        }
-        let cell = Arc::new(Cell::default());
-        map.insert(fkey.clone(), cell.clone());
-        Joined::Leader(Flight {
-            key: fkey,
-            cell,
-            finished: false,
-        })
-    }
-
     /// Publishes the outcome (if leading): the cell leaves the map first,
     /// so a later caller starts afresh, then the waiters are woken.
     pub(crate) fn finish(flight: Option<Flight>, outcome: FlightOutcome) {
@@ -142,7 +149,7 @@ impl Flight {
         }
         self.finished = true;
         {
-            let mut map = FLIGHTS.lock();
+            let mut map = self.table.lock();
             if map
                 .get(&self.key)
                 .is_some_and(|c| Arc::ptr_eq(c, &self.cell))

@@ -1,23 +1,27 @@
 //! Locked memoization: compute an expensive value once, even when many
 //! callers in many processes miss it at the same moment.
 //!
-//! [`memoize`] is the port of Djblets' `cache_memoize`, [`memoize_stream`]
-//! (and [`memoize_iter`]) of `cache_memoize_iter`. The flow is the seed's:
-//! read; on a hit return it (no lock). On a miss, with a lock configured,
-//! take the lock, read again, compute only if the value is still missing,
-//! store it and release the lock. Fixes to the original:
+//! The entry points are methods of the [`Cache`](crate::Cache) handle:
+//! [`get_with`](crate::Cache::get_with) (infallible compute),
+//! [`try_get_with`](crate::Cache::try_get_with) (fallible compute),
+//! [`stream_with`](crate::Cache::stream_with) (a sequence of items, the
+//! seed's `cache_memoize_iter`), and [`entry`](crate::Cache::entry) to
+//! override settings for one call. The flow is the seed's `cache_memoize`:
+//! read; on a hit return it (no lock). On a miss, with the lock on (the
+//! default), take the lock, read again, compute only if the value is still
+//! missing, store it and release the lock. Fixes to the original:
 //!
 //! * **Waiters are not serialised through the lock**: while waiting for the
 //!   lock a caller also polls the value (every
-//!   [`poll_interval`](MemoizeOptions::poll_interval), 5 ms plus jitter by
-//!   default) and returns it as soon as it appears.
-//! * **Single flight in one process** (on by default): concurrent callers
-//!   for the same backend and full key share one attempt, the first read
-//!   included; the others wait for it and decode its result without
-//!   touching the cache, so a burst of 1,000 tasks makes one read. If the
-//!   leading call is dropped, a waiter takes over; if its compute fails,
-//!   each waiter goes on alone; if it could not take the lock and the
-//!   options say fail, the waiters fail alike.
+//!   [`poll_interval`](crate::CacheBuilder::poll_interval), 5 ms plus
+//!   jitter by default) and returns it as soon as it appears.
+//! * **Single flight in one handle** (on by default): concurrent callers of
+//!   one `Cache` for the same full key and value type that missed share one
+//!   attempt; the others wait for it and decode its result without touching
+//!   the cache again. If the leading call is dropped, a waiter takes over
+//!   (at most 8 times, then it goes on alone); if its compute fails, each
+//!   waiter goes on alone; if it could not take the lock, each waiter does
+//!   what *its own* call says ([`OnLockFailure`]).
 //! * A corrupt, partial or undecodable entry is a logged miss that is
 //!   rebuilt under the lock.
 //! * A compute error reaches the caller as [`MemoizeError::Compute`] and
@@ -29,81 +33,66 @@
 //!
 //! Values are serialized with postcard. Small ones are stored inline under
 //! the key (a hit is one round trip). Larger ones are cut into chunks of at
-//! most [`chunk_size`](MemoizeOptions::chunk_size) bytes (and at most the
-//! backend's [`max_value_size`](crate::Backend::max_value_size)), written
-//! first with batched `set_many`, then a small manifest is written under the
-//! key (format version, codec, total length, chunk count, a random write id,
-//! an XXH3 checksum). Chunk keys contain the write id, so chunks of two
-//! writes never mix, and chunks live a little longer than the manifest.
-//! Every stored item carries a checksum; anything that fails a check is a
-//! miss. Compression is LZ4 (lz4_flex); encryption is ChaCha20-Poly1305 with
-//! a random nonce per item, and with an encryption key the cache keys are
-//! HMACs, so key names leak nothing.
+//! most [`chunk_size`](crate::CacheBuilder::chunk_size) bytes (and at most
+//! the backend's [`max_value_size`](crate::Backend::max_value_size)),
+//! written first with batched `set_many`, then a small manifest is written
+//! under the key (format version, codec, total length, chunk count, a
+//! random write id, an XXH3 checksum). Chunk keys contain the write id, so
+//! chunks of two writes never mix, and chunks live a little longer than the
+//! manifest. Every stored item carries a checksum; anything that fails a
+//! check is a miss. Compression is LZ4 (lz4_flex); encryption is
+//! ChaCha20-Poly1305 with a random nonce per item, and with an encryption
+//! key the cache keys are HMACs, so key names leak nothing.
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use std::sync::Arc;
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> cachelock::Result<()> {
 //! use std::time::Duration;
-//! use cachelock::{LockOptions, MemoizeOptions, MemoryBackend, SharedBackend, Wait, memoize};
+//! use cachelock::{Cache, LockOptions, MemoryBackend};
 //!
-//! let cache: SharedBackend = Arc::new(MemoryBackend::new());
-//! let options = MemoizeOptions::new()
+//! let cache = Cache::builder(MemoryBackend::new())
 //!     .expiration(Duration::from_secs(3600))
-//!     .lock(LockOptions::new().wait(Wait::Timeout(Duration::from_secs(10))));
-//! let report: String = memoize(&cache, "report", &options, || async {
-//!     Ok::<_, std::io::Error>("expensive".to_string())
-//! })
-//! .await
-//! .unwrap();
+//!     .lock(LockOptions::new().max_wait(Duration::from_secs(10)))
+//!     .build()?;
+//! let report: String = cache.get_with("report", || async { "expensive".to_string() }).await;
 //! assert_eq!(report, "expensive");
-//! # }
+//! # Ok(()) }
 //! ```
 
-pub mod codec;
+mod codec;
 mod flight;
+mod options;
 mod store;
 mod stream;
+mod wait;
 
-use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use rand::RngExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::time::Instant;
 
 use crate::backend::SharedBackend;
 use crate::error::Error;
-use crate::key::{CacheKey, KeyBuilder};
-use crate::lock::{CacheLock, LockGuard, LockOptions, Wait};
+use crate::handle::Inner;
+use crate::key::CacheKey;
+use crate::lock::Tasks;
 
+/// For the `memoize_decode` fuzz target only; not part of the API.
+#[doc(hidden)]
+pub use codec::fuzz_decode;
 pub use codec::{CHUNK_OVERHEAD, Compression, FORMAT_VERSION, INLINE_OVERHEAD};
-pub use stream::{MemoizeStream, memoize_iter, memoize_stream};
+pub use options::{DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRATION, OnLockFailure};
+pub use stream::MemoizeStream;
 
-use codec::{Cipher, Codec};
+pub(crate) use codec::{Cipher, Codec};
+pub(crate) use flight::Flights;
+pub(crate) use options::{Call, Config, MIN_CHUNK_SIZE};
+pub(crate) use stream::stream_with;
+
 use flight::{Flight, FlightOutcome, Joined};
-use store::{ReadOutcome, read_value, store_plain};
-
-/// The seed's default expiration: 30 days.
-pub const DEFAULT_EXPIRATION: Duration = Duration::from_secs(60 * 60 * 24 * 30);
-
-/// The seed's `CACHE_CHUNK_SIZE`: 1,047,552 bytes.
-pub const DEFAULT_CHUNK_SIZE: usize = crate::backend::DEFAULT_MAX_VALUE_SIZE;
-
-/// What memoize does when it could not take its lock (the wait timed out,
-/// a no-wait lock was held elsewhere, or the backend failed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum OnLockTimeout {
-    /// Log an error and compute (and store) without the lock: the seed's
-    /// choice. The lock is a stampede guard, not mutual exclusion.
-    #[default]
-    ComputeAnyway,
-    /// Return [`MemoizeError::Lock`] without computing.
-    Fail,
-}
+use store::store_plain;
+pub(crate) use store::{ReadOutcome, read_value, read_value_only};
+use wait::{LockWait, release, wait_for_lock};
 
 /// A memoize failure that matters to the caller. Cache read and write
 /// failures are not among them: they are logged and the value is computed
@@ -113,17 +102,19 @@ pub enum OnLockTimeout {
 pub enum MemoizeError<E> {
     /// The compute function (or the stream's producer) failed. Its error,
     /// untouched. Nothing was cached.
-    #[error("computing the value failed")]
+    #[error("computing the value failed: {0}")]
     Compute(#[source] E),
-    /// The lock could not be taken and the options say
-    /// [`OnLockTimeout::Fail`]. Nothing was computed.
-    #[error("could not take the memoize lock")]
+    /// The lock could not be taken and the call says
+    /// [`OnLockFailure::Fail`]. Nothing was computed.
+    #[error("could not take the memoize lock: {0}")]
     Lock(#[source] Error),
-    /// The options were refused ([`Error::InvalidConfig`]).
-    #[error("invalid memoize options")]
+    /// The call's settings were refused ([`Error::InvalidConfig`]), or a
+    /// blocking call was refused ([`Error::BlockingRefused`]). Nothing was
+    /// done.
+    #[error("memoize call refused: {0}")]
     Config(#[source] Error),
     /// A cached stream turned out corrupt or incomplete after some of its
-    /// items had already been handed out (only from [`memoize_stream`]).
+    /// items had already been handed out (only from streams).
     #[error("cached stream for key {key:?} could not be read to the end: {reason}")]
     Corrupt {
         /// The full cache key of the value.
@@ -148,312 +139,29 @@ impl<E> MemoizeError<E> {
     }
 }
 
-#[derive(Clone)]
-struct Encryption {
-    secret: Arc<[u8]>,
-    cipher: Arc<Cipher>,
-}
-
-/// Settings of a [`memoize`] or [`memoize_stream`] call. The defaults are
-/// the seed's (30 days, compression on, no lock, 1,047,552-byte chunks).
-#[derive(Clone)]
-pub struct MemoizeOptions {
-    keys: KeyBuilder,
-    /// `keys`, with the encryption key as its secret when one is set.
-    effective_keys: KeyBuilder,
-    expiration: Duration,
-    force_overwrite: bool,
-    compression: Compression,
-    encryption: Option<Encryption>,
-    lock: Option<LockOptions>,
-    lock_key: Option<String>,
-    on_lock_timeout: OnLockTimeout,
-    chunk_size: usize,
-    poll_interval: Duration,
-    poll_jitter: f64,
-    single_flight: bool,
-}
-
-impl fmt::Debug for MemoizeOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoizeOptions")
-            .field("keys", &self.keys)
-            .field("expiration", &self.expiration)
-            .field("force_overwrite", &self.force_overwrite)
-            .field("compression", &self.compression)
-            .field(
-                "encryption",
-                &self.encryption.as_ref().map(|_| "<redacted>"),
-            )
-            .field("lock", &self.lock)
-            .field("lock_key", &self.lock_key)
-            .field("on_lock_timeout", &self.on_lock_timeout)
-            .field("chunk_size", &self.chunk_size)
-            .field("poll_interval", &self.poll_interval)
-            .field("poll_jitter", &self.poll_jitter)
-            .field("single_flight", &self.single_flight)
-            .finish()
-    }
-}
-
-impl Default for MemoizeOptions {
-    fn default() -> Self {
-        Self {
-            keys: KeyBuilder::default(),
-            effective_keys: KeyBuilder::default(),
-            expiration: DEFAULT_EXPIRATION,
-            force_overwrite: false,
-            compression: Compression::Lz4,
-            encryption: None,
-            lock: None,
-            lock_key: None,
-            on_lock_timeout: OnLockTimeout::ComputeAnyway,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            poll_interval: Duration::from_millis(5),
-            poll_jitter: 0.5,
-            single_flight: true,
-        }
-    }
-}
-
-impl MemoizeOptions {
-    /// The default settings.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How full keys are built (namespace, escaping, length). Defaults to
-    /// [`KeyBuilder::default()`] (no namespace).
-    #[must_use]
-    pub fn keys(mut self, keys: KeyBuilder) -> Self {
-        self.keys = keys;
-        self.refresh_keys();
-        self
-    }
-
-    /// How long stored values live. Defaults to 30 days.
-    #[must_use]
-    pub fn expiration(mut self, expiration: Duration) -> Self {
-        self.expiration = expiration;
-        self
-    }
-
-    /// Compute and store even when the value is cached (the lock, if any,
-    /// is still taken). Defaults to `false`.
-    #[must_use]
-    pub fn force_overwrite(mut self, force: bool) -> Self {
-        self.force_overwrite = force;
-        self
-    }
-
-    /// Compression of stored values: `true`/[`Compression::Lz4`] (the
-    /// default) or `false`/[`Compression::None`]. Readers do not need the
-    /// same setting: each stored item says how it was written.
-    #[must_use]
-    pub fn compression(mut self, compression: impl Into<Compression>) -> Self {
-        self.compression = compression.into();
-        self
-    }
-
-    /// Encrypts stored values with ChaCha20-Poly1305 under a key derived
-    /// from `secret` (any length; use at least 16 random bytes). The cache
-    /// keys become HMAC-SHA256s keyed with `secret` (unless the
-    /// [`keys`](Self::keys) builder already has a secret of its own), so
-    /// nothing about the key names leaks. A value written with another key,
-    /// or without encryption, reads as a miss and is recomputed.
-    #[must_use]
-    pub fn encryption_key(mut self, secret: impl AsRef<[u8]>) -> Self {
-        let secret: Arc<[u8]> = Arc::from(secret.as_ref());
-        self.encryption = Some(Encryption {
-            cipher: Arc::new(Cipher::new(&secret)),
-            secret,
-        });
-        self.refresh_keys();
-        self
-    }
-
-    /// Takes a [`CacheLock`] with these options around a miss. Off by
-    /// default. The options' [`Wait`] bounds how long a caller waits; while
-    /// waiting memoize polls the value and the lock every
-    /// [`poll_interval`](Self::poll_interval) (the lock's own retry interval
-    /// is not used).
-    #[must_use]
-    pub fn lock(mut self, lock: LockOptions) -> Self {
-        self.lock = Some(lock);
-        self
-    }
-
-    /// The full cache key of the lock, used as given. Defaults to
-    /// [`KeyBuilder::lock_key`] of the value's key (`_lock_` put before it).
-    #[must_use]
-    pub fn lock_key(mut self, key: impl Into<String>) -> Self {
-        self.lock_key = Some(key.into());
-        self
-    }
-
-    /// What to do when the lock cannot be taken. Defaults to
-    /// [`OnLockTimeout::ComputeAnyway`].
-    #[must_use]
-    pub fn on_lock_timeout(mut self, on: OnLockTimeout) -> Self {
-        self.on_lock_timeout = on;
-        self
-    }
-
-    /// The largest stored item, in bytes (also capped by the backend's
-    /// `max_value_size`). Defaults to 1,047,552. At least 128.
-    #[must_use]
-    pub fn chunk_size(mut self, bytes: usize) -> Self {
-        self.chunk_size = bytes;
-        self
-    }
-
-    /// How often a caller waiting for another's computation checks the value
-    /// (the lock is tried every third check). Defaults to 5 ms, plus
-    /// [`poll_jitter`](Self::poll_jitter): with single flight only one
-    /// caller per process polls, so 16 waiting processes make about 4,000
-    /// small reads a second, and a waiter is served at most ~8 ms after
-    /// the value is stored.
-    #[must_use]
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
-
-    /// Random extra pause added to each poll, as a fraction of the poll
-    /// interval (0 to 1). Defaults to 0.5.
-    #[must_use]
-    pub fn poll_jitter(mut self, fraction: f64) -> Self {
-        self.poll_jitter = fraction;
-        self
-    }
-
-    /// Whether concurrent [`memoize`] calls of this process for the same
-    /// backend and key share one attempt. Defaults to `true`; turn it off
-    /// to measure what the cache lock alone does (every call then reads,
-    /// waits and polls on its own).
-    #[must_use]
-    pub fn single_flight(mut self, on: bool) -> Self {
-        self.single_flight = on;
-        self
-    }
-
-    /// The full cache key a value stored under `key` gets with these options.
-    pub fn full_key(&self, key: &CacheKey) -> String {
-        self.effective_keys.build_key(key)
-    }
-
-    /// The full cache key of the lock for `key` with these options.
-    pub fn full_lock_key(&self, key: &CacheKey) -> String {
-        match &self.lock_key {
-            Some(k) => k.clone(),
-            None => self.effective_keys.lock_key(key),
-        }
-    }
-
-    /// The configured expiration.
-    pub fn expiration_duration(&self) -> Duration {
-        self.expiration
-    }
-
-    /// The configured lock options, if locking is on.
-    pub fn lock_options(&self) -> Option<&LockOptions> {
-        self.lock.as_ref()
-    }
-
-    /// Checks the settings.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] if the expiration or poll interval is zero,
-    /// the jitter is not a fraction, the chunk size is under 128 bytes, or
-    /// the lock options are invalid.
-    pub fn validate(&self) -> crate::Result<()> {
-        if self.expiration.is_zero() {
-            return Err(Error::InvalidConfig(
-                "the memoize expiration must be positive".into(),
-            ));
-        }
-        if self.poll_interval.is_zero() {
-            return Err(Error::InvalidConfig(
-                "the memoize poll interval must be positive".into(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.poll_jitter) {
-            return Err(Error::InvalidConfig(format!(
-                "the poll jitter must be a fraction between 0 and 1, not {}",
-                self.poll_jitter
-            )));
-        }
-        if self.chunk_size < MIN_CHUNK_SIZE {
-            return Err(Error::InvalidConfig(format!(
-                "the chunk size must be at least {MIN_CHUNK_SIZE} bytes, not {}",
-                self.chunk_size
-            )));
-        }
-        if let Some(lock) = &self.lock {
-            lock.validate()?;
-        }
-        if self.lock_key.as_deref() == Some("") {
-            return Err(Error::InvalidConfig(
-                "the lock key must not be empty".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn refresh_keys(&mut self) {
-        self.effective_keys = match &self.encryption {
-            Some(enc) if !self.keys.has_secret() => self.keys.clone().secret(enc.secret.to_vec()),
-            _ => self.keys.clone(),
-        };
-    }
-
-    fn poll_pause(&self) -> Duration {
-        let jitter = if self.poll_jitter > 0.0 {
-            rand::rng().random_range(0.0..=self.poll_jitter)
-        } else {
-            0.0
-        };
-        self.poll_interval + self.poll_interval.mul_f64(jitter)
-    }
-}
-
-/// The smallest chunk size accepted.
-const MIN_CHUNK_SIZE: usize = codec::CHUNK_OVERHEAD + codec::MIN_SEGMENT;
-
 /// Everything one call needs, resolved once.
 pub(crate) struct Ctx<'a> {
     pub(crate) cache: &'a SharedBackend,
-    pub(crate) options: &'a MemoizeOptions,
+    pub(crate) config: &'a Config,
+    pub(crate) call: &'a Call,
+    pub(crate) tasks: &'a Tasks,
     pub(crate) key: String,
-    pub(crate) codec: Codec,
+    pub(crate) codec: &'a Codec,
     /// Largest stored item: min(chunk_size, backend limit).
     pub(crate) limit: usize,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(
-        cache: &'a SharedBackend,
-        key: String,
-        options: &'a MemoizeOptions,
-    ) -> crate::Result<Self> {
-        options.validate()?;
-        let limit = options.chunk_size.min(cache.max_value_size());
-        if limit < MIN_CHUNK_SIZE {
-            return Err(Error::InvalidConfig(format!(
-                "the backend's item limit ({limit} bytes) is too small for memoize"
-            )));
-        }
-        Ok(Self {
-            cache,
-            options,
+    pub(crate) fn new(inner: &'a Inner, call: &'a Call, key: String) -> Self {
+        Self {
+            cache: &inner.backend,
+            config: &inner.config,
+            call,
+            tasks: &inner.tasks,
             key,
-            codec: Codec {
-                compression: options.compression,
-                cipher: options.encryption.as_ref().map(|e| e.cipher.clone()),
-            },
-            limit,
-        })
+            codec: &inner.config.codec,
+            limit: inner.config.limit,
+        }
     }
 
     /// Plaintext bytes per chunk.
@@ -463,182 +171,108 @@ impl<'a> Ctx<'a> {
 
     /// TTL of chunks: the expiration plus a tenth of it (1 s to 5 min), so a
     /// manifest never outlives its chunks.
-    pub(crate) fn chunk_ttl(&self) -> Duration {
-        let e = self.options.expiration;
-        e + (e / 10).clamp(Duration::from_secs(1), Duration::from_secs(300))
+    pub(crate) fn chunk_ttl(&self) -> std::time::Duration {
+        let e = self.call.expiration;
+        e.saturating_add((e / 10).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(300),
+        ))
     }
 }
 
-/// How waiting for the lock ended.
-pub(crate) enum LockWait<V> {
-    /// We hold the lock.
-    Acquired(LockGuard),
-    /// The value appeared while we waited.
-    Value(V),
-    /// We go on without the lock (already logged).
-    Without,
-    /// The lock could not be taken and the options say fail.
-    Fail(Error),
+/// Why [`run`] returned no value.
+pub(crate) enum Failure<E, F> {
+    /// The compute failed.
+    Compute(E),
+    /// The lock could not be taken and the call says fail; the compute,
+    /// which did not run, is handed back.
+    Lock(Error, F),
 }
 
-/// Waits for the lock, polling `poll` (the value) between attempts unless
-/// `force_overwrite`.
-pub(crate) async fn wait_for_lock<V, P, PF>(
-    ctx: &Ctx<'_>,
-    lock_options: &LockOptions,
-    lock_key: String,
-    mut poll: P,
-) -> LockWait<V>
-where
-    P: FnMut() -> PF,
-    PF: Future<Output = Option<V>>,
-{
-    let options = ctx.options;
-    let lock = match CacheLock::new(ctx.cache.clone(), lock_key, lock_options.clone()) {
-        Ok(l) => l,
-        Err(e) => return LockWait::Fail(e),
-    };
-    let wait = lock_options.default_wait();
-    let start = Instant::now();
-    loop {
-        let err = match lock.try_acquire().await {
-            Ok(guard) => return LockWait::Acquired(guard),
-            Err(e) if e.is_held() => match wait {
-                Wait::NoWait => Some(e),
-                Wait::Timeout(t) if start.elapsed() >= t => Some(Error::TimedOut {
-                    key: lock.key().to_owned(),
-                    waited: start.elapsed(),
-                }),
-                _ => None,
-            },
-            Err(e) => Some(e),
-        };
-        if let Some(e) = err {
-            if e.is_timed_out() {
-                tracing::error!(key = %ctx.key, lock = %lock.key(), error = %e, "Timeout waiting on distributed cache lock");
-            } else if e.is_held() {
-                tracing::debug!(key = %ctx.key, lock = %lock.key(), "cache lock held elsewhere; not waiting");
-            } else {
-                tracing::error!(key = %ctx.key, lock = %lock.key(), error = %e, "could not take the distributed cache lock");
-            }
-            return match options.on_lock_timeout {
-                OnLockTimeout::Fail => LockWait::Fail(e),
-                OnLockTimeout::ComputeAnyway => LockWait::Without,
-            };
+impl<E, F> Failure<E, F> {
+    pub(crate) fn into_memoize_error(self) -> MemoizeError<E> {
+        match self {
+            Failure::Compute(e) => MemoizeError::Compute(e),
+            Failure::Lock(e, _) => MemoizeError::Lock(e),
         }
-        // Poll the value often (it is what we wait for); try the lock only
-        // every few polls (it frees up without a value only when the
-        // holder failed or vanished), to halve the load of waiting.
-        let polls = if options.force_overwrite {
-            1
-        } else {
-            POLLS_PER_LOCK_TRY
-        };
-        for _ in 0..polls {
-            let mut pause = options.poll_pause();
-            if let Wait::Timeout(t) = wait {
-                let left = t.saturating_sub(start.elapsed());
-                if left.is_zero() {
-                    break;
-                }
-                pause = pause.min(left);
-            }
-            tokio::time::sleep(pause).await;
-            if !options.force_overwrite
-                && let Some(v) = poll().await
-            {
-                return LockWait::Value(v);
-            }
-        }
-    }
-}
-
-/// How many value polls a waiter makes between two lock attempts.
-const POLLS_PER_LOCK_TRY: usize = 3;
-
-/// Releases the lock, logging (not returning) a failure.
-pub(crate) async fn release(guard: Option<LockGuard>, key: &str) {
-    if let Some(guard) = guard
-        && let Err(e) = guard.release().await
-    {
-        tracing::error!(%key, lock = %e.key(), error = %e, "failed to release the memoize lock");
     }
 }
 
 /// Returns the value cached under `key`, or computes it with `compute`,
-/// stores it and returns it.
-///
-/// See the [module docs](self) for the flow. `T` is serialized with
-/// postcard. Concurrent calls in one process for the same backend and full
-/// key share one computation (single flight); the ones that waited decode
-/// the leader's result, so `compute` of a waiting call may never run.
-///
-/// # Errors
-///
-/// * [`MemoizeError::Compute`] with `compute`'s error (nothing cached);
-/// * [`MemoizeError::Lock`] if the lock could not be taken and the options
-///   say [`OnLockTimeout::Fail`];
-/// * [`MemoizeError::Config`] if the options are invalid.
-///
-/// Cache failures are logged, never returned.
-///
-/// # Cancel safety
-///
-/// Dropping the future releases a lock it holds (in the background) and
-/// lets a waiting call of the same process take over.
-pub async fn memoize<T, E, F, Fut>(
-    cache: &SharedBackend,
-    key: impl Into<CacheKey>,
-    options: &MemoizeOptions,
+/// stores it and returns it. See the [module docs](self) for the flow.
+pub(crate) async fn run<T, E, F, Fut>(
+    inner: &Inner,
+    key: &CacheKey,
+    call: &Call,
     compute: F,
-) -> Result<T, MemoizeError<E>>
+) -> Result<T, Failure<E, F>>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
-    E: Send + 'static,
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let key = key.into();
-    let full_key = options.full_key(&key);
-    let ctx = Ctx::new(cache, full_key, options).map_err(MemoizeError::Config)?;
-
-    if options.force_overwrite {
-        return lead(&ctx, &key, compute, None).await;
-    }
-    if !options.single_flight {
+    let ctx = Ctx::new(inner, call, inner.config.keys.build_key(key));
+    if !call.force_overwrite {
+        // The hit path: one read, nothing shared.
         if let ReadOutcome::Hit(v, _) = first_read::<T>(&ctx).await {
             return Ok(v);
         }
-        return lead(&ctx, &key, compute, None).await;
     }
-    // One attempt per process: the leader reads (and on a miss computes);
-    // the others wait for it and decode what it found, so a burst of
-    // callers makes one read, not one each.
+    // The miss path is boxed, so the hit path's future stays small.
+    Box::pin(miss(inner, &ctx, key, call, compute)).await
+}
+
+/// After a miss (or for a forced overwrite): single flight, then lead.
+async fn miss<T, E, F, Fut>(
+    inner: &Inner,
+    ctx: &Ctx<'_>,
+    key: &CacheKey,
+    call: &Call,
+    compute: F,
+) -> Result<T, Failure<E, F>>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    if call.force_overwrite {
+        return lead(ctx, key, compute, None, true).await;
+    }
+    if !inner.config.single_flight {
+        return lead(ctx, key, compute, None, true).await;
+    }
+    // One attempt per handle: the leader computes (under the lock); the
+    // others wait for it and decode what it found.
+    let mut retries = 0;
     loop {
-        match Flight::join(cache, &ctx.key) {
-            Joined::Leader(flight) => {
-                if let ReadOutcome::Hit(v, plain) = first_read::<T>(&ctx).await {
-                    Flight::finish(Some(flight), FlightOutcome::Done(plain));
-                    return Ok(v);
-                }
-                return lead(&ctx, &key, compute, Some(flight)).await;
-            }
+        match inner.flights.join::<T>(&ctx.key) {
+            Joined::Leader(flight) => return lead(ctx, key, compute, Some(flight), true).await,
             Joined::Follower(waiter) => match waiter.wait().await {
                 FlightOutcome::Done(plain) => match store::decode_value::<T>(&plain) {
                     Ok(v) => return Ok(v),
-                    // Another type under the same key: go it alone.
-                    Err(_) => return lead(&ctx, &key, compute, None).await,
+                    Err(_) => return lead(ctx, key, compute, None, true).await,
                 },
-                // The leader was dropped: try again.
-                FlightOutcome::Retry => {}
+                // The leader was dropped: try again, a few times.
+                FlightOutcome::Retry => {
+                    retries += 1;
+                    if retries > flight::MAX_RETRIES {
+                        tracing::debug!(key = %ctx.key, "memoize leaders kept going away; going on alone");
+                        return lead(ctx, key, compute, None, true).await;
+                    }
+                }
                 FlightOutcome::ComputeFailed => {
-                    if let ReadOutcome::Hit(v, _) = read_value::<T>(&ctx).await {
+                    if let ReadOutcome::Hit(v, _) = read_value::<T>(ctx).await {
                         return Ok(v);
                     }
-                    return lead(&ctx, &key, compute, None).await;
+                    return lead(ctx, key, compute, None, true).await;
                 }
+                // The leader waited for the lock in vain, as long as we
+                // would have: do what our own call says.
                 FlightOutcome::LockFailed(failure) => {
-                    return Err(MemoizeError::Lock(failure.to_error()));
+                    return match call.on_lock_failure {
+                        OnLockFailure::Fail => Err(Failure::Lock(failure.to_error(), compute)),
+                        OnLockFailure::ComputeAnyway => lead(ctx, key, compute, None, false).await,
+                    };
                 }
             },
         }
@@ -647,29 +281,31 @@ where
 
 /// The first read of a call, logging a miss.
 async fn first_read<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
-    let found = read_value::<T>(ctx).await;
+    let found = read_value_only::<T>(ctx).await;
     if matches!(found, ReadOutcome::Miss) {
         tracing::debug!(key = %ctx.key, "Cache miss for key");
     }
     found
 }
 
-/// The leader's part: lock, double-check, compute, store, release.
+/// The leader's part: lock (if `locked` and the handle has one),
+/// double-check, compute, store, release.
 async fn lead<T, E, F, Fut>(
     ctx: &Ctx<'_>,
     key: &CacheKey,
     compute: F,
     flight: Option<Flight>,
-) -> Result<T, MemoizeError<E>>
+    locked: bool,
+) -> Result<T, Failure<E, F>>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let options = ctx.options;
     let mut guard = None;
-    if let Some(lock_options) = &options.lock {
-        let polled = wait_for_lock(ctx, lock_options, options.full_lock_key(key), || async {
+    if let Some(lock_options) = ctx.config.lock.as_ref().filter(|_| locked) {
+        let lock_key = ctx.config.lock_key(key, ctx.call);
+        let polled = wait_for_lock(ctx, lock_options, lock_key, || async {
             match read_value::<T>(ctx).await {
                 ReadOutcome::Hit(v, plain) => Some((v, plain)),
                 _ => None,
@@ -678,7 +314,7 @@ where
         .await;
         match polled {
             LockWait::Acquired(g) => {
-                if !options.force_overwrite {
+                if !ctx.call.force_overwrite {
                     // Someone may have finished while we waited.
                     if let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx).await {
                         release(Some(g), &ctx.key).await;
@@ -697,11 +333,7 @@ where
                 if let Some(failure) = flight::LockFailure::from_error(&e) {
                     Flight::finish(flight, FlightOutcome::LockFailed(failure));
                 }
-                return Err(if matches!(e, Error::InvalidConfig(_)) {
-                    MemoizeError::Config(e)
-                } else {
-                    MemoizeError::Lock(e)
-                });
+                return Err(Failure::Lock(e, compute));
             }
         }
     }
@@ -711,12 +343,12 @@ where
         Err(e) => {
             release(guard, &ctx.key).await;
             Flight::finish(flight, FlightOutcome::ComputeFailed);
-            return Err(MemoizeError::Compute(e));
+            return Err(Failure::Compute(e));
         }
     };
     match postcard::to_allocvec(&value) {
         Ok(plain) => {
-            // The waiters of this process need not wait for the store.
+            // The waiters of this handle need not wait for the store.
             let plain = Bytes::from(plain);
             Flight::finish(flight, FlightOutcome::Done(plain.clone()));
             store_plain(ctx, &plain, guard.as_mut()).await;

@@ -47,6 +47,16 @@ pub(crate) fn log_corrupt(key: &str, reason: &Corrupt) {
 
 /// Reads and decodes the value under `ctx.key`.
 pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
+    read(ctx, true).await
+}
+
+/// As [`read_value`], without keeping the plaintext of an inline hit (the
+/// hit path hands out only the value).
+pub(crate) async fn read_value_only<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcome<T> {
+    read(ctx, false).await
+}
+
+async fn read<T: DeserializeOwned>(ctx: &Ctx<'_>, keep_plain: bool) -> ReadOutcome<T> {
     let raw = match ctx.cache.get(&ctx.key).await {
         Ok(Some(raw)) => raw,
         Ok(None) => return ReadOutcome::Miss,
@@ -65,6 +75,7 @@ pub(crate) async fn read_value<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadOutcom
         }) => match decode_value::<T>(&plain) {
             Ok(v) => {
                 let plain = match plain {
+                    _ if !keep_plain => Bytes::new(),
                     Cow::Borrowed(s) => sub_bytes(&raw, s),
                     Cow::Owned(v) => Bytes::from(v),
                 };
@@ -182,7 +193,7 @@ pub(crate) async fn store_plain(ctx: &Ctx<'_>, plain: &[u8], guard: Option<&mut 
     if try_inline {
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
             Ok(item) if item.len() <= ctx.limit => {
-                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
                     tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                 }
                 return;
@@ -355,7 +366,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await {
+        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
             return false;
         }
@@ -368,7 +379,7 @@ impl ChunkWriter {
         let Some(first) = self.first_write else {
             return;
         };
-        let margin = ctx.chunk_ttl() - ctx.options.expiration;
+        let margin = ctx.chunk_ttl() - ctx.call.expiration;
         if first.elapsed() < margin / 2 {
             return;
         }

@@ -1,5 +1,5 @@
-//! `memoize_stream`: the seed's `cache_memoize_iter`, for a sequence of
-//! items.
+//! [`Cache::stream_with`](crate::Cache::stream_with): the seed's
+//! `cache_memoize_iter`, for a sequence of items.
 //!
 //! The plaintext is a sequence of frames, `varint length || postcard(item)`,
 //! cut into chunks as the items come. On a miss each item is handed to the
@@ -18,13 +18,13 @@ use serde::de::DeserializeOwned;
 
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest};
 use super::store::{BATCH_BYTES, ChunkWriter, fetch_chunks, log_corrupt};
-use super::{Ctx, LockWait, MemoizeError, MemoizeOptions, release, wait_for_lock};
-use crate::backend::SharedBackend;
-use crate::error::Error;
+use super::{Call, Ctx, LockWait, MemoizeError, release, wait_for_lock};
+use crate::handle::Cache;
 use crate::key::CacheKey;
 use crate::lock::LockGuard;
 
-/// The stream returned by [`memoize_stream`] and [`memoize_iter`].
+/// The stream returned by [`Cache::stream_with`] (and the blocking
+/// iterator's source).
 ///
 /// Dropping it before the end releases the lock (in the background) and
 /// leaves no manifest, so nothing partial is ever read back.
@@ -39,6 +39,15 @@ impl<T, E> std::fmt::Debug for MemoizeStream<T, E> {
     }
 }
 
+impl<T: Send + 'static, E: Send + 'static> MemoizeStream<T, E> {
+    /// A stream that yields `error` and ends.
+    pub(crate) fn failed(error: MemoizeError<E>) -> Self {
+        Self {
+            inner: Box::pin(futures_util::stream::once(async move { Err(error) })),
+        }
+    }
+}
+
 impl<T, E> Stream for MemoizeStream<T, E> {
     type Item = Result<T, MemoizeError<E>>;
 
@@ -47,26 +56,12 @@ impl<T, E> Stream for MemoizeStream<T, E> {
     }
 }
 
-/// Memoizes the items of `producer` under `key`.
-///
-/// Nothing runs until the stream is first polled. On a hit the cached
-/// items are streamed back and `producer` is dropped unpolled. On a miss
-/// (with the lock, as in [`memoize`](super::memoize)) each item is passed on
-/// as soon as `producer` yields it and cached as it goes.
-///
-/// * A producer error is passed on as [`MemoizeError::Compute`] and ends
-///   the stream; nothing is cached and the lock is released.
-/// * Cache write failures are logged; the items keep coming, uncached.
-/// * A cached entry found unreadable before any item was handed out is
-///   rebuilt under the lock. One found unreadable later (for example a
-///   chunk evicted during a long read) ends the stream with
-///   [`MemoizeError::Corrupt`].
-/// * There is no in-process single flight for streams; the lock (when
-///   configured) makes other callers wait and read the stored items.
-pub fn memoize_stream<T, E, S>(
-    cache: &SharedBackend,
-    key: impl Into<CacheKey>,
-    options: &MemoizeOptions,
+/// Memoizes the items of `producer` under `key` (see
+/// [`Cache::stream_with`]).
+pub(crate) fn stream_with<T, E, S>(
+    cache: &Cache,
+    key: &CacheKey,
+    call: Call,
     producer: S,
 ) -> MemoizeStream<T, E>
 where
@@ -74,12 +69,12 @@ where
     E: Send + 'static,
     S: Stream<Item = Result<T, E>> + Send + 'static,
 {
-    let key = key.into();
+    let config = &cache.inner.config;
     let state = State {
+        full_key: config.keys.build_key(key),
+        lock_key: config.lock_key(key, &call),
         cache: cache.clone(),
-        full_key: options.full_key(&key),
-        lock_key: options.full_lock_key(&key),
-        options: options.clone(),
+        call,
         phase: Phase::Start(Box::pin(producer)),
     };
     let inner = futures_util::stream::unfold(state, |mut st| async move {
@@ -91,27 +86,11 @@ where
     }
 }
 
-/// [`memoize_stream`] for an iterator of results.
-pub fn memoize_iter<T, E, I>(
-    cache: &SharedBackend,
-    key: impl Into<CacheKey>,
-    options: &MemoizeOptions,
-    items: I,
-) -> MemoizeStream<T, E>
-where
-    T: Serialize + DeserializeOwned + Send + 'static,
-    E: Send + 'static,
-    I: IntoIterator<Item = Result<T, E>>,
-    I::IntoIter: Send + 'static,
-{
-    memoize_stream(cache, key, options, futures_util::stream::iter(items))
-}
-
 type Producer<T, E> = Pin<Box<dyn Stream<Item = Result<T, E>> + Send>>;
 
 struct State<T, E> {
-    cache: SharedBackend,
-    options: MemoizeOptions,
+    cache: Cache,
+    call: Call,
     full_key: String,
     lock_key: String,
     phase: Phase<T, E>,
@@ -272,10 +251,7 @@ where
                     }
                 }
                 Phase::Hit(mut reader, producer) => {
-                    let ctx = match Ctx::new(&self.cache, self.full_key.clone(), &self.options) {
-                        Ok(c) => c,
-                        Err(e) => return Some(Err(MemoizeError::Config(e))),
-                    };
+                    let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
                     match reader.next_frame::<T>(&ctx).await {
                         Ok(Frame::Item(item)) => {
                             reader.yielded = true;
@@ -305,10 +281,7 @@ where
                 }
                 Phase::Fresh(mut fresh) => {
                     let next = fresh.producer.next().await;
-                    let ctx = match Ctx::new(&self.cache, self.full_key.clone(), &self.options) {
-                        Ok(c) => c,
-                        Err(e) => return Some(Err(MemoizeError::Config(e))),
-                    };
+                    let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
                     match next {
                         Some(Ok(item)) => {
                             fresh.frame_item(&ctx, &item);
@@ -334,9 +307,8 @@ where
 
     /// Reads the entry; sets the phase to `Hit`, or goes to `miss`.
     async fn start(&mut self, producer: Producer<T, E>) -> Result<(), MemoizeError<E>> {
-        let ctx = Ctx::new(&self.cache, self.full_key.clone(), &self.options)
-            .map_err(MemoizeError::Config)?;
-        if !self.options.force_overwrite {
+        let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
+        if !self.call.force_overwrite {
             match read_stream(&ctx).await {
                 Some(reader) => {
                     drop(ctx);
@@ -353,17 +325,16 @@ where
     /// The miss path: wait for the lock (polling the value), double-check,
     /// then produce.
     async fn miss(&mut self, producer: Producer<T, E>) -> Result<(), MemoizeError<E>> {
-        let ctx = Ctx::new(&self.cache, self.full_key.clone(), &self.options)
-            .map_err(MemoizeError::Config)?;
+        let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
         let mut guard = None;
-        if let Some(lock_options) = &self.options.lock {
+        if let Some(lock_options) = &self.cache.inner.config.lock {
             let waited = wait_for_lock(&ctx, lock_options, self.lock_key.clone(), || {
                 read_stream(&ctx)
             })
             .await;
             match waited {
                 LockWait::Acquired(g) => {
-                    if !self.options.force_overwrite
+                    if !self.call.force_overwrite
                         && let Some(reader) = read_stream(&ctx).await
                     {
                         release(Some(g), &ctx.key).await;
@@ -380,13 +351,7 @@ where
                     return Ok(());
                 }
                 LockWait::Without => {}
-                LockWait::Fail(e) => {
-                    return Err(if matches!(e, Error::InvalidConfig(_)) {
-                        MemoizeError::Config(e)
-                    } else {
-                        MemoizeError::Lock(e)
-                    });
-                }
+                LockWait::Fail(e) => return Err(MemoizeError::Lock(e)),
             }
         }
         drop(ctx);
@@ -485,8 +450,7 @@ impl<T: Serialize, E> Fresh<T, E> {
             if writer.chunk_count() == 0 && self.buf.len() + INLINE_OVERHEAD <= ctx.limit {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.options.expiration).await
-                        {
+                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
                             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                         }
                     }

@@ -11,11 +11,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cachelock::{
     Backend, BackendError, BackendResult, CacheKey, CacheLock, KeyBuilder, LockOptions,
-    MemoizeError, MemoizeOptions, OnLockTimeout, SharedBackend, TokenCheck, Wait, memoize,
+    MemoizeError, OnLockFailure, SharedBackend, TokenCheck,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+pub use super::opts::{Opts, memoize, memoize_iter};
 use super::unique_key;
 
 /// Expands every memoize case into a test for one backend, as
@@ -274,7 +275,7 @@ pub fn rich() -> Rich {
 pub type Never = std::io::Error;
 
 /// Memoize with a compute that counts calls and returns `value`.
-pub async fn mz<T>(b: &SharedBackend, key: &str, o: &MemoizeOptions, c: &Counter, value: T) -> T
+pub async fn mz<T>(b: &SharedBackend, key: &str, o: &Opts, c: &Counter, value: T) -> T
 where
     T: Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -295,8 +296,19 @@ pub fn string_encoding_to(n: usize, ch: char) -> String {
 
 /// Options for tests on shared servers: values expire after 10 minutes
 /// (not the default 30 days).
-pub fn opts() -> MemoizeOptions {
-    MemoizeOptions::new().expiration(Duration::from_secs(600))
+pub fn opts() -> Opts {
+    Opts::new().expiration(Duration::from_secs(600))
+}
+
+/// How a memoize lock of a case waits.
+#[derive(Debug, Clone, Copy)]
+pub enum Wait {
+    /// One attempt.
+    Once,
+    /// Without limit.
+    Forever,
+    /// Up to this long.
+    Timeout(Duration),
 }
 
 const SMALL_CHUNK: usize = 256;
@@ -305,15 +317,19 @@ fn segment() -> usize {
     SMALL_CHUNK - cachelock::memoize::CHUNK_OVERHEAD
 }
 
-fn small_chunks() -> MemoizeOptions {
+fn small_chunks() -> Opts {
     opts().chunk_size(SMALL_CHUNK).compression(false)
 }
 
-fn lock_opts(wait: Wait) -> LockOptions {
-    LockOptions::new()
+pub fn lock_opts(wait: Wait) -> LockOptions {
+    let o = LockOptions::new()
         .lease(Duration::from_secs(10))
-        .retry_interval(Duration::from_millis(20))
-        .wait(wait)
+        .retry_interval(Duration::from_millis(20));
+    match wait {
+        Wait::Once => o.max_wait(Duration::ZERO),
+        Wait::Forever => o,
+        Wait::Timeout(d) => o.max_wait(d),
+    }
 }
 
 pub async fn compute_once_then_hit(b: SharedBackend) {
@@ -502,7 +518,7 @@ pub async fn encryption_round_trip(b: SharedBackend) {
     assert!(!stored.windows(6).any(|w| w == b"secret"));
     // Without the key it is a miss (another key name, and the data is
     // refused if read under that name).
-    let plain = opts().keys(KeyBuilder::default().secret(b"0123456789abcdef".to_vec()));
+    let plain = opts().key_secret(b"0123456789abcdef");
     assert_eq!(plain.full_key(&CacheKey::from(k.as_str())), full);
     assert_eq!(
         mz(&b, &k, &plain, &c, "recomputed".to_string()).await,
@@ -514,9 +530,14 @@ pub async fn encryption_round_trip(b: SharedBackend) {
 pub async fn different_encryption_key_misses(b: SharedBackend) {
     let k = unique_key("enc-other");
     // Same key names (explicit secret), different encryption keys.
-    let keys = KeyBuilder::new("ns").secret(b"names".to_vec());
-    let o1 = opts().keys(keys.clone()).encryption_key(b"key-one");
-    let o2 = opts().keys(keys).encryption_key(b"key-two");
+    let o1 = opts()
+        .namespace("ns")
+        .key_secret(b"names")
+        .encryption_key(b"key-one");
+    let o2 = opts()
+        .namespace("ns")
+        .key_secret(b"names")
+        .encryption_key(b"key-two");
     assert_eq!(
         o1.full_key(&k.as_str().into()),
         o2.full_key(&k.as_str().into())
@@ -637,7 +658,7 @@ pub async fn value_appearing_while_waiting_is_returned(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait),
+        lock_opts(Wait::Once),
     )
     .unwrap();
     let held = other.acquire().await.unwrap();
@@ -674,7 +695,7 @@ pub async fn lock_timeout_computes_and_keeps_other_lock(b: SharedBackend) {
     let k = unique_key("timeout");
     let o = opts().lock(lock_opts(Wait::Timeout(Duration::from_millis(200))));
     let lock_key = o.full_lock_key(&k.as_str().into());
-    let other = CacheLock::new(b.clone(), lock_key.clone(), lock_opts(Wait::NoWait)).unwrap();
+    let other = CacheLock::new(b.clone(), lock_key.clone(), lock_opts(Wait::Once)).unwrap();
     let held = other.acquire().await.unwrap();
     let c = Counter::default();
     let logs = Logs::capture();
@@ -700,11 +721,11 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
     let k = unique_key("timeout-fail");
     let o = opts()
         .lock(lock_opts(Wait::Timeout(Duration::from_millis(100))))
-        .on_lock_timeout(OnLockTimeout::Fail);
+        .on_lock_failure(OnLockFailure::Fail);
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait),
+        lock_opts(Wait::Once),
     )
     .unwrap();
     let held = other.acquire().await.unwrap();
@@ -719,11 +740,11 @@ pub async fn lock_timeout_fail_option(b: SharedBackend) {
         other => panic!("{other:?}"),
     }
     assert_eq!(c.get(), 0);
-    // NoWait + Fail: held elsewhere.
-    let o = o.lock(lock_opts(Wait::NoWait));
+    // No wait + Fail: one attempt, then a timeout.
+    let o = o.lock(lock_opts(Wait::Once));
     let r = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(1u8) }).await;
     assert!(
-        matches!(r, Err(MemoizeError::Lock(ref e)) if e.is_held()),
+        matches!(r, Err(MemoizeError::Lock(ref e)) if e.is_timed_out()),
         "{r:?}"
     );
     let _ = held.release().await.unwrap();
@@ -735,7 +756,7 @@ pub async fn expired_lease_is_taken_over(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait).lease(Duration::from_secs(1)),
+        lock_opts(Wait::Once).lease(Duration::from_secs(1)),
     )
     .unwrap();
     other.acquire().await.unwrap().forget();
@@ -781,7 +802,7 @@ pub async fn force_overwrite_takes_the_lock(b: SharedBackend) {
     let o = opts()
         .force_overwrite(true)
         .lock(lock_opts(Wait::Timeout(Duration::from_millis(100))))
-        .on_lock_timeout(OnLockTimeout::Fail);
+        .on_lock_failure(OnLockFailure::Fail);
     let lock_key = o.full_lock_key(&k.as_str().into());
     // Lock free: computed under the lock, stored.
     let seen = Arc::new(AtomicBool::new(false));
@@ -798,7 +819,7 @@ pub async fn force_overwrite_takes_the_lock(b: SharedBackend) {
     assert!(seen.load(Ordering::SeqCst));
     assert_eq!(mz(&b, &k, &opts(), &c, 0u8).await, 2);
     // Lock held elsewhere: force_overwrite waits for it too.
-    let other = CacheLock::new(b.clone(), lock_key, lock_opts(Wait::NoWait)).unwrap();
+    let other = CacheLock::new(b.clone(), lock_key, lock_opts(Wait::Once)).unwrap();
     let held = other.acquire().await.unwrap();
     let r = memoize(&b, k.as_str(), &o, || async { Ok::<_, Never>(3u8) }).await;
     assert!(matches!(r, Err(MemoizeError::Lock(_))), "{r:?}");
@@ -983,7 +1004,7 @@ pub async fn hostile_manifest_is_a_miss(b: SharedBackend) {
             .await
             .unwrap();
         let w = Wrap::new(b.clone());
-        let items: Vec<u8> = futures_util::StreamExt::collect::<Vec<_>>(cachelock::memoize_iter(
+        let items: Vec<u8> = futures_util::StreamExt::collect::<Vec<_>>(memoize_iter(
             &w.shared(),
             k.as_str(),
             &opts(),

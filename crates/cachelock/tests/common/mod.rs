@@ -42,5 +42,6 @@ pub fn unique_key(name: &str) -> String {
     )
 }
 pub mod memoize_cases;
+pub mod opts;
 pub mod stampede;
 pub mod stream_cases;

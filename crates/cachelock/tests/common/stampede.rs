@@ -9,9 +9,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cachelock::{LockOptions, SharedBackend, Wait, memoize};
+use cachelock::{LockOptions, SharedBackend};
 
 use super::memoize_cases::opts;
+use super::opts::memoize;
 use super::unique_key;
 
 const WORKER: &str = "CACHELOCK_STAMPEDE_WORKER";
@@ -96,7 +97,7 @@ pub async fn worker(b: SharedBackend) {
     let start =
         UNIX_EPOCH + Duration::from_millis(env("CACHELOCK_STAMPEDE_START_MS").parse().unwrap());
     let n: usize = env("CACHELOCK_STAMPEDE_TASKS").parse().unwrap();
-    let o = opts().lock(LockOptions::new().wait(Wait::Timeout(Duration::from_secs(10))));
+    let o = opts().lock(LockOptions::new().max_wait(Duration::from_secs(10)));
     if let Ok(wait) = start.duration_since(SystemTime::now()) {
         tokio::time::sleep(wait).await;
     }

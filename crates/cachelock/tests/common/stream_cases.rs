@@ -4,14 +4,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use cachelock::{
-    CacheLock, LockOptions, MemoizeError, MemoizeOptions, SharedBackend, Wait, memoize,
-    memoize_iter, memoize_stream,
-};
+use cachelock::{CacheLock, LockOptions, MemoizeError, SharedBackend};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use super::memoize_cases::{Counter, Logs, Never, Op, Wrap, opts, rich};
+use super::memoize_cases::{Counter, Logs, Never, Op, Wait, Wrap, opts, rich};
+use super::opts::{Opts, memoize, memoize_iter, memoize_stream};
 use super::unique_key;
 
 /// Expands every stream case into a test for one backend, as
@@ -72,12 +70,17 @@ async fn collect<T, E: std::fmt::Debug>(
     s.map(|r| r.unwrap()).collect().await
 }
 
-fn small() -> MemoizeOptions {
+fn small() -> Opts {
     opts().chunk_size(256).compression(false)
 }
 
 fn lock_opts(wait: Wait) -> LockOptions {
-    LockOptions::new().lease(Duration::from_secs(10)).wait(wait)
+    let o = LockOptions::new().lease(Duration::from_secs(10));
+    match wait {
+        Wait::Once => o.max_wait(Duration::ZERO),
+        Wait::Forever => o,
+        Wait::Timeout(d) => o.max_wait(d),
+    }
 }
 
 pub async fn stream_round_trip_then_hit(b: SharedBackend) {
@@ -460,7 +463,7 @@ pub async fn stream_value_appearing_while_waiting(b: SharedBackend) {
     let other = CacheLock::new(
         b.clone(),
         o.full_lock_key(&k.as_str().into()),
-        lock_opts(Wait::NoWait),
+        lock_opts(Wait::Once),
     )
     .unwrap();
     let held = other.acquire().await.unwrap();

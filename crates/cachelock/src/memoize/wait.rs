@@ -1,0 +1,106 @@
+//! Waiting for memoize's lock while polling the value.
+
+use std::future::Future;
+
+use tokio::time::Instant;
+
+use super::Ctx;
+use super::options::OnLockFailure;
+use crate::error::Error;
+use crate::lock::{CacheLock, LockGuard, LockOptions};
+
+/// How waiting for the lock ended.
+pub(crate) enum LockWait<V> {
+    /// We hold the lock.
+    Acquired(LockGuard),
+    /// The value appeared while we waited.
+    Value(V),
+    /// We go on without the lock (already logged).
+    Without,
+    /// The lock could not be taken and the call says fail.
+    Fail(Error),
+}
+
+/// How many value polls a waiter makes between two lock attempts.
+const POLLS_PER_LOCK_TRY: usize = 3;
+
+/// Waits for the lock, polling `poll` (the value) between attempts unless
+/// the call forces an overwrite.
+pub(crate) async fn wait_for_lock<V, P, PF>(
+    ctx: &Ctx<'_>,
+    lock_options: &LockOptions,
+    lock_key: String,
+    mut poll: P,
+) -> LockWait<V>
+where
+    P: FnMut() -> PF,
+    PF: Future<Output = Option<V>>,
+{
+    let lock = CacheLock::from_parts(
+        ctx.cache.clone(),
+        lock_key,
+        lock_options.clone(),
+        ctx.tasks.clone(),
+    );
+    let force = ctx.call.force_overwrite;
+    let start = Instant::now();
+    let deadline = lock_options.max_wait.and_then(|w| start.checked_add(w));
+    let timed_out = |now: Instant| deadline.is_some_and(|d| now >= d);
+    loop {
+        let err = match lock.try_acquire().await {
+            Ok(guard) => return LockWait::Acquired(guard),
+            Err(e) if e.is_held() => {
+                if timed_out(Instant::now()) {
+                    Some(Error::TimedOut {
+                        key: lock.key().to_owned(),
+                        waited: start.elapsed(),
+                    })
+                } else {
+                    None
+                }
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = err {
+            if e.is_timed_out() {
+                tracing::error!(key = %ctx.key, lock = %lock.key(), error = %e, "Timeout waiting on distributed cache lock");
+            } else {
+                tracing::error!(key = %ctx.key, lock = %lock.key(), error = %e, "could not take the distributed cache lock");
+            }
+            return match ctx.call.on_lock_failure {
+                OnLockFailure::Fail => LockWait::Fail(e),
+                OnLockFailure::ComputeAnyway => LockWait::Without,
+            };
+        }
+        // Poll the value often (it is what we wait for); try the lock only
+        // every few polls (it frees up without a value only when the
+        // holder failed or vanished), to halve the load of waiting.
+        let polls = if force { 1 } else { POLLS_PER_LOCK_TRY };
+        for _ in 0..polls {
+            let mut pause = ctx.config.poll_pause();
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                pause = pause.min(left);
+            }
+            tokio::time::sleep(pause).await;
+            if !force && let Some(v) = poll().await {
+                return LockWait::Value(v);
+            }
+        }
+    }
+}
+
+/// Releases the lock, logging (not returning) a failure.
+pub(crate) async fn release(guard: Option<LockGuard>, key: &str) {
+    if let Some(guard) = guard {
+        match guard.release().await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(%key, lock = %e.key(), error = %e, "failed to release the memoize lock");
+            }
+        }
+    }
+}

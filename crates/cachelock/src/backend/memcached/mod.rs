@@ -110,6 +110,11 @@ pub const DEFAULT_PORT: u16 = 11211;
 /// The longest relative TTL memcached accepts; longer ones are sent as
 /// absolute Unix times.
 const MAX_RELATIVE_TTL: u64 = 30 * 24 * 60 * 60;
+/// The longest value a request that reads none may get back: none.
+const NO_VALUE: usize = 0;
+/// The longest value `ma` may get back: a decimal `u64` (20 digits).
+const COUNTER_VALUE: usize = 20;
+
 /// How often a token operation is retried when the item's CAS changed
 /// between the read and the guarded write (a concurrent touch-less update
 /// of the same value, in practice never).
@@ -167,6 +172,9 @@ pub struct MemcachedBackend {
     servers: Vec<Pool>,
     ring: Ring,
     max_value_size: usize,
+    /// The item size limit (at most 1 GiB): no value read back can be
+    /// longer, so no reply may announce one that is.
+    item_size: usize,
 }
 
 impl std::fmt::Debug for MemcachedBackend {
@@ -260,7 +268,6 @@ impl MemcachedBackend {
                     options.connect_timeout,
                     options.response_timeout,
                     options.max_connections,
-                    proto::DEFAULT_MAX_VALUE_LEN,
                 )
             })
             .collect();
@@ -288,11 +295,13 @@ impl MemcachedBackend {
             (None, Some(e)) => return Err(e),
             (None, None) => DEFAULT_ITEM_SIZE,
         };
+        let item_size = item_size.min(proto::DEFAULT_MAX_VALUE_LEN);
         let max_value_size = item_size.saturating_sub(ITEM_OVERHEAD).max(1);
         Ok(Self {
             servers,
             ring,
             max_value_size,
+            item_size,
         })
     }
 
@@ -308,11 +317,18 @@ impl MemcachedBackend {
             .ok_or_else(|| BackendError::protocol(key, "no memcached server for this key"))
     }
 
-    /// One command, one reply.
-    async fn one(&self, key: &str, request: &[u8], read_only: bool) -> BackendResult<Response> {
+    /// One command, one reply, whose value (if any) is at most
+    /// `max_value_len` bytes long.
+    async fn one(
+        &self,
+        key: &str,
+        request: &[u8],
+        read_only: bool,
+        max_value_len: usize,
+    ) -> BackendResult<Response> {
         let mut replies = self
             .server(self.ring.server_for(key), key)?
-            .request(key, request, Until::Count(1), read_only)
+            .request(key, request, Until::Count(1), read_only, max_value_len)
             .await?;
         replies
             .pop()
@@ -348,7 +364,7 @@ impl MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, wire, &flags);
-        match self.one(key, &req, true).await? {
+        match self.one(key, &req, true, self.item_size).await? {
             Response::Meta {
                 status: Status::Miss,
                 ..
@@ -384,7 +400,7 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, true).await? {
+        match self.one(key, &req, true, self.item_size).await? {
             Response::Meta {
                 status: Status::Miss,
                 ..
@@ -423,7 +439,7 @@ impl Backend for MemcachedBackend {
                 async move {
                     let pool = self.server(server, first)?;
                     let replies = pool
-                        .request(first, &req, Until::Count(group.len()), true)
+                        .request(first, &req, Until::Count(group.len()), true, self.item_size)
                         .await?;
                     Ok::<_, BackendError>((group, replies))
                 }
@@ -460,7 +476,7 @@ impl Backend for MemcachedBackend {
             ..SetFlags::default()
         };
         proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(()),
@@ -495,7 +511,7 @@ impl Backend for MemcachedBackend {
                 async move {
                     let pool = self.server(server, first)?;
                     let replies = pool
-                        .request(first, &req, Until::Count(group.len()), false)
+                        .request(first, &req, Until::Count(group.len()), false, NO_VALUE)
                         .await?;
                     Ok::<_, BackendError>((group, replies))
                 }
@@ -521,7 +537,7 @@ impl Backend for MemcachedBackend {
             ..SetFlags::default()
         };
         proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(true),
@@ -540,7 +556,7 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(true),
@@ -555,7 +571,7 @@ impl Backend for MemcachedBackend {
     async fn delete(&self, key: &str) -> BackendResult<bool> {
         let mut req = Vec::new();
         proto::encode_delete(&mut req, &WireKey::new(key), None, false, None);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(true),
@@ -574,7 +590,7 @@ impl Backend for MemcachedBackend {
         // Two clients vivifying at once: the loser gets NS; the item exists
         // now, so a second try increments it.
         for _ in 0..2 {
-            match self.one(key, &req, false).await? {
+            match self.one(key, &req, false, COUNTER_VALUE).await? {
                 Response::Meta {
                     status: Status::Value,
                     value: Some(value),
@@ -622,7 +638,7 @@ impl Backend for MemcachedBackend {
             }
             let mut req = Vec::new();
             proto::encode_delete(&mut req, &wire, Some(cas), false, None);
-            match self.one(key, &req, false).await? {
+            match self.one(key, &req, false, NO_VALUE).await? {
                 Response::Meta {
                     status: Status::Ok, ..
                 } => return Ok(TokenCheck::Matched),
@@ -662,7 +678,7 @@ impl Backend for MemcachedBackend {
                 ..SetFlags::default()
             };
             proto::encode_set(&mut req, &wire, expected, &flags);
-            match self.one(key, &req, false).await? {
+            match self.one(key, &req, false, NO_VALUE).await? {
                 Response::Meta {
                     status: Status::Ok, ..
                 } => return Ok(TokenCheck::Matched),
@@ -689,7 +705,7 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, true).await? {
+        match self.one(key, &req, true, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Miss,
                 ..

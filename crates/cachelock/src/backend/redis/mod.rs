@@ -250,15 +250,23 @@ impl RedisOptions {
 
     fn validate(&self) -> BackendResult<()> {
         if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
-            return Err(BackendError::unavailable(
-                "",
+            return Err(BackendError::invalid_config(
                 "invalid Redis options: the connect and response timeouts must be positive",
             ));
         }
         if self.max_value_size == 0 {
-            return Err(BackendError::unavailable(
-                "",
+            return Err(BackendError::invalid_config(
                 "invalid Redis options: the maximum value size must be positive",
+            ));
+        }
+        if let Some(pem) = &self.tls_root_certificate
+            && !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(BackendError::invalid_config(
+                "invalid Redis options: the TLS root certificate holds no PEM certificate \
+                 (-----BEGIN CERTIFICATE-----)",
             ));
         }
         Ok(())
@@ -449,10 +457,10 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// [`BackendError::Unavailable`] if the URL is malformed (see
-    /// [`check_url`]) or the server cannot be reached, refuses the
-    /// credentials or the database; [`BackendError::TimedOut`] if it does not
-    /// answer within the connect timeout.
+    /// [`BackendError::InvalidUrl`] if the URL is malformed (see
+    /// [`check_url`]); [`BackendError::Connect`] if the server cannot be
+    /// reached, does not answer within the connect timeout, or refuses the
+    /// credentials or the database.
     pub async fn connect(url: &str) -> BackendResult<Self> {
         Self::connect_with(url, RedisOptions::default()).await
     }
@@ -461,8 +469,8 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// As for [`connect`](Self::connect), and [`BackendError::Unavailable`]
-    /// for a zero timeout.
+    /// As for [`connect`](Self::connect), and [`BackendError::InvalidConfig`]
+    /// for a zero timeout or TLS settings the client cannot use.
     pub async fn connect_with(url: &str, options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         let info = prepare(parse_url(url)?);
@@ -511,7 +519,7 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// As for [`connect`](Self::connect); also [`BackendError::Unavailable`]
+    /// As for [`connect`](Self::connect); also [`BackendError::InvalidConfig`]
     /// if `urls` is empty.
     pub async fn connect_cluster(urls: &[&str]) -> BackendResult<Self> {
         Self::connect_cluster_with(urls, RedisOptions::default()).await
@@ -525,8 +533,7 @@ impl RedisBackend {
     pub async fn connect_cluster_with(urls: &[&str], options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         if urls.is_empty() {
-            return Err(BackendError::unavailable(
-                "",
+            return Err(BackendError::invalid_config(
                 "no Redis Cluster node URL was given",
             ));
         }
@@ -554,9 +561,11 @@ impl RedisBackend {
             client.get_async_connection(),
         )
         .await
-        .map_err(|_| BackendError::TimedOut {
-            key: String::new(),
-            after: started.elapsed(),
+        .map_err(|_| {
+            BackendError::connect(
+                shown.join(","),
+                format!("no answer within {:?}", started.elapsed()),
+            )
         })?
         .map_err(|e| connect_error(&shown.join(","), e, started.elapsed()))?;
         let mut backend = Self {
@@ -763,6 +772,9 @@ fn is_unavailable_code(code: &str) -> bool {
 /// Maps a `redis` crate error on an operation about `key` to a
 /// [`BackendError`].
 fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
+    if e.kind() == ErrorKind::InvalidClientConfig {
+        return BackendError::invalid_config(format!("Redis: {}", short_redis_error(e)));
+    }
     if e.is_timeout() {
         return BackendError::TimedOut {
             key: key.to_owned(),
@@ -776,7 +788,6 @@ fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
         | ErrorKind::Io
         | ErrorKind::AuthenticationFailed
         | ErrorKind::ClusterConnectionNotFound
-        | ErrorKind::InvalidClientConfig
         | ErrorKind::Server(
             ServerErrorKind::BusyLoading
             | ServerErrorKind::ClusterDown
@@ -831,10 +842,10 @@ async fn open_manager(
     )
     .await
     .map_err(|_| {
-        Err(BackendError::TimedOut {
-            key: String::new(),
-            after: started.elapsed(),
-        })
+        Err(BackendError::connect(
+            redact(url),
+            format!("no answer within {:?}", started.elapsed()),
+        ))
     })?
     .map_err(Ok)?;
     Ok(SingleLink {
@@ -858,22 +869,29 @@ fn finish_connect_error(
 /// Says which server a failed first command was sent to.
 fn connect_failed(url: &str, e: BackendError) -> BackendError {
     match e {
-        BackendError::Unavailable { reason, .. } => {
-            BackendError::unavailable("", format!("cannot use Redis at {}: {reason}", redact(url)))
+        BackendError::Unavailable { reason, .. } => BackendError::connect(redact(url), reason),
+        BackendError::TimedOut { after, .. } => {
+            BackendError::connect(redact(url), format!("no answer within {after:?}"))
         }
         other => other,
     }
 }
 
 fn connect_error(url: &str, e: RedisError, elapsed: Duration) -> BackendError {
+    if e.kind() == ErrorKind::InvalidClientConfig {
+        return BackendError::invalid_config(format!(
+            "Redis at {}: {}",
+            redact(url),
+            short_redis_error(&e)
+        ));
+    }
     match map_error("", &e, elapsed) {
-        BackendError::TimedOut { key, after } => BackendError::TimedOut { key, after },
+        BackendError::TimedOut { after, .. } => {
+            BackendError::connect(redact(url), format!("no answer within {after:?}"))
+        }
         // A server that answers the handshake with an error (wrong password,
         // no such database) cannot serve us either.
-        _ => BackendError::unavailable(
-            "",
-            format!("cannot connect to Redis at {}: {e}", redact(url)),
-        ),
+        _ => BackendError::connect(redact(url), e),
     }
 }
 

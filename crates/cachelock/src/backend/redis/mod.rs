@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | `get` / `get_many` | `GET` / `MGET` | 1 |
 //! | `set` / `set_many` | `SET key val PX ms` / one pipeline of them | 1 |
-//! | `add` | `SET key val NX PX ms` | 1 |
+//! | `add` | `SET key val NX GET PX ms` (`SET key val NX PX ms` before Redis 7.0) | 1 |
 //! | `touch` / `delete` / `ttl` | `PEXPIRE` / `DEL` / `PTTL` | 1 |
 //! | `incr` | `INCRBY` | 1 |
 //! | `delete_if_eq` | a Lua script (`EVALSHA`), or `DELEX key IFEQ` / `DELIFEQ` where the server has it | 1 |
@@ -50,11 +50,13 @@
 //!   are the crate's; one operation, retries included, is bounded by the
 //!   response timeout. The crate also re-sends a command after a broken
 //!   connection or a timed-out reply, which cannot be turned off without
-//!   turning off redirects: if the first attempt of `add`, `incr` or
+//!   turning off redirects: if the first attempt of `incr` or
 //!   `delete_if_eq` took effect but its reply was lost, the retry answers as
-//!   if it had not (`add` → `false`, `incr` counts twice, `delete_if_eq` →
-//!   `Missing`). The standalone backend never re-sends a command that may
-//!   have reached the server.
+//!   if it had not (`incr` counts twice, `delete_if_eq` → `Missing`). `add`
+//!   is safe: `SET ... NX GET` returns the value already there, and our own
+//!   token there means the first attempt stored it, so the retry answers
+//!   `true`. The standalone backend never re-sends a command that may have
+//!   reached the server.
 //!
 //! # Failures
 //!
@@ -438,6 +440,9 @@ pub struct RedisBackend {
     /// The URL(s) connected to, passwords masked.
     urls: Vec<String>,
     native_delete: Option<NativeDelete>,
+    /// Cleared when the server refuses `SET ... NX GET` (before Redis 7.0):
+    /// `add` then sends plain `SET ... NX`.
+    set_nx_get: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -503,6 +508,7 @@ impl RedisBackend {
             options,
             urls: vec![redact(url)],
             native_delete: None,
+            set_nx_get: std::sync::atomic::AtomicBool::new(true),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -573,6 +579,7 @@ impl RedisBackend {
             options,
             urls: shown,
             native_delete: None,
+            set_nx_get: std::sync::atomic::AtomicBool::new(true),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -958,8 +965,37 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
+    /// `SET key value NX GET PX ms`: the reply is the value that was there
+    /// (nil when the key was absent and is now ours). A value equal to ours
+    /// means an earlier attempt of this very add (whose reply was lost and
+    /// which was sent again, by the Cluster client or by a caller that
+    /// retries) stored it: that is a success, not "held by someone else".
+    /// Tokens are unique per acquire, so no other holder has the same value.
+    /// On a server before Redis 7.0 (no `NX` with `GET`) it falls back to
+    /// `SET key value NX PX ms`.
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        use std::sync::atomic::Ordering;
         check_value_size(key, value, self.max_value_size())?;
+        if self.set_nx_get.load(Ordering::Relaxed) {
+            let mut cmd = ::redis::cmd("SET");
+            cmd.arg(key)
+                .arg(value)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(ttl_ms(ttl));
+            match self.query::<Option<Vec<u8>>>(key, &cmd).await {
+                Ok(None) => return Ok(true),
+                Ok(Some(old)) => return Ok(old == value),
+                Err(BackendError::Protocol { message, .. })
+                    if message.to_ascii_lowercase().contains("syntax") =>
+                {
+                    tracing::debug!(error = %message, "Redis has no SET NX GET; using SET NX");
+                    self.set_nx_get.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(key).arg(value).arg("NX").arg("PX").arg(ttl_ms(ttl));
         match self.query::<Value>(key, &cmd).await? {

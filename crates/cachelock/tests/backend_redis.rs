@@ -151,8 +151,10 @@ async fn connect_refuses_bad_urls_and_options_without_io() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("unsupported scheme"), "{err}");
+    // A configuration error, not "retry later" (issue 10, item 14).
     let err = RedisBackend::connect_cluster(&[]).await.unwrap_err();
-    assert!(err.is_unavailable(), "{err:?}");
+    assert!(matches!(err, BackendError::InvalidConfig { .. }), "{err:?}");
+    assert!(!err.is_unavailable(), "{err:?}");
     let err = RedisBackend::connect_cluster(&["redis://127.0.0.1:1", "nonsense"])
         .await
         .unwrap_err();
@@ -167,6 +169,7 @@ async fn connect_refuses_bad_urls_and_options_without_io() {
         err.to_string().contains("timeouts must be positive"),
         "{err}"
     );
+    assert!(matches!(err, BackendError::InvalidConfig { .. }), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------

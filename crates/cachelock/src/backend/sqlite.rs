@@ -114,6 +114,7 @@ struct Inner {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteBackend {
     inner: Arc<Inner>,
     max_value_size: usize,

@@ -608,6 +608,31 @@ mod tests {
         assert!(!format!("{u:?}").contains("hunter2"), "{u:?}");
     }
 
+    /// Issue 9: a scheme whose backend this build leaves out names the
+    /// Cargo feature that brings it.
+    #[cfg(not(all(feature = "sqlite", feature = "redis", feature = "memcached")))]
+    #[tokio::test]
+    async fn unbuilt_schemes_name_their_feature() {
+        for (url, feature) in [
+            ("sqlite:///tmp/cachelock-unbuilt.sqlite3", "sqlite"),
+            ("redis://127.0.0.1:1", "redis"),
+            ("memcached://127.0.0.1:1", "memcached"),
+        ] {
+            let built = match feature {
+                "sqlite" => cfg!(feature = "sqlite"),
+                "redis" => cfg!(feature = "redis"),
+                _ => cfg!(feature = "memcached"),
+            };
+            if built {
+                continue;
+            }
+            let err = connect(url).await.err().expect(url);
+            assert!(matches!(err, BackendError::InvalidUrl { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("`{feature}` Cargo feature")), "{msg}");
+        }
+    }
+
     #[test]
     fn display_round_trips() {
         for url in [

@@ -77,7 +77,15 @@
 //! named in the URL; a server that is down makes only its own keys
 //! [`Unavailable`](BackendError::Unavailable).
 
+// The meta-protocol codec is not public API. The fuzz target
+// (`fuzz/fuzz_targets/memcached_proto.rs`, built by cargo-fuzz, which sets
+// `--cfg fuzzing`) reaches it; everything else uses it through the backend.
+#[cfg(fuzzing)]
+#[doc(hidden)]
 pub mod proto;
+#[cfg(not(fuzzing))]
+#[allow(dead_code)]
+mod proto;
 
 mod pool;
 mod ring;
@@ -122,6 +130,7 @@ const CAS_RETRIES: usize = 3;
 
 /// Settings for [`MemcachedBackend::connect_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub struct MemcachedOptions {
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -168,6 +177,7 @@ impl MemcachedOptions {
 
 /// A [`Backend`] on one or more Memcached servers (meta protocol, memcached
 /// 1.6.10 or later). See the [module docs](self).
+#[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub struct MemcachedBackend {
     servers: Vec<Pool>,
     ring: Ring,

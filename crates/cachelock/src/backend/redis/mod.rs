@@ -144,6 +144,7 @@ const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 /// assert_eq!(options.connect_timeout_duration(), Duration::from_secs(1));
 /// ```
 #[derive(Clone, PartialEq, Eq)]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisOptions {
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -434,6 +435,7 @@ fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
 /// guard.release().await?;
 /// # Ok(()) }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisBackend {
     link: Link,
     options: RedisOptions,

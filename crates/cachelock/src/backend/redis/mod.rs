@@ -1,9 +1,9 @@
 //! The Redis backend: one standalone server or a Redis Cluster.
 //!
 //! [`RedisBackend`] speaks to Redis through the `redis` crate's
-//! async connections: a [`ConnectionManager`] (one multiplexed connection that
+//! async connections: a [`ConnectionManager`](::redis::aio::ConnectionManager) (one multiplexed connection that
 //! reconnects by itself) for a standalone server, and the `cluster_async`
-//! [`ClusterConnection`] for a Cluster. Both sit behind one private enum that
+//! [`ClusterConnection`](::redis::cluster_async::ClusterConnection) for a Cluster. Both sit behind one private enum that
 //! implements the crate's `ConnectionLike`, so every operation is written once.
 //!
 //! # Commands
@@ -102,322 +102,35 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::Slot;
 use ::redis::io::tcp::TcpSettings;
-use ::redis::{
-    Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, ProtocolVersion, RedisError,
-    RedisFuture, ServerErrorKind, Value,
-};
+use ::redis::{Cmd, ConnectionAddr, ProtocolVersion, RedisError, Value};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
-use parking_lot::RwLock;
 use tokio::time::Instant;
 
-use self::url::{bad_tls, bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
+use self::errors::{connect_error, connect_failed, finish_connect_error, lacks_resp3, map_error};
+use self::link::{Conn, Link, open_manager};
+use self::scripts::{
+    DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
+};
+use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{Backend, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
+mod errors;
+mod link;
+mod options;
+mod scripts;
 mod url;
+pub use self::options::{REDIS_MAX_VALUE_SIZE, RedisOptions};
 pub use self::url::check_url;
-
-/// Redis's own limit on one string value (`proto-max-bulk-len`): 512 MiB.
-pub const REDIS_MAX_VALUE_SIZE: usize = 512 * 1024 * 1024;
 
 /// The longest TTL sent to the server: 100 years, in milliseconds.
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// Settings of a [`RedisBackend`].
-///
-/// ```
-/// use std::time::Duration;
-/// use cachelock::backend::redis::RedisOptions;
-///
-/// let options = RedisOptions::new()
-///     .connect_timeout(Duration::from_secs(1))
-///     .response_timeout(Duration::from_secs(10));
-/// assert_eq!(options.connect_timeout_duration(), Duration::from_secs(1));
-/// ```
-#[derive(Clone, PartialEq, Eq)]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub struct RedisOptions {
-    connect_timeout: Duration,
-    response_timeout: Duration,
-    max_value_size: usize,
-    tls_root_certificate: Option<Vec<u8>>,
-}
-
-impl fmt::Debug for RedisOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisOptions")
-            .field("connect_timeout", &self.connect_timeout)
-            .field("response_timeout", &self.response_timeout)
-            .field("max_value_size", &self.max_value_size)
-            .field(
-                "tls_root_certificate",
-                &self.tls_root_certificate.as_ref().map(|_| "<PEM>"),
-            )
-            .finish()
-    }
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(5),
-            max_value_size: REDIS_MAX_VALUE_SIZE,
-            tls_root_certificate: None,
-        }
-    }
-}
-
-impl RedisOptions {
-    /// The default settings: 2 s connect timeout, 5 s response timeout,
-    /// 512 MiB values.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How long one attempt to open a connection (TCP or Unix connect, TLS
-    /// handshake, `AUTH`/`SELECT`) may take. Defaults to 2 s: far above any
-    /// healthy round trip and TLS handshake within a region, and short enough
-    /// that a server that is down (or a black-holed address) is reported
-    /// quickly.
-    #[must_use]
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How long to wait for the reply to one command (or pipeline). Defaults
-    /// to 5 s. The timeout covers moving the value over the network, so it
-    /// must leave room for the largest value: the `redis` crate's own default
-    /// of 500 ms would fail a few-MB memoized value on a slow or busy link;
-    /// 5 s carries about 60 MB at 100 Mbit/s.
-    #[must_use]
-    pub fn response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout;
-        self
-    }
-
-    /// The largest value one item may hold; larger writes fail with
-    /// [`BackendError::ValueTooLarge`] before anything is sent. Defaults to,
-    /// and is capped at, Redis's limit of 512 MiB ([`REDIS_MAX_VALUE_SIZE`]).
-    /// Lower it if the server's `proto-max-bulk-len` is lower, or to have
-    /// memoize split big values into smaller chunks.
-    #[must_use]
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes.min(REDIS_MAX_VALUE_SIZE);
-        self
-    }
-
-    /// For `rediss://` URLs: trust the certificate authority in this PEM
-    /// file's contents **instead of** the system's root certificates (a
-    /// private CA, as many managed and self-hosted Redis deployments use).
-    /// By default the system's roots are used. Without TLS it has no effect.
-    #[must_use]
-    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls_root_certificate = Some(pem.into());
-        self
-    }
-
-    fn tls_certificates(&self) -> Option<::redis::TlsCertificates> {
-        self.tls_root_certificate
-            .as_ref()
-            .map(|pem| ::redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            })
-    }
-
-    /// The connect timeout.
-    pub fn connect_timeout_duration(&self) -> Duration {
-        self.connect_timeout
-    }
-
-    /// The response timeout.
-    pub fn response_timeout_duration(&self) -> Duration {
-        self.response_timeout
-    }
-
-    /// The largest value one item may hold.
-    pub fn max_value_bytes(&self) -> usize {
-        self.max_value_size
-    }
-
-    fn validate(&self) -> BackendResult<()> {
-        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
-            return Err(BackendError::invalid_config(
-                "invalid Redis options: the connect and response timeouts must be positive",
-            ));
-        }
-        if self.max_value_size == 0 {
-            return Err(BackendError::invalid_config(
-                "invalid Redis options: the maximum value size must be positive",
-            ));
-        }
-        if let Some(pem) = &self.tls_root_certificate
-            && !pem
-                .windows(b"-----BEGIN CERTIFICATE-----".len())
-                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-        {
-            return Err(BackendError::invalid_config(
-                "invalid Redis options: the TLS root certificate holds no PEM certificate \
-                 (-----BEGIN CERTIFICATE-----)",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The connection, standalone or Cluster. Cloning is cheap (an `Arc` or a
-/// channel sender); each operation works on its own clone.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// How a backend reaches Redis.
-enum Link {
-    Single(Box<SingleLink>),
-    Cluster(ClusterConnection),
-}
-
-/// A standalone connection that is replaced when a reply times out, or when
-/// it failed as unavailable other than by an I/O error.
-///
-/// The `redis` crate's manager replaces a connection only when it reports an
-/// I/O error. One that merely stops answering (a half-open TCP connection
-/// after a host or network failure, a black-holed route) would time out
-/// every operation until the kernel gives up on it, many minutes later. So
-/// after a timed-out reply the connection is dropped, as redis-py does, and
-/// the next operation connects afresh. Likewise after a reconnect whose
-/// handshake failed without an I/O error (a reply cut in the middle, a
-/// server still loading): the manager would return that error to every
-/// later operation forever, without trying again.
-struct SingleLink {
-    client: ::redis::Client,
-    config: ConnectionManagerConfig,
-    /// The connection and its generation, bumped at each replacement.
-    current: RwLock<(u64, ConnectionManager)>,
-}
-
-impl Link {
-    /// The connection to use now, with its generation.
-    fn snapshot(&self) -> (u64, Conn) {
-        match self {
-            Link::Single(single) => {
-                let current = single.current.read();
-                (current.0, Conn::Single(current.1.clone()))
-            }
-            Link::Cluster(cluster) => (0, Conn::Cluster(cluster.clone())),
-        }
-    }
-
-    /// Drops the standalone connection of `generation` after a reply on it
-    /// timed out or it failed for good (once, however many operations failed
-    /// on it). The next operation connects again.
-    fn discard(&self, generation: u64) {
-        let Link::Single(single) = self else {
-            return;
-        };
-        let mut current = single.current.write();
-        if current.0 != generation {
-            return;
-        }
-        match ConnectionManager::new_lazy_with_config(single.client.clone(), single.config.clone())
-        {
-            Ok(fresh) => {
-                *current = (generation + 1, fresh);
-                tracing::debug!("a Redis connection failed; it will be replaced");
-            }
-            Err(e) => tracing::warn!(error = %e, "could not prepare a new Redis connection"),
-        }
-    }
-}
-
-/// Which server-side compare-and-delete command the server offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NativeDelete {
-    /// Redis 8.4+: `DELEX key IFEQ value`.
-    Delex,
-    /// Valkey 9+: `DELIFEQ key value`.
-    DelIfEq,
-}
-
-/// Deletes KEYS[1] if it holds ARGV[1]. 1: deleted; 0: another value; -1: absent.
-static DELETE_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
-        r"
-local v = redis.call('GET', KEYS[1])
-if v == false then return -1 end
-if v ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-",
-    )
-});
-
-/// Sets a TTL of ARGV[2] ms on KEYS[1] if it holds ARGV[1].
-/// 1: extended; 0: another value; -1: absent.
-static EXTEND_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
-        r"
-local v = redis.call('GET', KEYS[1])
-if v == false then return -1 end
-if v ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-",
-    )
-});
-
-fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
-    match code {
-        1 => Ok(TokenCheck::Matched),
-        0 => Ok(TokenCheck::Mismatch),
-        -1 => Ok(TokenCheck::Missing),
-        other => Err(BackendError::protocol(
-            key,
-            format!("unexpected reply {other} from an owner-checked operation"),
-        )),
-    }
-}
 
 /// A cache backend on Redis, standalone or Cluster.
 ///
@@ -641,7 +354,7 @@ impl RedisBackend {
     /// server that has come back answers the retry.
     ///
     /// A timed-out reply gets its standalone connection replaced (see
-    /// [`SingleLink`]).
+    /// `link::SingleLink`).
     async fn retrying<T, F, Fut>(&self, key: &str, started: Instant, op: F) -> BackendResult<T>
     where
         F: Fn(Conn) -> Fut,
@@ -720,27 +433,6 @@ impl RedisBackend {
     }
 }
 
-/// Reads the reply to `COMMAND INFO DELEX DELIFEQ`: one entry per name,
-/// nil for a command the server does not know.
-fn native_delete_from_command_info(reply: &Value) -> Option<NativeDelete> {
-    let entries = match reply {
-        Value::Array(items) | Value::Set(items) => items,
-        _ => return None,
-    };
-    let known = |i: usize| {
-        entries.get(i).is_some_and(|v| {
-            !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())
-        })
-    };
-    if known(0) {
-        Some(NativeDelete::Delex)
-    } else if known(1) {
-        Some(NativeDelete::DelIfEq)
-    } else {
-        None
-    }
-}
-
 fn expect_ok(key: &str, reply: &Value) -> BackendResult<()> {
     match reply {
         Value::Okay => Ok(()),
@@ -759,149 +451,6 @@ fn ttl_ms(ttl: Duration) -> u64 {
     let nanos = ttl.as_nanos();
     let ms = nanos.div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(u64::MAX).clamp(1, MAX_TTL_MS)
-}
-
-/// Server error codes that mean "cannot serve now" rather than "bad request".
-fn is_unavailable_code(code: &str) -> bool {
-    matches!(
-        code,
-        "LOADING"
-            | "MASTERDOWN"
-            | "CLUSTERDOWN"
-            | "TRYAGAIN"
-            | "READONLY"
-            | "OOM"
-            | "BUSY"
-            | "NOAUTH"
-            | "WRONGPASS"
-            | "MISCONF"
-    )
-}
-
-/// Maps a `redis` crate error on an operation about `key` to a
-/// [`BackendError`].
-fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
-    if e.kind() == ErrorKind::InvalidClientConfig {
-        return BackendError::invalid_config(format!("Redis: {}", short_redis_error(e)));
-    }
-    if e.is_timeout() {
-        return BackendError::TimedOut {
-            key: key.to_owned(),
-            after: elapsed,
-        };
-    }
-    let unavailable = match e.kind() {
-        // A reply that does not parse is, in practice, a stream cut in the
-        // middle of a reply; the crate replaces the connection.
-        ErrorKind::Parse
-        | ErrorKind::Io
-        | ErrorKind::AuthenticationFailed
-        | ErrorKind::ClusterConnectionNotFound
-        | ErrorKind::Server(
-            ServerErrorKind::BusyLoading
-            | ServerErrorKind::ClusterDown
-            | ServerErrorKind::MasterDown
-            | ServerErrorKind::TryAgain
-            | ServerErrorKind::ReadOnly
-            | ServerErrorKind::Moved
-            | ServerErrorKind::Ask,
-        ) => true,
-        _ => e.code().is_some_and(is_unavailable_code),
-    };
-    if unavailable {
-        BackendError::unavailable(key, e)
-    } else {
-        BackendError::protocol(key, e)
-    }
-}
-
-/// Whether a connect failed because the server does not speak RESP3.
-fn lacks_resp3(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::RESP3NotSupported
-        || e.code() == Some("NOPROTO")
-        || (e.code() == Some("ERR") && e.detail().is_some_and(|d| d.contains("unknown command")))
-}
-
-/// Opens a connection manager: one connect attempt, bounded. The inner
-/// `Err` is the crate's error (to look at), the outer one a finished
-/// [`BackendError`].
-async fn open_manager(
-    url: &str,
-    info: ConnectionInfo,
-    options: &RedisOptions,
-) -> Result<SingleLink, Result<RedisError, BackendError>> {
-    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-    let client = match options.tls_certificates() {
-        Some(certs) if tls => {
-            ::redis::Client::build_with_tls(info, certs).map_err(|e| Err(bad_tls(url, &e)))?
-        }
-        _ => ::redis::Client::open(info).map_err(|e| Err(bad_url(url, short_redis_error(&e))))?,
-    };
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(options.connect_timeout))
-        .set_response_timeout(Some(options.response_timeout))
-        // One connect attempt per reconnect: a server that is down is
-        // reported within the connect timeout instead of after a series of
-        // backed-off attempts. The next operation tries again.
-        .set_number_of_retries(0);
-    let started = Instant::now();
-    let manager = tokio::time::timeout(
-        options.connect_timeout + options.response_timeout,
-        ConnectionManager::new_with_config(client.clone(), config.clone()),
-    )
-    .await
-    .map_err(|_| {
-        Err(BackendError::connect(
-            redact(url),
-            format!("no answer within {:?}", started.elapsed()),
-        ))
-    })?
-    .map_err(Ok)?;
-    Ok(SingleLink {
-        client,
-        config,
-        current: RwLock::new((0, manager)),
-    })
-}
-
-fn finish_connect_error(
-    url: &str,
-    e: Result<RedisError, BackendError>,
-    started: Instant,
-) -> BackendError {
-    match e {
-        Ok(e) => connect_error(url, e, started.elapsed()),
-        Err(e) => e,
-    }
-}
-
-/// Says which server a failed first command was sent to.
-fn connect_failed(url: &str, e: BackendError) -> BackendError {
-    match e {
-        BackendError::Unavailable { reason, .. } => BackendError::connect(redact(url), reason),
-        BackendError::TimedOut { after, .. } => {
-            BackendError::connect(redact(url), format!("no answer within {after:?}"))
-        }
-        other => other,
-    }
-}
-
-fn connect_error(url: &str, e: RedisError, elapsed: Duration) -> BackendError {
-    if e.kind() == ErrorKind::InvalidClientConfig {
-        return BackendError::invalid_config(format!(
-            "Redis at {}: {}",
-            redact(url),
-            short_redis_error(&e)
-        ));
-    }
-    match map_error("", &e, elapsed) {
-        BackendError::TimedOut { after, .. } => {
-            BackendError::connect(redact(url), format!("no answer within {after:?}"))
-        }
-        // A server that answers the handshake with an error (wrong password,
-        // no such database) cannot serve us either.
-        _ => BackendError::connect(redact(url), e),
-    }
 }
 
 #[async_trait]
@@ -1123,56 +672,5 @@ mod tests {
         assert_eq!(ttl_ms(Duration::from_micros(1500)), 2);
         assert_eq!(ttl_ms(Duration::from_secs(30)), 30_000);
         assert_eq!(ttl_ms(Duration::MAX), MAX_TTL_MS);
-    }
-
-    #[test]
-    fn detects_native_delete_from_command_info() {
-        let nil2 = Value::Array(vec![Value::Nil, Value::Nil]);
-        assert_eq!(native_delete_from_command_info(&nil2), None);
-        let info = Value::Array(vec![Value::BulkString(b"delex".to_vec())]);
-        let delex = Value::Array(vec![info.clone(), Value::Nil]);
-        assert_eq!(
-            native_delete_from_command_info(&delex),
-            Some(NativeDelete::Delex)
-        );
-        let delifeq = Value::Array(vec![Value::Nil, info]);
-        assert_eq!(
-            native_delete_from_command_info(&delifeq),
-            Some(NativeDelete::DelIfEq)
-        );
-        assert_eq!(native_delete_from_command_info(&Value::Nil), None);
-        assert_eq!(native_delete_from_command_info(&Value::Int(3)), None);
-    }
-
-    #[test]
-    fn falls_back_to_resp2_only_when_resp3_is_missing() {
-        let missing = RedisError::from((ErrorKind::RESP3NotSupported, "no HELLO"));
-        assert!(lacks_resp3(&missing));
-        let unknown = RedisError::from((
-            ErrorKind::Server(ServerErrorKind::ResponseError),
-            "An error was signalled by the server",
-            "unknown command 'HELLO'".to_owned(),
-        ));
-        assert!(lacks_resp3(&unknown));
-        let noproto = ::redis::make_extension_error("NOPROTO".into(), Some("unsupported".into()));
-        assert!(lacks_resp3(&noproto));
-        let noauth = ::redis::make_extension_error(
-            "NOAUTH".into(),
-            Some("HELLO must be called with the client already authenticated".into()),
-        );
-        assert!(!lacks_resp3(&noauth));
-        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(!lacks_resp3(&io));
-    }
-
-    #[test]
-    fn token_codes() {
-        assert_eq!(token_check("k", 1).unwrap(), TokenCheck::Matched);
-        assert_eq!(token_check("k", 0).unwrap(), TokenCheck::Mismatch);
-        assert_eq!(token_check("k", -1).unwrap(), TokenCheck::Missing);
-        assert!(matches!(
-            token_check("k", 7),
-            Err(BackendError::Protocol { .. })
-        ));
     }
 }

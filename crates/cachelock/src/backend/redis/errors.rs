@@ -31,6 +31,9 @@ pub(super) fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> Backend
     if e.kind() == ErrorKind::InvalidClientConfig {
         return BackendError::invalid_config(format!("Redis: {}", short_redis_error(e)));
     }
+    if is_limit_error(e) {
+        return BackendError::protocol(key, short_redis_error(e));
+    }
     if e.is_timeout() {
         return BackendError::TimedOut {
             key: key.to_owned(),
@@ -60,6 +63,12 @@ pub(super) fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> Backend
     } else {
         BackendError::protocol(key, e)
     }
+}
+
+/// Whether the connection was dropped because a reply went over the
+/// limits of [`Limited`](super::limit::Limited).
+pub(super) fn is_limit_error(e: &RedisError) -> bool {
+    e.is_io_error() && e.to_string().contains(super::limit::LIMIT_ERROR)
 }
 
 /// Whether a connect failed because the server does not speak RESP3.

@@ -1,10 +1,13 @@
 //! The Redis backend: one standalone server or a Redis Cluster.
 //!
-//! [`RedisBackend`] speaks to Redis through the `redis` crate's
-//! async connections: a [`ConnectionManager`](::redis::aio::ConnectionManager) (one multiplexed connection that
-//! reconnects by itself) for a standalone server, and the `cluster_async`
-//! [`ClusterConnection`](::redis::cluster_async::ClusterConnection) for a Cluster. Both sit behind one private enum that
-//! implements the crate's `ConnectionLike`, so every operation is written once.
+//! [`RedisBackend`] speaks to Redis through the `redis` crate's async
+//! connections: for a standalone server one
+//! [`MultiplexedConnection`](::redis::aio::MultiplexedConnection) over a
+//! stream the backend opens itself (TCP, TLS with rustls, or a Unix socket)
+//! and replaces when it fails, and for a Cluster the `cluster_async`
+//! [`ClusterConnection`](::redis::cluster_async::ClusterConnection). Both sit
+//! behind one private enum that implements the crate's `ConnectionLike`, so
+//! every operation is written once.
 //!
 //! # Commands
 //!
@@ -68,7 +71,20 @@
 //! * no reply within the response timeout (or no connection within the
 //!   connect timeout) → [`BackendError::TimedOut`];
 //! * an error reply (`WRONGTYPE`, "not an integer", ...) or a reply of an
-//!   unexpected shape → [`BackendError::Protocol`].
+//!   unexpected shape → [`BackendError::Protocol`];
+//! * a reply over the client's limits (standalone only) →
+//!   [`BackendError::Protocol`], and the connection is dropped.
+//!
+//! # Bounded replies
+//!
+//! The `redis` crate's parser has no size limits, so a wrong or hostile
+//! server could make it buffer gigabytes (a `$2000000000` header, a status
+//! line that never ends). A standalone connection reads through a scanner
+//! that follows the RESP framing and refuses, before buffering it, a bulk
+//! string longer than the largest value ([`RedisOptions::max_value_size`],
+//! at least 1 MiB), a line longer than 64 KiB or an aggregate of more than
+//! 2^20 elements. Cluster connections are opened by the crate and are not
+//! bounded this way.
 //!
 //! # Runtime
 //!
@@ -79,9 +95,9 @@
 //! # Protocol
 //!
 //! A standalone connection speaks RESP3 unless the URL says
-//! `?protocol=resp2` (or `resp3`): with RESP3 the connection manager hears of
-//! a dropped connection at once, also while idle, and reconnects before the
-//! next operation. A server without RESP3 (before Redis 6, some proxies) is
+//! `?protocol=resp2` (or `resp3`): with RESP3 the connection hears of its
+//! own disconnection at once, also while idle, and the next operation
+//! connects afresh instead of failing on it. A server without RESP3 (before Redis 6, some proxies) is
 //! detected at connect time and spoken to in RESP2; then the first operation
 //! after the server restarted while the backend was idle fails with
 //! [`BackendError::Unavailable`] and the next one reconnects. Cluster
@@ -95,7 +111,8 @@
 //! the next operation once the server is back. An operation that failed
 //! because the connection was *refused* was never sent, so it is retried once
 //! on a fresh connection: the first operation after a restart succeeds.
-//! A reply that times out gets the standalone connection replaced: a
+//! A standalone connection is replaced after any operation on it failed as
+//! unavailable, and after a reply that timed out: a
 //! connection that stopped answering (half-open after a host or network
 //! failure) would otherwise time out every operation until the kernel gives
 //! up on it, many minutes later.
@@ -112,8 +129,10 @@ use bytes::Bytes;
 use futures_util::future::try_join_all;
 use tokio::time::Instant;
 
-use self::errors::{connect_error, connect_failed, finish_connect_error, lacks_resp3, map_error};
-use self::link::{Conn, Link, open_manager};
+use self::errors::{
+    connect_error, connect_failed, finish_connect_error, is_limit_error, lacks_resp3, map_error,
+};
+use self::link::{Conn, Link, open_single};
 use self::scripts::{
     DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
 };
@@ -122,6 +141,7 @@ use super::{Backend, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 mod errors;
+mod limit;
 mod link;
 mod options;
 mod scripts;
@@ -196,7 +216,7 @@ impl RedisBackend {
         let info = prepare(parse_url(url)?);
         let started = Instant::now();
         let manager = if protocol_in_url(url) {
-            open_manager(url, info, &options)
+            open_single(url, info, &options)
                 .await
                 .map_err(|e| finish_connect_error(url, e, started))?
         } else {
@@ -208,11 +228,11 @@ impl RedisBackend {
             let resp3 = info
                 .clone()
                 .set_redis_settings(settings.clone().set_protocol(ProtocolVersion::RESP3));
-            match open_manager(url, resp3, &options).await {
+            match open_single(url, resp3, &options).await {
                 Err(Ok(e)) if lacks_resp3(&e) => {
                     tracing::debug!(url = %redact(url), error = %e, "Redis has no RESP3; using RESP2");
                     let resp2 = info.set_redis_settings(settings.set_protocol(ProtocolVersion::RESP2));
-                    open_manager(url, resp2, &options).await
+                    open_single(url, resp2, &options).await
                 }
                 other => other,
             }
@@ -368,6 +388,7 @@ impl RedisBackend {
             match op(conn).await {
                 Err(e) if e.is_connection_refusal() && !self.is_cluster() => {
                     tracing::debug!(%key, error = %e, "Redis connection refused; retrying once on a new connection");
+                    self.link.discard(generation);
                     let (again, conn) = self.link.snapshot();
                     generation = again;
                     op(conn).await
@@ -379,13 +400,12 @@ impl RedisBackend {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => {
                 let mapped = map_error(key, &e, started.elapsed());
-                // The crate reconnects by itself after an I/O error, but a
-                // reconnect that failed otherwise (its handshake reply cut
-                // mid-way parses as garbage, a restarting server answers
-                // LOADING) is kept and handed to every later operation at
-                // once, with no new attempt, for good. Replace it.
-                let stuck = mapped.is_unavailable() && !e.is_io_error();
-                (mapped, stuck)
+                // A connection that failed (refused, broken, its handshake
+                // cut mid-way or answered LOADING, a reply over the limits)
+                // is replaced: the next operation connects afresh. An error
+                // reply (WRONGTYPE, ...) leaves it in use.
+                let broken = mapped.is_unavailable() || is_limit_error(&e);
+                (mapped, broken)
             }
             Err(_) => (
                 BackendError::TimedOut {

@@ -32,14 +32,6 @@ pub(super) fn bad_url(url: &str, why: impl fmt::Display) -> BackendError {
     }
 }
 
-pub(super) fn bad_tls(url: &str, e: &RedisError) -> BackendError {
-    BackendError::invalid_config(format!(
-        "cannot set up TLS for Redis at {}: {}",
-        redact(url),
-        short_redis_error(e)
-    ))
-}
-
 /// Parses and checks a URL into the `redis` crate's connection info.
 pub(super) fn parse_url(url: &str) -> BackendResult<ConnectionInfo> {
     let Some((scheme, _)) = url.split_once("://") else {

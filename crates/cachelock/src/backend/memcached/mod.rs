@@ -25,7 +25,8 @@
 //! drives one stream with the classic protocols; `async-memcached` has a
 //! meta-protocol trait but one connection per client, with no pool and no
 //! key distribution over servers. The part of the protocol needed here is
-//! small, so it is written out in [`proto`] (pure, fuzzable functions)
+//! small, so it is written out in a private `proto` module (pure functions,
+//! fuzzed by `fuzz/fuzz_targets/memcached_proto.rs`)
 //! plus a small pooled transport.
 //!
 //! # Operations
@@ -65,7 +66,8 @@
 //!
 //! Keys memcached cannot take as they are (over 250 bytes, spaces, control
 //! or non-ASCII characters) are sent base64-encoded with the `b` flag; keys
-//! too long even for that are hashed (see [`proto::WireKey`]). Values are
+//! too long even for that are replaced by `0xFF` + their SHA-256 digest
+//! (no UTF-8 key has that byte, so they collide with no other key). Values are
 //! limited to the smallest `item_size_max` reported by the servers at
 //! connect time less 1 KiB of item overhead (1 MiB - 1 KiB by default); a
 //! larger value is refused with [`BackendError::ValueTooLarge`], as is one

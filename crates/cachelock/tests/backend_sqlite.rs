@@ -287,3 +287,17 @@ async fn open_error_names_the_path_once() {
     assert_eq!(err.key(), path);
     assert!(err.is_unavailable(), "{err:?}");
 }
+
+/// Any busy timeout is accepted: one SQLite cannot take (over 24 days in
+/// milliseconds) is cut to the documented maximum instead of panicking in
+/// rusqlite.
+#[tokio::test]
+async fn huge_busy_timeouts_do_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for timeout in [Duration::MAX, Duration::from_secs(u64::from(u32::MAX))] {
+        let b = SqliteBackend::open_with_busy_timeout(dir.path().join("huge.sqlite3"), timeout)
+            .await
+            .unwrap();
+        assert!(b.set("k", b"v", Duration::from_secs(5)).await.is_ok());
+    }
+}

@@ -114,6 +114,7 @@ async fn connect_errors_name_the_server_not_an_empty_key() {
     for url in [
         format!("redis://127.0.0.1:{port}"),
         format!("redis+cluster://127.0.0.1:{port}"),
+        format!("memcached://127.0.0.1:{port}"),
     ] {
         let err = connect(&url).await.unwrap_err();
         assert!(err.is_unavailable(), "{url}: {err:?}");

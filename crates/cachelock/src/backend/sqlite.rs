@@ -54,6 +54,9 @@ use crate::error::{BackendError, BackendResult};
 /// How long SQLite waits for another connection's write lock by default.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = super::url::DEFAULT_SQLITE_BUSY_TIMEOUT;
 
+/// The longest busy timeout: one day. Longer ones are cut to it.
+pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Expired rows are swept from the table once every this many writes.
 const SWEEP_EVERY: u64 = 1024;
 
@@ -133,7 +136,10 @@ impl SqliteBackend {
     }
 
     /// Opens the cache file at `path`, waiting up to `busy_timeout` for
-    /// other connections' write locks on every operation.
+    /// other connections' write locks on every operation (at most
+    /// [`MAX_BUSY_TIMEOUT`]; a longer one is cut to it, never a panic). A
+    /// short timeout (say 100 ms) suits a caller that must not wait: one
+    /// transaction holds the lock for microseconds.
     ///
     /// # Errors
     ///
@@ -142,6 +148,9 @@ impl SqliteBackend {
         path: impl AsRef<Path>,
         busy_timeout: Duration,
     ) -> BackendResult<Self> {
+        // SQLite takes the timeout as an `int` of milliseconds (rusqlite
+        // panics on more).
+        let busy_timeout = busy_timeout.min(MAX_BUSY_TIMEOUT);
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
         let open = tokio::task::spawn_blocking(move || open_conn(&p, busy_timeout))

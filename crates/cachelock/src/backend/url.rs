@@ -299,8 +299,8 @@ impl ConnectOptions {
     /// lock before it fails with [`BackendError::TimedOut`]. Defaults to
     /// 10 s. A caller that must not wait (a no-wait acquire) sets it low,
     /// say 100 ms: one transaction holds the lock for microseconds, so only
-    /// a stuck or very busy writer is waited for that long. Other backends
-    /// ignore it.
+    /// a stuck or very busy writer is waited for that long. At most one day
+    /// (longer is cut to it). Other backends ignore it.
     #[must_use]
     pub fn sqlite_busy_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.sqlite_busy_timeout = timeout;

@@ -263,7 +263,7 @@ impl MemcachedBackend {
     /// Asks every server for its `item_size_max` (in parallel). Servers
     /// that are down are tolerated (their keys are unavailable until they
     /// come back); if none answers, the result is
-    /// [`BackendError::Unavailable`].
+    /// [`BackendError::Connect`].
     pub async fn connect(url: &str) -> BackendResult<Self> {
         Self::connect_with(url, MemcachedOptions::default()).await
     }
@@ -304,7 +304,18 @@ impl MemcachedBackend {
         }
         let item_size = match (item_size, last_error) {
             (Some(size), _) => size,
-            (None, Some(e)) => return Err(e),
+            (None, Some(e)) => {
+                let reason = match e {
+                    BackendError::Unavailable { reason, .. } => reason,
+                    BackendError::TimedOut { after, .. } => format!("no answer within {after:?}"),
+                    other => other.to_string(),
+                };
+                let servers: Vec<&str> = servers.iter().map(Pool::addr).collect();
+                return Err(BackendError::connect(
+                    format!("memcached://{}", servers.join(",")),
+                    reason,
+                ));
+            }
             (None, None) => DEFAULT_ITEM_SIZE,
         };
         let item_size = item_size.min(proto::DEFAULT_MAX_VALUE_LEN);

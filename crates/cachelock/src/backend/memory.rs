@@ -219,10 +219,16 @@ impl MemoryBackend {
     }
 }
 
+/// The longest TTL kept: 100 years (as on Redis). Longer ones are cut to it
+/// (the clock cannot add `Duration::MAX`).
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// When an entry written now with `ttl` expires. A zero TTL lives for the
-/// shortest time the clock can tell, never forever.
+/// shortest time the clock can tell, never forever; a TTL over [`MAX_TTL`]
+/// is cut to it.
 fn deadline(now: Instant, ttl: Duration) -> Instant {
-    now + ttl.max(Duration::from_nanos(1))
+    let ttl = ttl.clamp(Duration::from_nanos(1), MAX_TTL);
+    now.checked_add(ttl).unwrap_or(now)
 }
 
 #[async_trait]

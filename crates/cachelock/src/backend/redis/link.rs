@@ -151,7 +151,7 @@ impl Dialer {
             config = config.set_push_sender(ClosedFlag(closed));
         }
         let (conn, driver) = tokio::time::timeout(
-            self.connect_timeout + self.response_timeout,
+            self.connect_timeout.saturating_add(self.response_timeout),
             MultiplexedConnection::new_with_config(settings, stream, config),
         )
         .await
@@ -335,7 +335,9 @@ pub(super) async fn open_single(
     let started = Instant::now();
     let closed = Arc::new(AtomicBool::new(false));
     let conn = tokio::time::timeout(
-        options.connect_timeout + options.response_timeout,
+        options
+            .connect_timeout
+            .saturating_add(options.response_timeout),
         dialer.open(closed.clone()),
     )
     .await

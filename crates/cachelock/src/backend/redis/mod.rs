@@ -298,7 +298,9 @@ impl RedisBackend {
             .map_err(|e| bad_url(&shown.join(","), short_redis_error(&e)))?;
         let started = Instant::now();
         let conn = tokio::time::timeout(
-            options.connect_timeout + options.response_timeout,
+            options
+                .connect_timeout
+                .saturating_add(options.response_timeout),
             client.get_async_connection(),
         )
         .await
@@ -382,7 +384,11 @@ impl RedisBackend {
     {
         // The crate bounds each connect and each reply; this outer limit
         // only guards against a wait the crate does not bound.
-        let limit = self.options.connect_timeout * 2 + self.options.response_timeout;
+        let limit = self
+            .options
+            .connect_timeout
+            .saturating_mul(2)
+            .saturating_add(self.options.response_timeout);
         let (mut generation, conn) = self.link.snapshot();
         let run = async {
             match op(conn).await {

@@ -626,7 +626,7 @@ mod tests {
             if built {
                 continue;
             }
-            let err = connect(url).await.err().expect(url);
+            let err = connect(url).await.expect_err(url);
             assert!(matches!(err, BackendError::InvalidUrl { .. }), "{err:?}");
             let msg = err.to_string();
             assert!(msg.contains(&format!("`{feature}` Cargo feature")), "{msg}");

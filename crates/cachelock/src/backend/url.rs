@@ -379,7 +379,9 @@ fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
 }
 
 /// Parses `host[:port]` (IPv6 in brackets), with `default` as the port.
-fn host_port(node: &str, default: u16) -> Result<(String, u16), String> {
+/// The one host:port parser: [`BackendUrl::parse`] and the Memcached
+/// backend's server list use it.
+pub(crate) fn host_port(node: &str, default: u16) -> Result<(String, u16), String> {
     let node = node.trim();
     if node.is_empty() {
         return Err("missing host".into());

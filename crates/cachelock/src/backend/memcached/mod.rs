@@ -199,37 +199,28 @@ impl std::fmt::Debug for MemcachedBackend {
 }
 
 /// Splits `memcached://h1:p1,h2:p2` (or a bare `h1:p1,h2:p2`) into
-/// `host:port` addresses; a missing port is [`DEFAULT_PORT`].
+/// `host:port` addresses; a missing port is [`DEFAULT_PORT`]. Each address
+/// is checked by the same `host[:port]` parser as
+/// [`BackendUrl`](crate::BackendUrl)'s, so both accept the same servers.
 fn parse_servers(url: &str) -> BackendResult<Vec<String>> {
-    let bad = |why: &str| BackendError::InvalidUrl {
-        url: url.to_owned(),
-        reason: why.to_owned(),
+    let bad = |why: String| BackendError::InvalidUrl {
+        url: crate::backend::url::redact(url),
+        reason: why,
     };
     let mut servers = Vec::new();
     for part in url.trim().split(',') {
         let part = part.trim();
-        let part = part.strip_prefix("memcached://").unwrap_or(part);
+        let part = match part.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("memcached") => rest,
+            _ => part,
+        };
         let part = part.strip_suffix('/').unwrap_or(part);
         if part.is_empty() {
-            return Err(bad("empty server address"));
+            return Err(bad("empty server address".into()));
         }
-        if part.contains(['/', '?', '@', '#', ' ']) || part.contains("://") {
-            return Err(bad("expected host:port addresses"));
-        }
-        let has_port = match part.rsplit_once(':') {
-            Some((host, _)) if part.starts_with('[') && !host.ends_with(']') => false,
-            Some((_, port)) => {
-                port.parse::<u16>()
-                    .map_err(|_| bad(&format!("bad port in {part:?}")))?;
-                true
-            }
-            None => false,
-        };
-        servers.push(if has_port {
-            part.to_owned()
-        } else {
-            format!("{part}:{DEFAULT_PORT}")
-        });
+        let (host, port) = crate::backend::url::host_port(part, DEFAULT_PORT)
+            .map_err(|why| bad(format!("expected host:port addresses: {why}")))?;
+        servers.push(format!("{host}:{port}"));
     }
     Ok(servers)
 }
@@ -765,7 +756,7 @@ mod tests {
             ["127.0.0.1:21211", "127.0.0.1:21212"]
         );
         assert_eq!(
-            parse_servers("a:1, memcached://b:2 ,c").unwrap(),
+            parse_servers("a:1, MEMCACHED://b:2 ,c").unwrap(),
             ["a:1", "b:2", "c:11211"]
         );
         assert_eq!(
@@ -780,6 +771,8 @@ mod tests {
             "a:99999",
             "redis://x:1",
             "a:1/db",
+            "a:0",
+            "u:p@a:1",
         ] {
             assert!(parse_servers(bad).is_err(), "{bad:?}");
         }

@@ -226,6 +226,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
     }
 }
 
+/// Writes go straight through. Vectored writes are deliberately not
+/// offered (as the `redis` crate's own stream does not): with them the
+/// crate's pipeline wrote each command in pieces, and a `GET` round trip
+/// took about 120 µs instead of about 35 µs on loopback.
 impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -241,18 +245,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

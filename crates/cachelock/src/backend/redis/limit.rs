@@ -226,10 +226,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
     }
 }
 
-/// Writes go straight through. Vectored writes are deliberately not
-/// offered (as the `redis` crate's own stream does not): with them the
-/// crate's pipeline wrote each command in pieces, and a `GET` round trip
-/// took about 120 µs instead of about 35 µs on loopback.
+/// Writes go straight through. Vectored writes are not offered, as the
+/// `redis` crate's own stream does not offer them: with them, a `GET` round
+/// trip measured about 120 µs instead of about 35 µs on loopback (on a busy
+/// shared machine, so the figure is rough).
 impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
     fn poll_write(
         self: Pin<&mut Self>,

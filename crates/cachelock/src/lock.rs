@@ -440,8 +440,8 @@ impl CacheLock {
         let mut held: u32 = 0;
         // Armed before every attempt but the first (see `wait_for_release`).
         let mut watch: Option<ReleaseWatch> = None;
-        if matches!(until, Until::Deadline(_)) {
-            self.handoff_grace().await;
+        if let Until::Deadline(deadline) = until {
+            self.handoff_grace(deadline).await;
         }
         loop {
             let sent = Instant::now();
@@ -517,12 +517,15 @@ impl CacheLock {
     /// others were waiting for it, it waits [`HANDOFF_GRACE`] from that
     /// release before trying again, so that the woken waiters (already
     /// queued) get it first instead of the releaser re-taking it at once.
-    async fn handoff_grace(&self) {
-        if let Some(at) = self.backend.handed_off_at(&self.key) {
-            let elapsed = at.elapsed();
-            if elapsed < HANDOFF_GRACE {
-                tokio::time::sleep(HANDOFF_GRACE - elapsed).await;
-            }
+    /// Never past the wait's `deadline`.
+    async fn handoff_grace(&self, deadline: Option<Instant>) {
+        let Some(at) = self.backend.handed_off_at(&self.key) else {
+            return;
+        };
+        let end = at + HANDOFF_GRACE;
+        let end = deadline.map_or(end, |d| d.min(end));
+        if end > Instant::now() {
+            tokio::time::sleep_until(end).await;
         }
     }
 

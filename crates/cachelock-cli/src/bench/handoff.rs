@@ -104,7 +104,11 @@ pub async fn run(global: &Global, args: HandoffArgs) -> Result<u8, Fail> {
             .await
             .map_err(|e| Fail::error(format!("the waiter failed: {e}")))?;
         holder = guard.map_err(|e| Fail::error(format!("acquire: {e}")))?;
-        lat.push(acquired_at.saturating_duration_since(released_at).as_secs_f64());
+        lat.push(
+            acquired_at
+                .saturating_duration_since(released_at)
+                .as_secs_f64(),
+        );
         bar.set_position(i + 1);
     }
     let _ = holder.release().await;

@@ -89,13 +89,11 @@ impl RedisNotify {
 
     async fn subscribe(&self, link: &SingleLink, key: &str) -> ::redis::RedisResult<bool> {
         let mut slot = self.sink.lock().await;
-        if slot
+        let closed = slot
             .as_ref()
-            .is_some_and(|s| s.closed.load(Ordering::Acquire))
-        {
-            if let Some(old) = slot.take() {
-                old.reader.abort();
-            }
+            .is_some_and(|s| s.closed.load(Ordering::Acquire));
+        if closed && let Some(old) = slot.take() {
+            old.reader.abort();
         }
         if self.subscribed.lock().len() >= MAX_SUBSCRIBED {
             return Ok(false);

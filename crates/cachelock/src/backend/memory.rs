@@ -13,6 +13,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use super::notify::{Notifier, ReleaseWatch};
 use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
@@ -149,6 +150,8 @@ pub struct MemoryBackend {
     state: Mutex<State>,
     capacity: Option<usize>,
     max_value_size: usize,
+    /// Wakes waiters when a key is deleted.
+    notifier: Notifier,
 }
 
 impl Default for MemoryBackend {
@@ -165,6 +168,7 @@ impl MemoryBackend {
             state: Mutex::new(State::default()),
             capacity: None,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            notifier: Notifier::default(),
         }
     }
 
@@ -293,6 +297,10 @@ impl Backend for MemoryBackend {
         let mut state = self.state.lock();
         let existed = state.live(key, now).is_some();
         state.remove(key);
+        drop(state);
+        if existed {
+            self.notifier.notify(key);
+        }
         Ok(existed)
     }
 
@@ -336,6 +344,9 @@ impl Backend for MemoryBackend {
         };
         if check == TokenCheck::Matched {
             state.remove(key);
+            drop(state);
+            let woken = self.notifier.notify(key);
+            self.notifier.released(key, woken);
         }
         Ok(check)
     }
@@ -365,6 +376,21 @@ impl Backend for MemoryBackend {
             .live(key, now)
             .and_then(|e| e.expires)
             .map(|t| t.saturating_duration_since(now)))
+    }
+
+    /// In process: armed under the map's lock, so no delete is missed; the
+    /// watch also fires when the holder's lease runs out.
+    async fn watch_release(&self, key: &str) -> ReleaseWatch {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let expires = state.live(key, now).and_then(|e| e.expires);
+        let rx = self.notifier.watch(key);
+        drop(state);
+        ReleaseWatch::notified(rx, expires)
+    }
+
+    fn handed_off_at(&self, key: &str) -> Option<Instant> {
+        self.notifier.handed_off_at(key)
     }
 
     fn atomic_token_ops(&self) -> bool {

@@ -49,11 +49,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::BackendResult;
+pub use notify::ReleaseWatch;
 
 #[cfg(feature = "memcached")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub mod memcached;
 pub mod memory;
+pub mod notify;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -183,6 +185,28 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
         let _ = key;
         Ok(None)
+    }
+
+    /// Arms a wake-up for the next release of `key` (see
+    /// [`notify`](crate::backend::notify)). The lock arms one before each
+    /// attempt, so a release between the attempt and the wait is not lost.
+    ///
+    /// The default returns [`ReleaseWatch::polling`]: waiters poll with a
+    /// capped, jittered backoff (Memcached, SQLite). The embedded backend
+    /// notifies in process; Redis through pub/sub (one subscriber
+    /// connection per backend for all its waiters).
+    async fn watch_release(&self, key: &str) -> ReleaseWatch {
+        let _ = key;
+        ReleaseWatch::polling()
+    }
+
+    /// When this process last released `key` while others were waiting
+    /// for it, if the backend can tell (the default: `None`). The lock
+    /// gives those woken waiters a short grace before it lets this process
+    /// take the key again, so that a releasing holder does not starve them.
+    fn handed_off_at(&self, key: &str) -> Option<tokio::time::Instant> {
+        let _ = key;
+        None
     }
 
     /// Whether [`delete_if_eq`](Backend::delete_if_eq) and

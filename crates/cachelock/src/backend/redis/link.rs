@@ -353,3 +353,33 @@ pub(super) async fn open_single(
         dialer,
     })
 }
+
+impl SingleLink {
+    /// Opens a subscriber connection to the same server (RESP2: a
+    /// connection in subscribe mode takes no other commands), bounded by
+    /// the connect and response timeouts.
+    pub(super) async fn open_pubsub(&self) -> RedisResult<::redis::aio::PubSub> {
+        let d = &self.dialer;
+        let timed_out =
+            |what: &str| RedisError::from(io::Error::new(io::ErrorKind::TimedOut, what.to_owned()));
+        let stream = tokio::time::timeout(d.connect_timeout, d.stream())
+            .await
+            .map_err(|_| timed_out("connect timed out"))??;
+        let settings = d
+            .info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP2);
+        tokio::time::timeout(
+            d.connect_timeout.saturating_add(d.response_timeout),
+            ::redis::aio::PubSub::new(&settings, stream),
+        )
+        .await
+        .map_err(|_| timed_out("no answer to the subscriber handshake"))?
+    }
+
+    /// The database number, which pub/sub channels do not separate.
+    pub(super) fn db(&self) -> i64 {
+        self.dialer.info.redis_settings().db()
+    }
+}

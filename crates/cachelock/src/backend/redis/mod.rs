@@ -133,16 +133,18 @@ use self::errors::{
     connect_error, connect_failed, finish_connect_error, is_limit_error, lacks_resp3, map_error,
 };
 use self::link::{Conn, Link, open_single};
+use self::notify::RedisNotify;
 use self::scripts::{
     DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
-use super::{Backend, TokenCheck, check_value_size};
+use super::{Backend, ReleaseWatch, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 mod errors;
 mod limit;
 mod link;
+mod notify;
 mod options;
 mod scripts;
 mod url;
@@ -178,6 +180,8 @@ pub struct RedisBackend {
     /// Cleared when the server refuses `SET ... NX GET` (before Redis 7.0):
     /// `add` then sends plain `SET ... NX`.
     set_nx_get: std::sync::atomic::AtomicBool,
+    /// Release notices over pub/sub (standalone only).
+    notify: Option<RedisNotify>,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -238,12 +242,14 @@ impl RedisBackend {
             }
             .map_err(|e| finish_connect_error(url, e, started))?
         };
+        let notify = Some(RedisNotify::new(manager.db()));
         let mut backend = Self {
             link: Link::Single(Box::new(manager)),
             options,
             urls: vec![redact(url)],
             native_delete: None,
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
+            notify,
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -317,6 +323,7 @@ impl RedisBackend {
             urls: shown,
             native_delete: None,
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
+            notify: None,
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -324,6 +331,21 @@ impl RedisBackend {
             .map_err(|e| connect_failed(&backend.urls.join(","), e))?;
         tracing::debug!(urls = ?backend.urls, native_delete = ?backend.native_delete, "connected to Redis Cluster");
         Ok(backend)
+    }
+
+    /// The pub/sub channel a release of `key` is announced on.
+    fn release_channel(&self, key: &str) -> String {
+        match &self.notify {
+            Some(n) => n.channel(key),
+            None => RedisNotify::channel_for(0, key),
+        }
+    }
+
+    /// Notes our release of `key`, whose notice reached `subscribers`.
+    fn released(&self, key: &str, subscribers: i64) {
+        if let Some(n) = &self.notify {
+            n.released(key, usize::try_from(subscribers).unwrap_or(0));
+        }
     }
 
     /// Whether this backend talks to a Redis Cluster.
@@ -618,13 +640,20 @@ impl Backend for RedisBackend {
     ) -> BackendResult<TokenCheck> {
         let Some(native) = self.native_delete else {
             let mut invocation = DELETE_IF_EQ.prepare_invoke();
-            invocation.key(key).arg(expected);
+            invocation
+                .key(key)
+                .arg(expected)
+                .arg(self.release_channel(key));
             let invocation = &invocation;
             let code: i64 = self
                 .retrying(key, Instant::now(), move |mut conn: Conn| async move {
                     invocation.invoke_async::<i64>(&mut conn).await
                 })
                 .await?;
+            if code >= 1 {
+                self.released(key, code - 1);
+                return Ok(TokenCheck::Matched);
+            }
             return token_check(key, code);
         };
         let mut cmd = match native {
@@ -640,6 +669,15 @@ impl Backend for RedisBackend {
             }
         };
         if self.query::<i64>(key, &cmd).await? == 1 {
+            // Announced right after the delete (one more round trip).
+            let mut publish = ::redis::cmd("PUBLISH");
+            publish.arg(self.release_channel(key)).arg("");
+            match self.query::<i64>(key, &publish).await {
+                Ok(n) => self.released(key, n),
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "release notice not sent; waiters poll")
+                }
+            }
             return Ok(TokenCheck::Matched);
         }
         // "0" is both "absent" and "another value"; tell them apart.
@@ -676,6 +714,19 @@ impl Backend for RedisBackend {
         let ms: i64 = self.query(key, &cmd).await?;
         // -2: absent; -1: no expiry (only counters made by incr).
         Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    /// Pub/sub on a standalone server (see the module docs); a Cluster
+    /// backend polls.
+    async fn watch_release(&self, key: &str) -> ReleaseWatch {
+        match (&self.notify, &self.link) {
+            (Some(notify), Link::Single(single)) => notify.watch(single, key).await,
+            _ => ReleaseWatch::polling(),
+        }
+    }
+
+    fn handed_off_at(&self, key: &str) -> Option<Instant> {
+        self.notify.as_ref()?.handed_off_at(key)
     }
 
     fn atomic_token_ops(&self) -> bool {

@@ -17,7 +17,10 @@ pub(super) enum NativeDelete {
     DelIfEq,
 }
 
-/// Deletes KEYS[1] if it holds ARGV[1]. 1: deleted; 0: another value; -1: absent.
+/// Deletes KEYS[1] if it holds ARGV[1] and announces it on the channel
+/// ARGV[2] (in the same script, so atomic with the delete).
+/// 1 + n: deleted, the notice reached n subscribers; 0: another value;
+/// -1: absent.
 pub(super) static DELETE_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r"
@@ -25,7 +28,7 @@ local v = redis.call('GET', KEYS[1])
 if v == false then return -1 end
 if v ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-return 1
+return 1 + redis.call('PUBLISH', ARGV[2], '')
 ",
     )
 });

@@ -3,13 +3,17 @@
 //! * [`cycle`]: one client, acquire + release;
 //! * [`contended`]: worker processes loop on one lock around a non-atomic
 //!   read-modify-write;
-//! * [`stampede`]: worker processes call memoize on one cold key at once.
+//! * [`stampede`]: worker processes call memoize on one cold key at once;
+//! * [`refresh`]: steady traffic on warm keys that expire (issue 12):
+//!   plain lock vs stale-while-revalidate vs early refresh, and a failing
+//!   compute.
 //!
 //! [`workers`] starts the worker processes and collects their reports;
 //! [`report`] prints a workload's report struct as JSON or a table.
 
 mod contended;
 mod cycle;
+mod refresh;
 mod report;
 mod stampede;
 mod workers;
@@ -33,6 +37,9 @@ pub enum BenchCmd {
     Contended(contended::ContendedArgs),
     /// P processes (T tasks each) call memoize on one cold key at once.
     Stampede(stampede::StampedeArgs),
+    /// Steady traffic on warm keys that expire: recomputes per expiry and
+    /// latency with a plain lock, stale-while-revalidate and early refresh.
+    Refresh(refresh::RefreshArgs),
 }
 
 /// Output options shared by the workloads.
@@ -49,6 +56,7 @@ pub async fn bench(global: &Global, cmd: BenchCmd) -> Result<u8, Fail> {
         BenchCmd::Cycle(a) => cycle::run(global, a).await,
         BenchCmd::Contended(a) => contended::run(global, a).await,
         BenchCmd::Stampede(a) => stampede::run(global, a).await,
+        BenchCmd::Refresh(a) => refresh::run(global, a).await,
     }
 }
 
@@ -58,6 +66,7 @@ pub async fn worker(global: &Global, args: WorkerArgs) -> Result<u8, Fail> {
     let line = match args.workload {
         Workload::Contended => serde_json::to_string(&contended::worker(backend, args).await?),
         Workload::Stampede => serde_json::to_string(&stampede::worker(backend, args).await?),
+        Workload::Refresh => serde_json::to_string(&refresh::worker(backend, args).await?),
     }
     .map_err(|e| Fail::error(format!("cannot write the worker report: {e}")))?;
     println!("{line}");

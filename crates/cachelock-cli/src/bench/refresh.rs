@@ -247,18 +247,27 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
     let compute = Duration::from_millis(spec.compute_ms);
     let computes = Arc::new(AtomicU64::new(0));
     let fail_computes = Arc::new(AtomicU64::new(0));
-    // The first fill: every key once (its computes are counted apart).
-    for k in 0..spec.keys {
-        let c = computes.clone();
-        let _: Result<u64, _> = cache
-            .try_get_with(format!("k{k}").as_str(), || async move {
-                c.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(compute).await;
-                Ok::<u64, Failed>(1)
+    // The first fill: every key once, all at once (its computes are
+    // counted apart; the run's time starts after it).
+    let fills: Vec<_> = (0..spec.keys)
+        .map(|k| {
+            let (cache, c) = (cache.clone(), computes.clone());
+            tokio::spawn(async move {
+                let _: Result<u64, _> = cache
+                    .try_get_with(format!("k{k}").as_str(), || async move {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(compute).await;
+                        Ok::<u64, Failed>(1)
+                    })
+                    .await;
             })
-            .await;
+        })
+        .collect();
+    for f in fills {
+        let _ = f.await;
     }
     let fill_computes = computes.load(Ordering::Relaxed);
+    let start = Instant::now().max(start);
     let end = start + Duration::from_millis(spec.duration_ms);
     let fail_from = start + Duration::from_millis(spec.fail_start_ms);
     let fail_to = fail_from + Duration::from_millis(spec.fail_ms);

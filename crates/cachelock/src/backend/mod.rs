@@ -23,6 +23,20 @@
 //!   given must encode it (never silently truncate it) or refuse it with
 //!   [`BackendError::InvalidKey`](crate::BackendError::InvalidKey).
 //!
+//! # Backends and Cargo features
+//!
+//! | feature | default | backend | URL schemes ([`connect`](crate::connect)) |
+//! |---|---|---|---|
+//! | (none) | always | [`memory::MemoryBackend`], in this process only | `memory://` |
+//! | `redis` | yes | `redis::RedisBackend`: standalone, TLS, Unix socket, Cluster | `redis://`, `rediss://`, `redis+unix://`, `redis+cluster://`, `rediss+cluster://` |
+//! | `memcached` | yes | `memcached::MemcachedBackend`: meta protocol, one or many servers | `memcached://` |
+//! | `sqlite` | no | `sqlite::SqliteBackend`: one file shared by the processes of one machine | `sqlite:///absolute/path` |
+//!
+//! A URL whose backend this build leaves out is refused by
+//! [`connect`](crate::connect) with
+//! [`BackendError::InvalidUrl`](crate::BackendError::InvalidUrl), naming the
+//! feature to enable.
+//!
 //! Errors name the key. [`BackendError::Unavailable`](crate::BackendError::Unavailable) and
 //! [`BackendError::TimedOut`](crate::BackendError::TimedOut) mean "the operation may or may not have
 //! happened"; callers that care (the lock) re-check instead of repeating it.
@@ -37,12 +51,14 @@ use bytes::Bytes;
 use crate::error::BackendResult;
 
 #[cfg(feature = "memcached")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub mod memcached;
 pub mod memory;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 pub mod url;
 

@@ -16,7 +16,7 @@ use crate::key::{CacheKey, KeyBuilder};
 use crate::lock::{CLOSE_TIMEOUT, CacheLock, LockOptions, Tasks};
 use crate::memoize::{
     self, Call, Cipher, Codec, Compression, Config, DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRATION,
-    Failure, Flights, MemoizeError, MemoizeStream, OnLockFailure,
+    Expiration, Failure, Flights, MemoizeError, MemoizeStream, OnLockFailure, Rng,
 };
 
 /// The namespace keys are put under unless the builder says otherwise;
@@ -89,6 +89,8 @@ pub(crate) struct Inner {
     pub(crate) lock: LockOptions,
     pub(crate) flights: Flights,
     pub(crate) tasks: Tasks,
+    /// Randomness that decides behaviour (XFetch).
+    pub(crate) rng: Rng,
 }
 
 impl fmt::Debug for Cache {
@@ -145,8 +147,14 @@ impl Cache {
         &self.inner.namespace
     }
 
-    /// How long memoized values live.
+    /// How long memoized values are fresh (see
+    /// [`expiration_policy`](Self::expiration_policy) for the rest).
     pub fn expiration(&self) -> Duration {
+        self.inner.config.expiration.fresh_for()
+    }
+
+    /// The expiration policy of memoized values.
+    pub fn expiration_policy(&self) -> Expiration {
         self.inner.config.expiration
     }
 
@@ -212,16 +220,19 @@ impl Cache {
         Fut: Future<Output = T>,
     {
         let key = key.into();
-        let call = Call::new(&self.inner.config);
+        let mut call = Call::new(&self.inner.config);
+        call.fallible = false;
         let infallible = || async { Ok::<T, Infallible>(compute().await) };
         match memoize::run(&self.inner, &key, &call, infallible).await {
             Ok(v) => v,
             Err(Failure::Compute(never)) => match never {},
             // Not with ComputeAnyway; compute without the lock all the same.
-            Err(Failure::Lock(_, compute)) => match compute().await {
-                Ok(v) => v,
-                Err(never) => match never {},
-            },
+            Err(Failure::Lock(_, compute) | Failure::Shared(_, _, compute)) => {
+                match compute().await {
+                    Ok(v) => v,
+                    Err(never) => match never {},
+                }
+            }
         }
     }
 
@@ -299,12 +310,15 @@ impl Cache {
         let ctx = memoize::Ctx::new(&self.inner, &call, self.full_key(key));
         match memoize::read_value_only::<T>(&ctx).await {
             memoize::ReadOutcome::Hit(v, _) => Some(v),
+            memoize::ReadOutcome::Stale(v, found) if found.servable() => Some(v),
             _ => None,
         }
     }
 
     /// Removes the value cached under `key` (its chunks, if any, expire on
-    /// their own and are never read again).
+    /// their own and are never read again), and bumps the key's version,
+    /// so a compute that started before never stores its value, and one
+    /// that stores it anyway is never read as fresh (fenced write-back).
     ///
     /// # Errors
     ///
@@ -314,7 +328,62 @@ impl Cache {
     ///
     /// Cancel safe: the value may or may not have been removed.
     pub async fn invalidate(&self, key: impl Into<CacheKey>) -> Result<()> {
-        self.inner.backend.delete(&self.full_key(key)).await?;
+        let full = self.full_key(key);
+        self.bump(&memoize::side_key(&full, "v")).await?;
+        self.inner.backend.delete(&full).await?;
+        Ok(())
+    }
+
+    /// Marks the value cached under `key` stale, in every process: it is
+    /// served as stale (within its stale-while-revalidate window) while one
+    /// caller refreshes it, or is a miss once past that window. It bumps the
+    /// key's version, which every read checks in the same round trip as the
+    /// value, and which fences a compute that started before.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if and only if the backend failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the value may or may not have been marked.
+    pub async fn invalidate_soft(&self, key: impl Into<CacheKey>) -> Result<()> {
+        let full = self.full_key(key);
+        self.bump(&memoize::side_key(&full, "v")).await
+    }
+
+    /// Invalidates every memoized value of the namespace, in every process,
+    /// by bumping the namespace's generation counter (never `KEYS` or
+    /// `FLUSH`). Each value's envelope records the generation it was
+    /// computed under, and each read fetches the counter with the value (one
+    /// round trip), so older values read as a miss; they expire on their
+    /// own. Locks are not touched.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if and only if the backend failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the generation may or may not have been bumped.
+    pub async fn invalidate_all(&self) -> Result<()> {
+        let key = self.inner.config.generation_key.clone();
+        self.bump(&key).await
+    }
+
+    /// Bumps a counter: created at a random seed (so a counter that was
+    /// evicted and re-created does not bring old values back), else
+    /// incremented.
+    async fn bump(&self, key: &str) -> Result<()> {
+        use rand::RngExt;
+        let seed = u64::from(rand::rng().random::<u32>()) + 1;
+        let b = &self.inner.backend;
+        if !b
+            .add(key, seed.to_string().as_bytes(), DEFAULT_EXPIRATION)
+            .await?
+        {
+            b.incr(key, 1).await?;
+        }
         Ok(())
     }
 
@@ -363,11 +432,12 @@ pub struct Entry<'a> {
 }
 
 impl Entry<'_> {
-    /// How long the value lives. Defaults to the handle's
+    /// How long the value is fresh (a [`Duration`]), or its whole
+    /// [`Expiration`] policy. Defaults to the handle's
     /// [`expiration`](CacheBuilder::expiration).
     #[must_use]
-    pub fn expiration(mut self, expiration: Duration) -> Self {
-        self.call.expiration = expiration;
+    pub fn expiration(mut self, expiration: impl Into<Expiration>) -> Self {
+        self.call.expiration = expiration.into();
         self.call.checked = false;
         self
     }
@@ -456,7 +526,10 @@ pub struct CacheBuilder {
     backend: SharedBackend,
     namespace: String,
     key_secret: Option<Vec<u8>>,
-    expiration: Duration,
+    expiration: Expiration,
+    failure_ttl: Option<Duration>,
+    failure_retries: u32,
+    rng_seed: Option<u64>,
     lock: LockOptions,
     lock_on_miss: bool,
     compression: Compression,
@@ -477,6 +550,9 @@ impl fmt::Debug for CacheBuilder {
                 &self.key_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("expiration", &self.expiration)
+            .field("failure_ttl", &self.failure_ttl)
+            .field("failure_retries", &self.failure_retries)
+            .field("rng_seed", &self.rng_seed)
             .field("lock", &self.lock)
             .field("lock_on_miss", &self.lock_on_miss)
             .field("compression", &self.compression)
@@ -498,7 +574,10 @@ impl CacheBuilder {
             backend,
             namespace: DEFAULT_NAMESPACE.to_owned(),
             key_secret: None,
-            expiration: DEFAULT_EXPIRATION,
+            expiration: Expiration::fresh(DEFAULT_EXPIRATION),
+            failure_ttl: None,
+            failure_retries: 1,
+            rng_seed: None,
             lock: LockOptions::default(),
             lock_on_miss: true,
             compression: Compression::Lz4,
@@ -528,11 +607,43 @@ impl CacheBuilder {
         self
     }
 
-    /// How long memoized values live. Defaults to 30 days; at most
-    /// [`MAX_DURATION`](crate::MAX_DURATION).
+    /// How long memoized values are fresh (a [`Duration`]: the single TTL,
+    /// as before), or their whole [`Expiration`] policy
+    /// (stale-while-revalidate, stale-if-error, early refresh). Defaults to
+    /// 30 days fresh, nothing stale; fresh time plus the longer window at
+    /// most [`MAX_DURATION`](crate::MAX_DURATION).
     #[must_use]
-    pub fn expiration(mut self, expiration: Duration) -> Self {
-        self.expiration = expiration;
+    pub fn expiration(mut self, expiration: impl Into<Expiration>) -> Self {
+        self.expiration = expiration.into();
+        self
+    }
+
+    /// Shares compute failures of [`Cache::try_get_with`] across processes:
+    /// a failed compute writes a failure record (the error's type name)
+    /// that lives `ttl` (the failure window). Callers waiting for that
+    /// compute, in any process, get [`MemoizeError::Failed`] at their next
+    /// poll instead of computing again (or the old value, with
+    /// stale-if-error), and at most 1 + [`failure_retries`](Self::failure_retries)
+    /// computes run per window. Defaults to off (each waiter goes on alone).
+    #[must_use]
+    pub fn share_failures(mut self, ttl: Duration) -> Self {
+        self.failure_ttl = Some(ttl);
+        self
+    }
+
+    /// With [`share_failures`](Self::share_failures), how many computes may
+    /// run in one failure window after the first failed. Defaults to 1.
+    #[must_use]
+    pub fn failure_retries(mut self, n: u32) -> Self {
+        self.failure_retries = n;
+        self
+    }
+
+    /// Seeds the handle's random source for decisions (XFetch early
+    /// refresh), for reproducible tests. Defaults to a seed from the OS.
+    #[must_use]
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
         self
     }
 
@@ -632,9 +743,13 @@ impl CacheBuilder {
             (None, None) => {}
         }
         let limit = self.chunk_size.min(self.backend.max_value_size());
+        let generation_key = memoize::side_key(&keys.build_key(&CacheKey::from("")), "gen");
         let config = Config {
             keys,
             expiration: self.expiration,
+            generation_key,
+            failure_ttl: self.failure_ttl,
+            failure_retries: self.failure_retries,
             codec: Codec {
                 compression: self.compression,
                 cipher: self
@@ -665,6 +780,7 @@ impl CacheBuilder {
                 lock: self.lock,
                 flights: Flights::default(),
                 tasks: Tasks::default(),
+                rng: Rng::new(self.rng_seed),
             }),
         })
     }

@@ -70,4 +70,6 @@ pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
 pub use key::{CacheKey, KeyBuilder};
 pub use lock::{CacheLock, LockGuard, LockOptions, MAX_DURATION, Outcome, Released};
-pub use memoize::{Compression, MemoizeError, MemoizeStream, OnLockFailure};
+pub use memoize::{
+    Compression, ENVELOPE_OVERHEAD, Expiration, MemoizeError, MemoizeStream, OnLockFailure, xfetch,
+};

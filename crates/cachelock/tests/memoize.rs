@@ -16,6 +16,15 @@ memoize_tests!(
     paused = true
 );
 
+mod freshness {
+    use super::common;
+    use crate::freshness_tests;
+    freshness_tests!(
+        std::sync::Arc::new(cachelock::MemoryBackend::new()) as cachelock::SharedBackend,
+        paused = true
+    );
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -396,4 +405,68 @@ async fn single_flight_can_be_turned_off() {
         assert!(results.iter().all(|v| *v == 5));
         assert_eq!(c.get(), computes, "lock = {lock}");
     }
+}
+
+/// XFetch on paused time with seeded RNGs: the mean time left before
+/// expiry at which the early refresh fires matches the paper's rule
+/// `p = exp(-t_left / (β·Δ))` applied at each read, within 10 %.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn xfetch_early_refresh_times_match_the_rule() {
+    use cachelock::{Cache, Expiration};
+    const FRESH_MS: u64 = 10_000;
+    const DELTA_MS: u64 = 1_000;
+    const READ_EVERY_MS: u64 = 50;
+    let beta = 1.0;
+    // Expected t_left at the first trigger (reads at t_left = FRESH - k·step).
+    let mut survive = 1.0;
+    let mut expected = 0.0;
+    let mut t = FRESH_MS;
+    while t >= READ_EVERY_MS {
+        t -= READ_EVERY_MS;
+        let p = (-(t as f64) / (beta * DELTA_MS as f64)).exp();
+        expected += survive * p * t as f64;
+        survive *= 1.0 - p;
+    }
+    let trials = 300;
+    let mut sum = 0.0;
+    for seed in 0..trials {
+        let cache = Cache::builder(MemoryBackend::new())
+            .expiration(
+                Expiration::fresh(Duration::from_millis(FRESH_MS))
+                    .stale_while_revalidate(Duration::from_secs(60))
+                    .early_refresh(beta),
+            )
+            .rng_seed(seed)
+            .build()
+            .unwrap();
+        cache
+            .get_with("k", || async {
+                tokio::time::sleep(Duration::from_millis(DELTA_MS)).await;
+                1u32
+            })
+            .await;
+        let filled = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(READ_EVERY_MS)).await;
+            let at = tokio::time::Instant::now();
+            let refreshed = std::sync::atomic::AtomicBool::new(false);
+            cache
+                .get_with("k", || async {
+                    refreshed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    2u32
+                })
+                .await;
+            if refreshed.load(std::sync::atomic::Ordering::SeqCst) {
+                let elapsed = at.duration_since(filled).as_millis() as f64;
+                sum += FRESH_MS as f64 - elapsed;
+                break;
+            }
+            assert!(at.duration_since(filled) < Duration::from_millis(FRESH_MS + 1000));
+        }
+    }
+    let mean = sum / trials as f64;
+    assert!(
+        (mean - expected).abs() < expected * 0.10,
+        "mean t_left {mean:.0} ms, expected {expected:.0} ms"
+    );
 }

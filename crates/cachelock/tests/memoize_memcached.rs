@@ -21,6 +21,12 @@ mod values {
     memoize_tests!(super::servers().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
+mod freshness {
+    use super::common;
+    use crate::freshness_tests;
+    freshness_tests!(super::servers().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
+}
+
 mod streams {
     use super::common;
     use crate::memoize_stream_tests;

@@ -29,6 +29,18 @@ mod standalone_values {
     memoize_tests!(super::standalone().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
 }
 
+mod standalone_freshness {
+    use super::common;
+    use crate::freshness_tests;
+    freshness_tests!(super::standalone().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
+}
+
+mod cluster_freshness {
+    use super::common;
+    use crate::freshness_tests;
+    freshness_tests!(super::cluster().await, paused = false, #[ignore = "needs the test servers: scripts/test"]);
+}
+
 mod standalone_streams {
     use super::common;
     use crate::memoize_stream_tests;

@@ -22,6 +22,12 @@ mod values {
     memoize_tests!(super::fresh().await, paused = false);
 }
 
+mod freshness {
+    use super::common;
+    use crate::freshness_tests;
+    freshness_tests!(super::fresh().await, paused = false);
+}
+
 mod streams {
     use super::common;
     use crate::memoize_stream_tests;

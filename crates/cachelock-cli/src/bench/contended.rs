@@ -88,6 +88,7 @@ pub async fn run(global: &Global, args: ContendedArgs) -> Result<u8, Fail> {
         check: args.check,
         tasks: 1,
         no_lock: args.no_lock,
+        spec: String::new(),
     };
     let bar = progress(args.procs as u64, &args.out, "workers done");
     let reports: Vec<WorkerReport> =

@@ -6,6 +6,9 @@
 //! * [`stampede`]: worker processes call memoize on one cold key at once;
 //! * [`handoff`]: two clients pass one lock back and forth: release to the
 //!   queued waiter's acquire.
+//! * [`refresh`]: steady traffic on warm keys that expire (issue 12):
+//!   plain lock vs stale-while-revalidate vs early refresh, and a failing
+//!   compute.
 //!
 //! [`workers`] starts the worker processes and collects their reports;
 //! [`report`] prints a workload's report struct as JSON or a table.
@@ -13,6 +16,7 @@
 mod contended;
 mod cycle;
 mod handoff;
+mod refresh;
 mod report;
 mod stampede;
 mod workers;
@@ -39,6 +43,9 @@ pub enum BenchCmd {
     /// Two clients pass one lock back and forth: the time from a release to
     /// the queued waiter's acquire, p50 and p99.
     Handoff(handoff::HandoffArgs),
+    /// Steady traffic on warm keys that expire: recomputes per expiry and
+    /// latency with a plain lock, stale-while-revalidate and early refresh.
+    Refresh(refresh::RefreshArgs),
 }
 
 /// Output options shared by the workloads.
@@ -56,6 +63,7 @@ pub async fn bench(global: &Global, cmd: BenchCmd) -> Result<u8, Fail> {
         BenchCmd::Contended(a) => contended::run(global, a).await,
         BenchCmd::Stampede(a) => stampede::run(global, a).await,
         BenchCmd::Handoff(a) => handoff::run(global, a).await,
+        BenchCmd::Refresh(a) => refresh::run(global, a).await,
     }
 }
 
@@ -65,6 +73,7 @@ pub async fn worker(global: &Global, args: WorkerArgs) -> Result<u8, Fail> {
     let line = match args.workload {
         Workload::Contended => serde_json::to_string(&contended::worker(backend, args).await?),
         Workload::Stampede => serde_json::to_string(&stampede::worker(backend, args).await?),
+        Workload::Refresh => serde_json::to_string(&refresh::worker(backend, args).await?),
     }
     .map_err(|e| Fail::error(format!("cannot write the worker report: {e}")))?;
     println!("{line}");

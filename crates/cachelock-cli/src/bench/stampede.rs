@@ -69,6 +69,7 @@ pub async fn run(global: &Global, args: StampedeArgs) -> Result<u8, Fail> {
         check: false,
         tasks: args.tasks,
         no_lock: args.no_lock,
+        spec: String::new(),
     };
     let bar = progress(args.procs as u64, &args.out, "workers done");
     let reports: Vec<WorkerReport> =

@@ -21,6 +21,7 @@ pub const WORKER_ARG: &str = "__bench-worker";
 pub enum Workload {
     Contended,
     Stampede,
+    Refresh,
 }
 
 /// Arguments of a worker (the backend URL comes through the environment).
@@ -53,6 +54,9 @@ pub struct WorkerArgs {
     /// Stampede: memoize without the lock.
     #[arg(long)]
     pub no_lock: bool,
+    /// Refresh: the workload's settings, as JSON.
+    #[arg(long, default_value = "")]
+    pub spec: String,
 }
 
 impl WorkerArgs {
@@ -62,6 +66,7 @@ impl WorkerArgs {
         let workload = match self.workload {
             Workload::Contended => "contended",
             Workload::Stampede => "stampede",
+            Workload::Refresh => "refresh",
         };
         let mut argv = vec![
             WORKER_ARG.to_owned(),
@@ -85,6 +90,10 @@ impl WorkerArgs {
         }
         if self.no_lock {
             argv.push("--no-lock".into());
+        }
+        if !self.spec.is_empty() {
+            argv.push("--spec".into());
+            argv.push(self.spec.clone());
         }
         argv
     }

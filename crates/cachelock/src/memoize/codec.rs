@@ -46,7 +46,10 @@ const FLAG_LZ4: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 1 << 1;
 const FLAG_STREAM: u8 = 1 << 2;
 const FLAG_LAST: u8 = 1 << 3;
-const KNOWN_FLAGS: u8 = FLAG_LZ4 | FLAG_ENCRYPTED | FLAG_STREAM | FLAG_LAST;
+/// A value's plaintext starts with a freshness envelope (set on every value
+/// written since; readers from before refuse the flag, a clean miss).
+const FLAG_ENVELOPE: u8 = 1 << 4;
+const KNOWN_FLAGS: u8 = FLAG_LZ4 | FLAG_ENCRYPTED | FLAG_STREAM | FLAG_LAST | FLAG_ENVELOPE;
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -199,6 +202,8 @@ pub(crate) struct ManifestBody {
 pub(crate) struct Manifest {
     pub(crate) body: ManifestBody,
     pub(crate) stream: bool,
+    /// The joined plaintext starts with an envelope.
+    pub(crate) enveloped: bool,
 }
 
 impl Manifest {
@@ -229,8 +234,13 @@ impl Manifest {
 /// A decoded item found under a value's key.
 #[derive(Debug)]
 pub(crate) enum Entry<'a> {
-    /// The whole plaintext, stored inline.
-    Inline { stream: bool, plain: Cow<'a, [u8]> },
+    /// The whole plaintext, stored inline (starting with an envelope if
+    /// `enveloped`).
+    Inline {
+        stream: bool,
+        enveloped: bool,
+        plain: Cow<'a, [u8]>,
+    },
     /// A manifest: the plaintext is in chunks.
     Manifest(Manifest),
 }
@@ -320,6 +330,13 @@ impl Codec {
         f
     }
 
+    /// The flags of a value's inline item or manifest: values carry an
+    /// envelope, streams do not.
+    fn value_flags(&self, compressed: bool, stream: bool) -> u8 {
+        let f = self.flags(compressed, stream);
+        if stream { f } else { f | FLAG_ENVELOPE }
+    }
+
     /// Builds one stored item: magic, version, `kind`, `flags`, the
     /// kind's `fields`, then `body` (sealed when encrypting: the whole
     /// header and the cache key are the associated data), then the checksum.
@@ -359,7 +376,7 @@ impl Codec {
     ) -> Result<Vec<u8>, Corrupt> {
         let plain_len = u32::try_from(plain.len()).map_err(|_| Corrupt("value too long"))?;
         let (body, compressed) = maybe_compress(self.compression, plain);
-        let flags = self.flags(compressed, stream);
+        let flags = self.value_flags(compressed, stream);
         let fields: [&[u8]; 1] = [&plain_len.to_le_bytes()];
         self.item(key, KIND_INLINE, flags, &fields, &body, INLINE_OVERHEAD)
     }
@@ -372,7 +389,7 @@ impl Codec {
         body: &ManifestBody,
     ) -> Result<Vec<u8>, Corrupt> {
         let fields = postcard::to_allocvec(body).map_err(|_| Corrupt("manifest encoding"))?;
-        let flags = self.flags(false, stream);
+        let flags = self.value_flags(false, stream);
         self.item(key, KIND_MANIFEST, flags, &[], &fields, INLINE_OVERHEAD)
     }
 
@@ -445,7 +462,9 @@ impl Codec {
                 }
                 let flags = content[4];
                 self.check_flags(flags)?;
-                if flags & FLAG_LAST != 0 {
+                if flags & FLAG_LAST != 0
+                    || (flags & FLAG_STREAM != 0 && flags & FLAG_ENVELOPE != 0)
+                {
                     return Err(Corrupt("unexpected flags"));
                 }
                 let plain_len = u32_at(content, 5)? as usize;
@@ -463,6 +482,7 @@ impl Codec {
                 };
                 Ok(Entry::Inline {
                     stream: flags & FLAG_STREAM != 0,
+                    enveloped: flags & FLAG_ENVELOPE != 0,
                     plain,
                 })
             }
@@ -470,7 +490,9 @@ impl Codec {
                 let content = checked_frame(raw, KIND_MANIFEST)?;
                 let flags = content[4];
                 self.check_flags(flags)?;
-                if flags & (FLAG_LAST | FLAG_LZ4) != 0 {
+                if flags & (FLAG_LAST | FLAG_LZ4) != 0
+                    || (flags & FLAG_STREAM != 0 && flags & FLAG_ENVELOPE != 0)
+                {
                     return Err(Corrupt("unexpected flags"));
                 }
                 let (header, body) = content.split_at(5);
@@ -482,6 +504,7 @@ impl Codec {
                 let m = Manifest {
                     body,
                     stream: flags & FLAG_STREAM != 0,
+                    enveloped: flags & FLAG_ENVELOPE != 0,
                 };
                 m.validate(max_value_size)?;
                 Ok(Entry::Manifest(m))
@@ -628,10 +651,14 @@ pub fn fuzz_decode(
         compression: Compression::Lz4,
         cipher: encryption_key.map(|k| Arc::new(Cipher::new(k))),
     };
-    let plain = match codec
+    let decoded = codec
         .decode_entry(key, entry, max_value_size)
-        .map_err(|c| c.0)?
-    {
+        .map_err(|c| c.0)?;
+    let enveloped = match &decoded {
+        Entry::Inline { enveloped, .. } => *enveloped,
+        Entry::Manifest(m) => m.enveloped,
+    };
+    let plain = match decoded {
         Entry::Inline { plain, .. } => plain.into_owned(),
         Entry::Manifest(m) => {
             let count = usize::try_from(m.body.chunk_count).map_err(|_| "too many chunks")?;
@@ -650,6 +677,15 @@ pub fn fuzz_decode(
             }
             out
         }
+    };
+    // The value's own plaintext follows its freshness envelope.
+    let plain = if enveloped {
+        match super::fresh::Envelope::decode(&plain) {
+            Some((_, body)) => body.to_vec(),
+            None => return Err("bad freshness envelope"),
+        }
+    } else {
+        plain
     };
     let mut frames = 0;
     let mut rest = plain.as_slice();
@@ -684,7 +720,9 @@ mod tests {
                 let c = codec(comp, key);
                 let raw = c.encode_inline("key", false, &plain).unwrap();
                 match c.decode_entry("key", &raw, 1 << 20).unwrap() {
-                    Entry::Inline { stream, plain: p } => {
+                    Entry::Inline {
+                        stream, plain: p, ..
+                    } => {
                         assert!(!stream);
                         assert_eq!(&*p, &plain[..]);
                     }

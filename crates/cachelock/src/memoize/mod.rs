@@ -60,12 +60,14 @@
 
 mod codec;
 mod flight;
+mod fresh;
 mod options;
 mod store;
 mod stream;
 mod wait;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -75,22 +77,25 @@ use crate::backend::SharedBackend;
 use crate::error::Error;
 use crate::handle::Inner;
 use crate::key::CacheKey;
-use crate::lock::Tasks;
+use crate::lock::{CacheLock, LockGuard, Tasks};
 
 /// For the `memoize_decode` fuzz target only; not part of the API.
 #[doc(hidden)]
 pub use codec::fuzz_decode;
 pub use codec::{CHUNK_OVERHEAD, Compression, FORMAT_VERSION, INLINE_OVERHEAD};
+pub use fresh::{ENVELOPE_OVERHEAD, Expiration, xfetch};
 pub use options::{DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRATION, OnLockFailure};
 pub use stream::MemoizeStream;
 
 pub(crate) use codec::{Cipher, Codec};
 pub(crate) use flight::Flights;
+pub(crate) use fresh::{Rng, side_key};
 pub(crate) use options::{Call, Config, MIN_CHUNK_SIZE};
 pub(crate) use stream::stream_with;
 
 use flight::{Flight, FlightOutcome, Joined};
-use store::store_plain;
+use fresh::{Envelope, FailureRecord, Fence, State, metric, now_ms};
+use store::Found;
 pub(crate) use store::{ReadOutcome, read_value, read_value_only};
 use wait::{LockWait, release, wait_for_lock};
 
@@ -113,6 +118,17 @@ pub enum MemoizeError<E> {
     /// done.
     #[error("memoize call refused: {0}")]
     Config(#[source] Error),
+    /// The compute failed recently, in this or another process, and its
+    /// failure record says so (or the retry budget of the failure window
+    /// is spent): nothing was computed. See
+    /// [`CacheBuilder::share_failures`](crate::CacheBuilder::share_failures).
+    #[error("computing the value for key {key:?} failed recently: {message}")]
+    Failed {
+        /// The full cache key of the value.
+        key: String,
+        /// What the record says (the compute error's type).
+        message: String,
+    },
     /// A cached stream turned out corrupt or incomplete after some of its
     /// items had already been handed out (only from streams).
     #[error("cached stream for key {key:?} could not be read to the end: {reason}")]
@@ -146,9 +162,16 @@ pub(crate) struct Ctx<'a> {
     pub(crate) call: &'a Call,
     pub(crate) tasks: &'a Tasks,
     pub(crate) key: String,
+    /// The key's version counter (soft invalidation, fencing).
+    pub(crate) version_key: String,
     pub(crate) codec: &'a Codec,
     /// Largest stored item: min(chunk_size, backend limit).
     pub(crate) limit: usize,
+    pub(crate) rng: &'a Rng,
+    /// The fence seen by the last read: the key's version and the
+    /// namespace generation.
+    seen_version: AtomicU64,
+    seen_generation: AtomicU64,
 }
 
 impl<'a> Ctx<'a> {
@@ -158,10 +181,38 @@ impl<'a> Ctx<'a> {
             config: &inner.config,
             call,
             tasks: &inner.tasks,
+            version_key: side_key(&key, "v"),
             key,
             codec: &inner.config.codec,
             limit: inner.config.limit,
+            rng: &inner.rng,
+            seen_version: AtomicU64::new(0),
+            seen_generation: AtomicU64::new(0),
         }
+    }
+
+    /// Records the fence a read saw.
+    pub(crate) fn see(&self, f: Fence) {
+        self.seen_version.store(f.version, Ordering::Relaxed);
+        self.seen_generation.store(f.generation, Ordering::Relaxed);
+    }
+
+    /// The fence the last read saw.
+    pub(crate) fn seen(&self) -> Fence {
+        Fence {
+            version: self.seen_version.load(Ordering::Relaxed),
+            generation: self.seen_generation.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether failure records apply to this call.
+    pub(crate) fn shares_failures(&self) -> bool {
+        self.call.fallible && self.config.failure_ttl.is_some()
+    }
+
+    /// The key of the value's failure record.
+    pub(crate) fn failure_key(&self) -> String {
+        side_key(&self.key, "f")
     }
 
     /// Plaintext bytes per chunk.
@@ -172,7 +223,7 @@ impl<'a> Ctx<'a> {
     /// TTL of chunks: the expiration plus a tenth of it (1 s to 5 min), so a
     /// manifest never outlives its chunks.
     pub(crate) fn chunk_ttl(&self) -> std::time::Duration {
-        let e = self.call.expiration;
+        let e = self.call.ttl();
         e.saturating_add((e / 10).clamp(
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(300),
@@ -187,6 +238,9 @@ pub(crate) enum Failure<E, F> {
     /// The lock could not be taken and the call says fail; the compute,
     /// which did not run, is handed back.
     Lock(Error, F),
+    /// A failure record says the compute failed within the failure window;
+    /// the compute, which did not run, is handed back.
+    Shared(String, String, F),
 }
 
 impl<E, F> Failure<E, F> {
@@ -194,8 +248,21 @@ impl<E, F> Failure<E, F> {
         match self {
             Failure::Compute(e) => MemoizeError::Compute(e),
             Failure::Lock(e, _) => MemoizeError::Lock(e),
+            Failure::Shared(key, message, _) => MemoizeError::Failed { key, message },
         }
     }
+}
+
+/// A value found past its fresh time, kept for serving stale.
+struct Old<T> {
+    value: T,
+    found: Found,
+}
+
+/// What a waiter's poll found.
+enum Polled<T> {
+    Value(T, Bytes),
+    Failed(FailureRecord),
 }
 
 /// Returns the value cached under `key`, or computes it with `compute`,
@@ -212,14 +279,108 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let ctx = Ctx::new(inner, call, inner.config.keys.build_key(key));
+    let mut old = None;
     if !call.force_overwrite {
         // The hit path: one read, nothing shared.
-        if let ReadOutcome::Hit(v, _) = first_read::<T>(&ctx).await {
+        match first_read::<T>(&ctx).await {
+            ReadOutcome::Hit(v, _) => {
+                metric::inc(metric::HIT);
+                return Ok(v);
+            }
+            ReadOutcome::Stale(value, found) => match found.state {
+                State::Early | State::Stale => {
+                    metric::inc(if found.state == State::Early {
+                        metric::HIT
+                    } else {
+                        metric::STALE_HIT
+                    });
+                    let old = Old { value, found };
+                    return Box::pin(refresh(inner, &ctx, key, call, compute, old)).await;
+                }
+                _ => old = Some(Old { value, found }),
+            },
+            _ => {}
+        }
+    }
+    metric::inc(metric::MISS);
+    // The miss path is boxed, so the hit path's future stays small.
+    Box::pin(miss(inner, &ctx, key, call, compute, old)).await
+}
+
+/// A stale (or early-refresh) hit: one refresher per process (single
+/// flight) and across processes (one non-blocking lock attempt) recomputes
+/// in this call; every other caller returns the old value at once.
+async fn refresh<T, E, F, Fut>(
+    inner: &Inner,
+    ctx: &Ctx<'_>,
+    key: &CacheKey,
+    call: &Call,
+    compute: F,
+    old: Old<T>,
+) -> Result<T, Failure<E, F>>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    metric::inc(metric::REFRESH_STARTED);
+    let flight = if inner.config.single_flight {
+        match inner.flights.join::<T>(&ctx.key) {
+            Joined::Leader(f) => Some(f),
+            Joined::Follower(_) => {
+                metric::inc(metric::REFRESH_LOST);
+                return Ok(old.value);
+            }
+        }
+    } else {
+        None
+    };
+    let mut guard = None;
+    if let Some(lock_options) = ctx.config.lock.as_ref() {
+        let lock = CacheLock::from_parts(
+            ctx.cache.clone(),
+            ctx.config.lock_key(key, call),
+            lock_options.clone(),
+            ctx.tasks.clone(),
+        );
+        match lock.try_acquire().await {
+            Ok(g) => guard = Some(g),
+            Err(e) => {
+                if !e.is_held() {
+                    tracing::warn!(key = %ctx.key, error = %e, "could not try the refresh lock; serving the stale value");
+                }
+                metric::inc(metric::REFRESH_LOST);
+                return Ok(old.value);
+            }
+        }
+        if old.found.state == State::Stale
+            && let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx).await
+        {
+            // Another process refreshed it meanwhile.
+            release(guard, &ctx.key).await;
+            Flight::finish(flight, FlightOutcome::Done(plain));
+            metric::inc(metric::REFRESH_LOST);
             return Ok(v);
         }
     }
-    // The miss path is boxed, so the hit path's future stays small.
-    Box::pin(miss(inner, &ctx, key, call, compute)).await
+    let prior = read_failure(ctx).await;
+    if prior
+        .as_ref()
+        .is_some_and(|r| r.attempts > ctx.config.failure_retries)
+    {
+        release(guard, &ctx.key).await;
+        metric::inc(metric::FAILURE_SERVED);
+        return Ok(old.value);
+    }
+    metric::inc(metric::REFRESH_WON);
+    let delta = Some(old.found.env.delta_ms);
+    match compute_store(ctx, compute, guard, flight, delta, prior.is_some()).await {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            tracing::warn!(key = %ctx.key, "refreshing a stale value failed; serving the stale value");
+            Ok(old.value)
+        }
+    }
 }
 
 /// After a miss (or for a forced overwrite): single flight, then lead.
@@ -229,49 +390,54 @@ async fn miss<T, E, F, Fut>(
     key: &CacheKey,
     call: &Call,
     compute: F,
+    old: Option<Old<T>>,
 ) -> Result<T, Failure<E, F>>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    if call.force_overwrite {
-        return lead(ctx, key, compute, None, true).await;
-    }
-    if !inner.config.single_flight {
-        return lead(ctx, key, compute, None, true).await;
+    if call.force_overwrite || !inner.config.single_flight {
+        return lead(ctx, key, compute, None, true, old).await;
     }
     // One attempt per handle: the leader computes (under the lock); the
     // others wait for it and decode what it found.
     let mut retries = 0;
     loop {
         match inner.flights.join::<T>(&ctx.key) {
-            Joined::Leader(flight) => return lead(ctx, key, compute, Some(flight), true).await,
+            Joined::Leader(flight) => {
+                return lead(ctx, key, compute, Some(flight), true, old).await;
+            }
             Joined::Follower(waiter) => match waiter.wait().await {
                 FlightOutcome::Done(plain) => match store::decode_value::<T>(&plain) {
                     Ok(v) => return Ok(v),
-                    Err(_) => return lead(ctx, key, compute, None, true).await,
+                    Err(_) => return lead(ctx, key, compute, None, true, old).await,
                 },
                 // The leader was dropped: try again, a few times.
                 FlightOutcome::Retry => {
                     retries += 1;
                     if retries > flight::MAX_RETRIES {
                         tracing::debug!(key = %ctx.key, "memoize leaders kept going away; going on alone");
-                        return lead(ctx, key, compute, None, true).await;
+                        return lead(ctx, key, compute, None, true, old).await;
                     }
                 }
                 FlightOutcome::ComputeFailed => {
                     if let ReadOutcome::Hit(v, _) = read_value::<T>(ctx).await {
                         return Ok(v);
                     }
-                    return lead(ctx, key, compute, None, true).await;
+                    // The leader's failure is shared: no compute of our own.
+                    if let Some(rec) = read_failure(ctx).await {
+                        return shared(ctx, rec, old, compute);
+                    }
+                    return lead(ctx, key, compute, None, true, old).await;
                 }
                 // The leader waited for the lock in vain, as long as we
                 // would have: do what our own call says.
                 FlightOutcome::LockFailed(failure) => {
-                    return match call.on_lock_failure {
-                        OnLockFailure::Fail => Err(Failure::Lock(failure.to_error(), compute)),
-                        OnLockFailure::ComputeAnyway => lead(ctx, key, compute, None, false).await,
+                    return match (call.on_lock_failure, old) {
+                        (OnLockFailure::Fail, _) => Err(Failure::Lock(failure.to_error(), compute)),
+                        (OnLockFailure::ServeStale, Some(o)) => Ok(o.value),
+                        (_, old) => lead(ctx, key, compute, None, false, old).await,
                     };
                 }
             },
@@ -296,6 +462,7 @@ async fn lead<T, E, F, Fut>(
     compute: F,
     flight: Option<Flight>,
     locked: bool,
+    old: Option<Old<T>>,
 ) -> Result<T, Failure<E, F>>
 where
     T: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -303,15 +470,26 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut guard = None;
+    let sharing = ctx.shares_failures();
     if let Some(lock_options) = ctx.config.lock.as_ref().filter(|_| locked) {
         let lock_key = ctx.config.lock_key(key, ctx.call);
+        let wait_start = now_ms();
+        let started = tokio::time::Instant::now();
         let polled = wait_for_lock(ctx, lock_options, lock_key, || async {
             match read_value::<T>(ctx).await {
-                ReadOutcome::Hit(v, plain) => Some((v, plain)),
+                ReadOutcome::Hit(v, plain) => Some(Polled::Value(v, plain)),
+                _ if sharing => read_failure(ctx)
+                    .await
+                    .filter(|r| r.last_ms >= wait_start)
+                    .map(Polled::Failed),
                 _ => None,
             }
         })
         .await;
+        if !matches!(polled, LockWait::Acquired(_)) {
+            metric::inc(metric::WAITS);
+            metrics::histogram!(metric::WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        }
         match polled {
             LockWait::Acquired(g) => {
                 if !ctx.call.force_overwrite {
@@ -324,26 +502,103 @@ where
                 }
                 guard = Some(g);
             }
-            LockWait::Value((v, plain)) => {
+            LockWait::Value(Polled::Value(v, plain)) => {
                 Flight::finish(flight, FlightOutcome::Done(plain));
                 return Ok(v);
             }
+            LockWait::Value(Polled::Failed(rec)) => {
+                Flight::finish(flight, FlightOutcome::ComputeFailed);
+                return shared(ctx, rec, old, compute);
+            }
             LockWait::Without => {}
             LockWait::Fail(e) => {
-                if let Some(failure) = flight::LockFailure::from_error(&e) {
-                    Flight::finish(flight, FlightOutcome::LockFailed(failure));
+                if ctx.call.on_lock_failure == OnLockFailure::ServeStale {
+                    if let Some(o) = old {
+                        return Ok(o.value);
+                    }
+                    // Nothing old to serve: compute without the lock.
+                } else {
+                    if let Some(failure) = flight::LockFailure::from_error(&e) {
+                        Flight::finish(flight, FlightOutcome::LockFailed(failure));
+                    }
+                    return Err(Failure::Lock(e, compute));
                 }
-                return Err(Failure::Lock(e, compute));
             }
         }
     }
+    if ctx.call.force_overwrite {
+        // No read came before: take the fence now.
+        if let Some(f) = store::read_fence(ctx).await {
+            ctx.see(f);
+        }
+    }
+    // The retry budget: at most 1 + N computes per failure window.
+    let prior = read_failure(ctx).await;
+    if let Some(rec) = prior
+        .as_ref()
+        .filter(|r| r.attempts > ctx.config.failure_retries)
+    {
+        release(guard, &ctx.key).await;
+        Flight::finish(flight, FlightOutcome::ComputeFailed);
+        return shared(ctx, rec.clone(), old, compute);
+    }
+    let delta = old.as_ref().map(|o| o.found.env.delta_ms);
+    match compute_store(ctx, compute, guard, flight, delta, prior.is_some()).await {
+        Ok(v) => Ok(v),
+        Err(e) => match old {
+            Some(o) if o.found.within_error_window() => {
+                tracing::warn!(key = %ctx.key, "compute failed; serving the stale value (stale-if-error)");
+                Ok(o.value)
+            }
+            _ => Err(Failure::Compute(e)),
+        },
+    }
+}
 
-    let value = match compute().await {
+/// Serves a shared failure: the old value within its stale-if-error
+/// window, else the typed error.
+fn shared<T, E, F>(
+    ctx: &Ctx<'_>,
+    rec: FailureRecord,
+    old: Option<Old<T>>,
+    compute: F,
+) -> Result<T, Failure<E, F>> {
+    metric::inc(metric::FAILURE_SERVED);
+    match old {
+        Some(o) if o.found.within_error_window() => Ok(o.value),
+        _ => Err(Failure::Shared(ctx.key.clone(), rec.message, compute)),
+    }
+}
+
+/// Computes, then (unless the fence moved) stores the value with its
+/// envelope, releases the lock and publishes to the flight. A failed
+/// compute writes a failure record (if the handle shares failures).
+async fn compute_store<T, E, F, Fut>(
+    ctx: &Ctx<'_>,
+    compute: F,
+    mut guard: Option<LockGuard>,
+    flight: Option<Flight>,
+    old_delta: Option<u32>,
+    had_failure: bool,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    // The fence as seen before the compute starts.
+    let fence = ctx.seen();
+    let started = tokio::time::Instant::now();
+    let result = compute().await;
+    let took = started.elapsed();
+    metrics::histogram!(metric::COMPUTE_SECONDS).record(took.as_secs_f64());
+    let value = match result {
         Ok(v) => v,
         Err(e) => {
+            write_failure::<E>(ctx).await;
             release(guard, &ctx.key).await;
             Flight::finish(flight, FlightOutcome::ComputeFailed);
-            return Err(Failure::Compute(e));
+            return Err(e);
         }
     };
     match postcard::to_allocvec(&value) {
@@ -351,7 +606,27 @@ where
             // The waiters of this handle need not wait for the store.
             let plain = Bytes::from(plain);
             Flight::finish(flight, FlightOutcome::Done(plain.clone()));
-            store_plain(ctx, &plain, guard.as_mut()).await;
+            // Fenced write-back: an invalidation during the compute means
+            // the value is old; it is not stored. (Readers check the fence
+            // too, so a write racing an invalidation is never fresh.)
+            // (An unreadable fence does not stop the write: readers check it.)
+            match store::read_fence(ctx).await {
+                Some(now) if now != fence => {
+                    tracing::debug!(key = %ctx.key, "the value was invalidated during the compute; not storing it");
+                }
+                _ => {
+                    let env = Envelope::new(
+                        &ctx.call.expiration,
+                        now_ms(),
+                        Envelope::next_delta(old_delta, took),
+                        fence,
+                    );
+                    store::store_value(ctx, &env, &plain, guard.as_mut()).await;
+                    if had_failure && let Err(e) = ctx.cache.delete(&ctx.failure_key()).await {
+                        tracing::warn!(key = %ctx.key, error = %e, "could not delete the failure record");
+                    }
+                }
+            }
             release(guard, &ctx.key).await;
         }
         Err(e) => {
@@ -361,4 +636,62 @@ where
         }
     }
     Ok(value)
+}
+
+/// The failure record of the value, if the call shares failures and one
+/// is stored.
+async fn read_failure(ctx: &Ctx<'_>) -> Option<FailureRecord> {
+    if !ctx.shares_failures() {
+        return None;
+    }
+    match ctx.cache.get(&ctx.failure_key()).await {
+        Ok(Some(raw)) => postcard::from_bytes(&raw).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(key = %ctx.key, error = %e, "could not read the failure record");
+            None
+        }
+    }
+}
+
+/// Writes (or counts up) the failure record after a failed compute.
+async fn write_failure<E>(ctx: &Ctx<'_>) {
+    let Some(ttl) = ctx.config.failure_ttl.filter(|_| ctx.shares_failures()) else {
+        return;
+    };
+    let now = now_ms();
+    let window = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    let rec = match read_failure(ctx).await {
+        Some(p) if now < p.first_ms.saturating_add(window) => FailureRecord {
+            attempts: p.attempts.saturating_add(1),
+            last_ms: now,
+            ..p
+        },
+        _ => FailureRecord {
+            message: format!("the compute failed with a {}", std::any::type_name::<E>()),
+            attempts: 1,
+            first_ms: now,
+            last_ms: now,
+        },
+    };
+    let left = rec
+        .first_ms
+        .saturating_add(window)
+        .saturating_sub(now)
+        .max(1);
+    let Ok(bytes) = postcard::to_allocvec(&rec) else {
+        return;
+    };
+    match ctx
+        .cache
+        .set(
+            &ctx.failure_key(),
+            &bytes,
+            std::time::Duration::from_millis(left),
+        )
+        .await
+    {
+        Ok(()) => metric::inc(metric::FAILURE_WRITTEN),
+        Err(e) => tracing::warn!(key = %ctx.key, error = %e, "could not write the failure record"),
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use rand::RngExt;
 
 use super::codec::{self, Codec};
+use super::fresh::Expiration;
 use crate::error::Error;
 use crate::key::{CacheKey, KeyBuilder};
 use crate::lock::{LockOptions, check_duration};
@@ -32,6 +33,11 @@ pub enum OnLockFailure {
     /// Return [`MemoizeError::Lock`](super::MemoizeError::Lock) without
     /// computing.
     Fail,
+    /// Return the old value if one is still stored (stale, or expired but
+    /// within its backend TTL): never an error, never a second compute.
+    /// With no old value, compute without the lock, as
+    /// [`ComputeAnyway`](Self::ComputeAnyway).
+    ServeStale,
 }
 
 /// A handle's memoize settings, validated once.
@@ -39,7 +45,13 @@ pub enum OnLockFailure {
 pub(crate) struct Config {
     /// Builds full keys (with the encryption key as the secret, if any).
     pub(crate) keys: KeyBuilder,
-    pub(crate) expiration: Duration,
+    pub(crate) expiration: Expiration,
+    /// The namespace generation counter ([`Cache::invalidate_all`](crate::Cache::invalidate_all)).
+    pub(crate) generation_key: String,
+    /// Failure records: their TTL (the failure window), if shared.
+    pub(crate) failure_ttl: Option<Duration>,
+    /// Computes allowed per failure window beyond the first.
+    pub(crate) failure_retries: u32,
     pub(crate) codec: Codec,
     /// The lock taken around a miss, if any.
     pub(crate) lock: Option<LockOptions>,
@@ -59,8 +71,11 @@ impl Config {
     /// or over [`MAX_DURATION`](crate::MAX_DURATION), the jitter is not a
     /// fraction, or the item limit is under [`MIN_CHUNK_SIZE`].
     pub(crate) fn validate(&self) -> crate::Result<()> {
-        check_duration("memoize expiration", self.expiration, false)?;
+        self.expiration.validate()?;
         check_duration("memoize poll interval", self.poll_interval, false)?;
+        if let Some(t) = self.failure_ttl {
+            check_duration("failure record TTL", t, false)?;
+        }
         if !(0.0..=1.0).contains(&self.poll_jitter) {
             return Err(Error::InvalidConfig(format!(
                 "the poll jitter must be a fraction between 0 and 1, not {}",
@@ -105,7 +120,9 @@ impl Config {
 /// What one call may override.
 #[derive(Debug, Clone)]
 pub(crate) struct Call {
-    pub(crate) expiration: Duration,
+    pub(crate) expiration: Expiration,
+    /// The compute can fail (`try_get_with`): failure records apply.
+    pub(crate) fallible: bool,
     pub(crate) force_overwrite: bool,
     pub(crate) on_lock_failure: OnLockFailure,
     pub(crate) lock_key: Option<String>,
@@ -118,11 +135,17 @@ impl Call {
     pub(crate) fn new(config: &Config) -> Self {
         Self {
             expiration: config.expiration,
+            fallible: true,
             force_overwrite: false,
             on_lock_failure: OnLockFailure::ComputeAnyway,
             lock_key: None,
             checked: true,
         }
+    }
+
+    /// The backend TTL of the value.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.expiration.hard_ttl()
     }
 
     /// Checks what the call overrode (the handle's own settings were
@@ -131,7 +154,7 @@ impl Call {
         if self.checked {
             return Ok(());
         }
-        check_duration("memoize expiration", self.expiration, false)?;
+        self.expiration.validate()?;
         if self.lock_key.as_deref() == Some("") {
             return Err(Error::InvalidConfig(
                 "the lock key must not be empty".into(),

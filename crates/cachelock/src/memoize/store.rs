@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 
 use super::Ctx;
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest, ManifestBody};
+use super::fresh::{Envelope, Fence, State, classify, now_ms};
 use crate::lock::LockGuard;
 
 /// The most chunks one memoize read fetches (in one `get_many`). A manifest
@@ -22,14 +23,36 @@ pub(crate) const BATCH_BYTES: usize = 8 << 20;
 
 /// What a read found.
 pub(crate) enum ReadOutcome<T> {
-    /// The decoded value, and its plaintext (postcard) bytes (shared with
+    /// A fresh value, and its plaintext (postcard) bytes (shared with
     /// the stored item when it is stored plainly: no copy).
     Hit(T, Bytes),
-    /// Nothing stored.
+    /// A value that is not plainly fresh (see [`State`]): early refresh,
+    /// stale, or expired but kept for stale-if-error.
+    Stale(T, Found),
+    /// Nothing stored (or another namespace generation).
     Miss,
     /// Something stored but unusable (corrupt, foreign, undecodable), or
     /// the read failed. Already logged.
     Unusable,
+}
+
+/// The envelope of a value that is not plainly fresh, and its state.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Found {
+    pub(crate) env: Envelope,
+    pub(crate) state: State,
+}
+
+impl Found {
+    /// Whether a plain read may hand it out (not past its stale window).
+    pub(crate) fn servable(&self) -> bool {
+        self.state != State::Expired
+    }
+
+    /// Whether stale-if-error still allows serving it.
+    pub(crate) fn within_error_window(&self) -> bool {
+        now_ms() < self.env.error_until_ms.max(self.env.stale_until_ms)
+    }
 }
 
 /// Decodes a single value's plaintext; trailing bytes are an error.
@@ -56,44 +79,132 @@ pub(crate) async fn read_value_only<T: DeserializeOwned>(ctx: &Ctx<'_>) -> ReadO
     read(ctx, false).await
 }
 
+/// Parses a decimal counter (absent or unreadable: 0).
+fn counter(raw: Option<&Bytes>) -> u64 {
+    raw.and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads the fence (the key's version and the namespace generation) alone.
+pub(crate) async fn read_fence(ctx: &Ctx<'_>) -> Option<Fence> {
+    match ctx
+        .cache
+        .get_many(&[&ctx.version_key, &ctx.config.generation_key])
+        .await
+    {
+        Ok(found) if found.len() == 2 => Some(Fence {
+            version: counter(found[0].as_ref()),
+            generation: counter(found[1].as_ref()),
+        }),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::error!(key = %ctx.key, error = %e, "could not read the memoize fence");
+            None
+        }
+    }
+}
+
 async fn read<T: DeserializeOwned>(ctx: &Ctx<'_>, keep_plain: bool) -> ReadOutcome<T> {
-    let raw = match ctx.cache.get(&ctx.key).await {
-        Ok(Some(raw)) => raw,
-        Ok(None) => return ReadOutcome::Miss,
+    // One round trip: the value, its version and the namespace generation.
+    let keys = [
+        ctx.key.as_str(),
+        ctx.version_key.as_str(),
+        ctx.config.generation_key.as_str(),
+    ];
+    let (raw, fence) = match ctx.cache.get_many(&keys).await {
+        Ok(mut found) if found.len() == 3 => {
+            let fence = Fence {
+                version: counter(found[1].as_ref()),
+                generation: counter(found[2].as_ref()),
+            };
+            ctx.see(fence);
+            match found.swap_remove(0) {
+                Some(raw) => (raw, fence),
+                None => return ReadOutcome::Miss,
+            }
+        }
+        Ok(_) => {
+            tracing::error!(key = %ctx.key, "backend returned the wrong number of values");
+            return ReadOutcome::Unusable;
+        }
         Err(e) => {
             tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
             return ReadOutcome::Unusable;
         }
     };
-    let plain = match ctx
-        .codec
-        .decode_entry(&ctx.key, &raw, ctx.cache.max_value_size())
-    {
-        Ok(Entry::Inline {
-            stream: false,
-            plain,
-        }) => match decode_value::<T>(&plain) {
-            Ok(v) => {
-                let plain = match plain {
-                    _ if !keep_plain => Bytes::new(),
-                    Cow::Borrowed(s) => sub_bytes(&raw, s),
-                    Cow::Owned(v) => Bytes::from(v),
+    let decoded: Result<(T, Bytes, Option<Envelope>), Corrupt> =
+        match ctx
+            .codec
+            .decode_entry(&ctx.key, &raw, ctx.cache.max_value_size())
+        {
+            Ok(Entry::Inline {
+                stream: false,
+                enveloped,
+                plain,
+            }) => split(enveloped, &plain).and_then(|(env, body)| {
+                let v = decode_value::<T>(body)?;
+                let plain = if !keep_plain {
+                    Bytes::new()
+                } else {
+                    match &plain {
+                        Cow::Borrowed(s) => sub_bytes(&raw, &s[s.len() - body.len()..]),
+                        Cow::Owned(_) => Bytes::copy_from_slice(body),
+                    }
                 };
-                return ReadOutcome::Hit(v, plain);
-            }
+                Ok((v, plain, env))
+            }),
+            Ok(Entry::Manifest(m)) if !m.stream => read_chunks(ctx, &m).await.and_then(|p| {
+                let (env, body) = split(m.enveloped, &p)?;
+                let v = decode_value::<T>(body)?;
+                Ok((v, Bytes::copy_from_slice(body), env))
+            }),
+            Ok(_) => Err(Corrupt("a stream is stored under this key, not a value")),
             Err(c) => Err(c),
-        },
-        Ok(Entry::Manifest(m)) if !m.stream => read_chunks(ctx, &m).await,
-        Ok(_) => Err(Corrupt("a stream is stored under this key, not a value")),
-        Err(c) => Err(c),
-    };
-    let result = plain.and_then(|p| decode_value::<T>(&p).map(|v| (v, p)));
-    match result {
-        Ok((v, p)) => ReadOutcome::Hit(v, Bytes::from(p)),
+        };
+    match decoded {
+        Ok((v, p, env)) => {
+            let env = env.unwrap_or_default();
+            // Entries from before envelopes: fresh until the backend
+            // expires them (unless invalidated since).
+            let env = if env == Envelope::default() {
+                Envelope {
+                    fresh_until_ms: u64::MAX,
+                    stale_until_ms: u64::MAX,
+                    error_until_ms: u64::MAX,
+                    ..env
+                }
+            } else {
+                env
+            };
+            let state = classify(
+                &env,
+                now_ms(),
+                fence,
+                ctx.call.expiration.early_refresh_beta(),
+                || ctx.rng.unit(),
+            );
+            match state {
+                State::Fresh => ReadOutcome::Hit(v, p),
+                State::Gone => ReadOutcome::Miss,
+                state => ReadOutcome::Stale(v, Found { env, state }),
+            }
+        }
         Err(c) => {
             log_corrupt(&ctx.key, &c);
             ReadOutcome::Unusable
         }
+    }
+}
+
+/// Splits the envelope off an enveloped plaintext.
+fn split(enveloped: bool, plain: &[u8]) -> Result<(Option<Envelope>, &[u8]), Corrupt> {
+    if !enveloped {
+        return Ok((None, plain));
+    }
+    match Envelope::decode(plain) {
+        Some((env, body)) => Ok((Some(env), body)),
+        None => Err(Corrupt("bad freshness envelope")),
     }
 }
 
@@ -197,16 +308,27 @@ async fn fetch_raw(
     Ok(found.into_iter().flatten().collect())
 }
 
-/// Stores a single value's plaintext: inline if it fits, else chunks and a
-/// manifest. Failures are logged.
-pub(crate) async fn store_plain(ctx: &Ctx<'_>, plain: &[u8], guard: Option<&mut LockGuard>) {
+/// Stores a single value's plaintext behind its envelope: inline if it
+/// fits, else chunks and a manifest. Failures are logged.
+pub(crate) async fn store_value(
+    ctx: &Ctx<'_>,
+    env: &Envelope,
+    value: &[u8],
+    guard: Option<&mut LockGuard>,
+) {
+    let mut buf = Vec::with_capacity(super::fresh::ENVELOPE_LEN + value.len());
+    env.encode(&mut buf);
+    buf.extend_from_slice(value);
+    let plain = &buf[..];
+    metrics::counter!(super::fresh::metric::BYTES_PLAIN).increment(plain.len() as u64);
     let try_inline = plain.len() + INLINE_OVERHEAD <= ctx.limit
         || (ctx.codec.compression != codec::Compression::None
             && plain.len() <= ctx.limit.saturating_mul(4));
     if try_inline {
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
             Ok(item) if item.len() <= ctx.limit => {
-                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
+                metrics::counter!(super::fresh::metric::BYTES_STORED).increment(item.len() as u64);
+                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
                     tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                 }
                 return;
@@ -379,7 +501,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
+        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
             return false;
         }
@@ -392,7 +514,7 @@ impl ChunkWriter {
         let Some(first) = self.first_write else {
             return;
         };
-        let margin = ctx.chunk_ttl() - ctx.call.expiration;
+        let margin = ctx.chunk_ttl() - ctx.call.ttl();
         if first.elapsed() < margin / 2 {
             return;
         }

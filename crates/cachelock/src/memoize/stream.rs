@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest};
+use super::options::OnLockFailure;
 use super::store::{BATCH_BYTES, ChunkWriter, fetch_chunks, log_corrupt};
 use super::{Call, Ctx, LockWait, MemoizeError, release, wait_for_lock};
 use crate::handle::Cache;
@@ -351,6 +352,9 @@ where
                     return Ok(());
                 }
                 LockWait::Without => {}
+                // Streams keep no stale copy: serving stale means going on
+                // without the lock.
+                LockWait::Fail(_) if self.call.on_lock_failure == OnLockFailure::ServeStale => {}
                 LockWait::Fail(e) => return Err(MemoizeError::Lock(e)),
             }
         }
@@ -382,6 +386,7 @@ async fn read_stream(ctx: &Ctx<'_>) -> Option<HitReader> {
         Ok(Entry::Inline {
             stream: true,
             plain,
+            ..
         }) => Ok(HitReader::inline(plain.into_owned())),
         Ok(Entry::Manifest(m)) if m.stream => HitReader::open(ctx, m).await,
         Ok(_) => Err(Corrupt(
@@ -450,7 +455,7 @@ impl<T: Serialize, E> Fresh<T, E> {
             if writer.chunk_count() == 0 && self.buf.len() + INLINE_OVERHEAD <= ctx.limit {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.expiration).await {
+                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
                             tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
                         }
                     }

@@ -68,7 +68,7 @@ where
                 tracing::error!(key = %ctx.key, lock = %lock.key(), error = %e, "could not take the distributed cache lock");
             }
             return match ctx.call.on_lock_failure {
-                OnLockFailure::Fail => LockWait::Fail(e),
+                OnLockFailure::Fail | OnLockFailure::ServeStale => LockWait::Fail(e),
                 OnLockFailure::ComputeAnyway => LockWait::Without,
             };
         }

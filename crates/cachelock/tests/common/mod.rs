@@ -41,6 +41,7 @@ pub fn unique_key(name: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+pub mod freshness_cases;
 pub mod memoize_cases;
 pub mod opts;
 pub mod stampede;

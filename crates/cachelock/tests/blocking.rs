@@ -101,9 +101,12 @@ fn lock_acquire_release_and_contention() {
         .unwrap()
         .unwrap();
     assert_eq!(stored.as_deref(), Some(guard.token().as_bytes()));
-    // Held: a try fails, a timed wait times out, also from another thread.
-    assert!(lock.try_acquire().unwrap_err().is_held());
-    let other = lock.clone();
+    // Held by this very lock: an error at once (issue 11), not a wait.
+    assert!(lock.try_acquire().unwrap_err().is_already_held());
+    // Held: another lock's try fails, a timed wait times out, also from
+    // another thread.
+    let other = blocking::CacheLock::new(b.clone(), k.as_str(), LockOptions::new()).unwrap();
+    assert!(other.try_acquire().unwrap_err().is_held());
     let waited = std::thread::spawn(move || {
         let start = Instant::now();
         let e = other
@@ -121,7 +124,8 @@ fn lock_acquire_release_and_contention() {
     assert_eq!(out.value, 5);
     // forget: the key stays until its lease runs out.
     lock.try_acquire().unwrap().forget();
-    assert!(lock.try_acquire().unwrap_err().is_held());
+    let other = blocking::CacheLock::new(b.clone(), k.as_str(), LockOptions::new()).unwrap();
+    assert!(other.try_acquire().unwrap_err().is_held());
 }
 
 #[test]

@@ -666,7 +666,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         rig.kill();
         assert!(g.extend(None).await.is_err());
         assert!(g.release().await.is_err());
-        let r = l.with_lock(|| async {}).await;
+        let r = l.with_lock(|_| async {}).await;
         assert!(r.is_err());
         rig.spawn();
         assert_recovers(&b).await;

@@ -346,7 +346,7 @@ pub async fn with_lock_releases(b: SharedBackend) {
     let l = lock(&b, &key, LockOptions::default());
     let (b2, k2) = (b.clone(), key.clone());
     let out = l
-        .with_lock(|| async move { held_by(&b2, &k2).await })
+        .with_lock(|_| async move { held_by(&b2, &k2).await })
         .await
         .unwrap();
     assert!(out.held_throughout(), "{out:?}");
@@ -369,7 +369,7 @@ pub async fn with_lock_reports_an_overrun(b: SharedBackend) {
     );
     let (logs, _g) = logs::capture();
     let out = l
-        .with_lock(|| async {
+        .with_lock(|_| async {
             tokio::time::sleep(Duration::from_millis(1_300)).await;
             7
         })

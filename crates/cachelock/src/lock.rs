@@ -16,6 +16,29 @@
 //! cachelock finds that a lease was lost (on [`LockGuard::extend`] or
 //! [`LockGuard::release`]) it says so: the call reports it and a `WARN` event
 //! is logged.
+//!
+//! # Keep-alive, the loss signal and the safety margin
+//!
+//! * The holder trusts its lease until `lease − margin` after the add was
+//!   sent ([`LockOptions::safety_margin`], default 1 % of the lease); the
+//!   server's TTL is the whole lease.
+//! * [`LockGuard::keep_alive`] renews the lease in the background
+//!   (owner-checked, every third of the lease) until release, drop, loss or
+//!   [`LockOptions::max_hold`]; no renewal is sent after the release began.
+//! * [`LockGuard::lost`] gives a [`Lost`] future that completes when the
+//!   lease is known lost or its deadline passed without a renewal.
+//!   [`CacheLock::with_lock`] keeps the lease alive and passes it to the
+//!   closure.
+//!
+//! None of these makes the lock hard: an evicted key is found at the next
+//! renewal, not prevented, and a process paused past its margin can still
+//! overlap with the next holder.
+//!
+//! # Metrics and spans
+//!
+//! Counters and histograms go to the [`metrics`] facade (names in
+//! [`metrics_names`]); spans `cachelock.acquire`, `cachelock.hold` and
+//! `cachelock.release` carry the key. The token is logged only at `DEBUG`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -259,9 +282,12 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A distributed lock on one cache key.
 ///
-/// A `CacheLock` is a description of the lock (backend, key, settings); it
-/// can be shared and used by many tasks at once. Each successful acquire
-/// returns its own [`LockGuard`] with its own token. Get one from
+/// A `CacheLock` is a description of the lock (backend, key, settings).
+/// Each successful acquire returns its own [`LockGuard`] with its own token.
+/// While one of its guards is alive, acquiring through the same
+/// `CacheLock` (or a clone) is [`Error::AlreadyHeld`] at once, not a wait
+/// on ourselves: tasks that should exclude each other each take their own
+/// (`cache.lock(key)` is cheap). Get one from
 /// [`Cache::lock`](crate::Cache::lock), or, without a handle, from
 /// [`CacheLock::new`].
 ///
@@ -392,6 +418,8 @@ impl CacheLock {
     ///
     /// # Errors
     ///
+    /// * [`Error::AlreadyHeld`] if and only if a guard of this `CacheLock`
+    ///   (or a clone) is alive; nothing is sent;
     /// * [`Error::TimedOut`] if and only if a `max_wait` is set and it passed;
     /// * [`Error::Backend`] if the first attempt failed, if the backend
     ///   failed for another reason than being unavailable, or if it was
@@ -418,6 +446,7 @@ impl CacheLock {
     /// # Errors
     ///
     /// [`Error::Held`] if and only if someone else holds the lock;
+    /// [`Error::AlreadyHeld`] as for [`acquire`](Self::acquire);
     /// [`Error::Backend`] if the backend failed.
     ///
     /// # Cancel safety
@@ -434,7 +463,8 @@ impl CacheLock {
     /// # Errors
     ///
     /// [`Error::TimedOut`] if and only if the timeout passed;
-    /// [`Error::Backend`] as for [`acquire`](Self::acquire).
+    /// [`Error::AlreadyHeld`] and [`Error::Backend`] as for
+    /// [`acquire`](Self::acquire).
     ///
     /// # Cancel safety
     ///

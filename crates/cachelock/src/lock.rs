@@ -1318,10 +1318,6 @@ async fn release_locked(
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
     let state = shared.snapshot();
-    if state.lost {
-        tracing::warn!(%key, "cache lock lease was lost before release; nothing was deleted");
-        return Ok(Released::Lost);
-    }
     if state.valid_until.is_some_and(|d| Instant::now() >= d) {
         shared.mark_lost();
         tracing::warn!(
@@ -1330,6 +1326,10 @@ async fn release_locked(
              nothing was deleted"
         );
         return Ok(Released::Expired);
+    }
+    if state.lost {
+        tracing::warn!(%key, "cache lock lease was lost before release; nothing was deleted");
+        return Ok(Released::Lost);
     }
     match backend.delete_if_eq(key, token.as_bytes(), lease).await? {
         TokenCheck::Matched => {

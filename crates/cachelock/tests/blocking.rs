@@ -243,3 +243,20 @@ fn server_env(var: &str) -> String {
         ),
     }
 }
+
+/// Issue 11: the blocking guard's keep-alive runs on cachelock's runtime,
+/// so a blocking holder keeps its lock past the lease.
+#[test]
+fn keep_alive_renews_a_blocking_guard() {
+    let b = backend();
+    let k = key("keep-alive");
+    let opts = LockOptions::new().lease(Duration::from_millis(300));
+    let lock = blocking::CacheLock::new(b.clone(), k.as_str(), opts.clone()).unwrap();
+    let guard = lock.acquire().unwrap();
+    guard.keep_alive();
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(!guard.is_lost());
+    let other = blocking::CacheLock::new(b.clone(), k.as_str(), opts).unwrap();
+    assert!(other.try_acquire().unwrap_err().is_held());
+    assert_eq!(guard.release().unwrap(), cachelock::Released::Released);
+}

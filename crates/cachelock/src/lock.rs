@@ -716,8 +716,9 @@ pub enum Released {
     /// the lock may already belong to someone else. Logged as `WARN`.
     Expired,
     /// The key was gone or held another token: the lease had been lost
-    /// (evicted, expired on the server, or the server restarted). Nothing was
-    /// deleted. Logged as `WARN`.
+    /// (evicted, expired on the server, or the server restarted), found now
+    /// or earlier by a renewal (then the cache is not touched again).
+    /// Nothing was deleted. Logged as `WARN`.
     Lost,
 }
 

@@ -228,9 +228,12 @@ fn through_real_memcached() {
         assert_eq!(v, big);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let lock = c.lock(key("memcached-lock"));
+    let lk = key("memcached-lock");
+    let lock = c.lock(lk.as_str());
     let g = lock.acquire().unwrap();
-    assert!(lock.try_acquire().unwrap_err().is_held());
+    assert!(lock.try_acquire().unwrap_err().is_already_held());
+    let again = c.lock(lk.as_str());
+    assert!(again.try_acquire().unwrap_err().is_held());
     assert_eq!(g.release().unwrap(), cachelock::Released::Released);
 }
 

@@ -62,6 +62,28 @@ pub enum BackendError {
         /// The server's message or a description of the bad reply.
         message: String,
     },
+    /// The backend could not be connected to or opened: a server that
+    /// refuses the connection, does not answer, rejects the credentials or
+    /// the database, or a cache file that cannot be opened. About no key, so
+    /// it names the backend instead (password redacted). Retrying later may
+    /// work, so [`is_unavailable`](Self::is_unavailable) is true.
+    #[error("cannot connect to cache backend {backend}: {reason}")]
+    Connect {
+        /// The backend's URL (password redacted) or file path.
+        /// [`key`](Self::key) returns it.
+        backend: String,
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// A setting was refused before anything was tried (a zero timeout, an
+    /// empty list of Cluster nodes, TLS settings the client cannot use).
+    /// Retrying does not help: [`is_unavailable`](Self::is_unavailable) is
+    /// false.
+    #[error("invalid cache backend configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong, in words.
+        reason: String,
+    },
     /// A backend URL was refused before any connection was tried: unknown
     /// scheme, malformed address, or a scheme this build does not support.
     /// A password in the URL is replaced with `***`.
@@ -100,7 +122,24 @@ impl BackendError {
         }
     }
 
-    /// The key the failed operation was about.
+    /// Builds an [`InvalidConfig`](Self::InvalidConfig) error.
+    pub fn invalid_config(reason: impl ToString) -> Self {
+        Self::InvalidConfig {
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Builds a [`Connect`](Self::Connect) error.
+    pub fn connect(backend: impl Into<String>, reason: impl ToString) -> Self {
+        Self::Connect {
+            backend: backend.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The key the failed operation was about; for [`Connect`](Self::Connect)
+    /// and [`InvalidUrl`](Self::InvalidUrl) the backend's URL (password
+    /// redacted); empty for [`InvalidConfig`](Self::InvalidConfig).
     pub fn key(&self) -> &str {
         match self {
             Self::Unavailable { key, .. }
@@ -109,13 +148,26 @@ impl BackendError {
             | Self::InvalidKey { key, .. }
             | Self::Protocol { key, .. } => key,
             Self::InvalidUrl { url, .. } => url,
+            Self::Connect { backend, .. } => backend,
+            Self::InvalidConfig { .. } => "",
         }
     }
 
     /// True if the server could not be reached or did not answer in time:
     /// the failure says nothing about the data, and retrying later may work.
+    /// Never true for a refused URL or configuration
+    /// ([`InvalidUrl`](Self::InvalidUrl), [`InvalidConfig`](Self::InvalidConfig)).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::TimedOut { .. })
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::TimedOut { .. } | Self::Connect { .. }
+        )
+    }
+
+    /// True for a refused URL or configuration: fix the settings, retrying
+    /// will not help.
+    pub fn is_invalid_config(&self) -> bool {
+        matches!(self, Self::InvalidConfig { .. } | Self::InvalidUrl { .. })
     }
 
     /// True if the server did not answer within the response timeout.

@@ -24,8 +24,14 @@ use sha2::{Digest, Sha256};
 /// suffixes.
 pub const MAX_KEY_LEN: usize = 240;
 
-/// How many bytes of an over-long key are kept before its SHA-256 digest.
-const KEPT_PREFIX_LEN: usize = MAX_KEY_LEN - 64;
+/// Put between the kept prefix of an over-long key and its digest. No
+/// escaped key contains it: [`escape_invalid`] turns every backslash into
+/// `\x5c`, so in an escaped key a backslash is always followed by `x`.
+const HASHED_KEY_MARKER: &str = "\\#";
+
+/// How many bytes of an over-long key are kept before the marker and its
+/// SHA-256 digest.
+const KEPT_PREFIX_LEN: usize = MAX_KEY_LEN - HASHED_KEY_MARKER.len() - 64;
 
 /// The marker placed before a value's key to form its default lock key.
 pub const LOCK_KEY_MARKER: &str = "_lock_";
@@ -272,8 +278,14 @@ fn is_invalid_byte(b: u8) -> bool {
 }
 
 /// Keeps keys within [`MAX_KEY_LEN`] bytes: a longer one keeps its first
-/// 176 bytes (cut back to a character boundary) followed by the hex SHA-256
-/// of the whole key.
+/// 174 bytes (cut back to a character boundary), then [`HASHED_KEY_MARKER`]
+/// (`\#`), then the hex SHA-256 of the whole key.
+///
+/// One-to-one: a key that fits is returned as it is and, being escaped,
+/// never contains the marker, while every shortened key does; two shortened
+/// keys are equal only if SHA-256 collides. (Without the marker, the literal
+/// text of a shortened key was itself a key that fits, and named the same
+/// cache entry as the long key it came from.)
 fn limit_length(key: String) -> String {
     if key.len() <= MAX_KEY_LEN {
         return key;
@@ -283,7 +295,7 @@ fn limit_length(key: String) -> String {
         cut -= 1;
     }
     let digest = hex::encode(Sha256::digest(key.as_bytes()));
-    format!("{}{}", &key[..cut], digest)
+    format!("{}{HASHED_KEY_MARKER}{digest}", &key[..cut])
 }
 
 fn hmac_hex(secret: &[u8], data: &[u8]) -> String {
@@ -375,8 +387,8 @@ mod tests {
         assert_eq!(
             over,
             format!(
-                "example.com:{}edf8474a1b91e737ec28252abe7a8aa5604539b239505e8ccad8890a44198c58",
-                "x".repeat(164)
+                "example.com:{}\\#edf8474a1b91e737ec28252abe7a8aa5604539b239505e8ccad8890a44198c58",
+                "x".repeat(162)
             )
         );
 
@@ -386,10 +398,25 @@ mod tests {
         assert_eq!(
             parts_over,
             format!(
-                "example.com:xxxxxxxxxx:{}c1f6edf6f476acb93b1858f99ee2fbe8dac1907d595c7f9f9d211fe7c46335c1",
-                "x".repeat(153)
+                "example.com:xxxxxxxxxx:{}\\#c1f6edf6f476acb93b1858f99ee2fbe8dac1907d595c7f9f9d211fe7c46335c1",
+                "x".repeat(151)
             )
         );
+    }
+
+    #[test]
+    fn a_shortened_key_and_its_literal_text_are_different_keys() {
+        // Issue 10, item 11: the 240-byte shortened form of a 300-byte key,
+        // given as a key of its own, fits and was used as it is: both named
+        // one cache entry (and one lock).
+        let keys = ex();
+        let long = keys.build("x".repeat(300));
+        let literal = long.strip_prefix("example.com:").unwrap();
+        assert_ne!(keys.build(literal), long);
+        let parts = keys.build(["a".repeat(150).as_str(), "b".repeat(150).as_str()]);
+        let literal = parts.strip_prefix("example.com:").unwrap();
+        assert_ne!(keys.build(literal), parts);
+        assert!(long.contains(HASHED_KEY_MARKER), "{long}");
     }
 
     #[test]
@@ -456,6 +483,32 @@ mod tests {
                 prop_assert!(is_memcached_safe(&b), "{b:?}");
                 // Deterministic.
                 prop_assert_eq!(&b, &keys.build(CacheKey::Parts(parts)));
+            }
+
+            #[test]
+            fn shortened_keys_never_equal_a_key_that_fits(
+                ns in "[a-z.]{0,12}",
+                long in "[ -~é]{241,400}",
+                cut in 0usize..300,
+            ) {
+                // The literal text of a shortened key, or any piece of it,
+                // built as a key of its own (plain or one part), must not
+                // name the same entry (issue 10, item 11).
+                let keys = KeyBuilder::new(ns.clone());
+                let built = keys.build(long.as_str());
+                let own = if ns.is_empty() {
+                    built.clone()
+                } else {
+                    built.strip_prefix(&format!("{ns}:")).unwrap_or(&built).to_owned()
+                };
+                prop_assert_ne!(&keys.build(own.as_str()), &built);
+                let mut end = cut.min(own.len());
+                while !own.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let piece = &own[..end];
+                prop_assert_ne!(&keys.build(piece), &built);
+                prop_assert_ne!(&keys.build([piece]), &built);
             }
 
             #[test]

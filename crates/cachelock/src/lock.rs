@@ -39,6 +39,37 @@
 //! Counters and histograms go to the [`metrics`] facade (names in
 //! [`metrics_names`]); spans `cachelock.acquire`, `cachelock.hold` and
 //! `cachelock.release` carry the key. The token is logged only at `DEBUG`.
+//!
+//! # Waiting: notified, with a poll as the safety net
+//!
+//! A waiter arms a release wake-up
+//! ([`Backend::watch_release`](crate::Backend::watch_release)) before each
+//! attempt after the first, and when the lock is held waits for that
+//! wake-up or the retry interval (plus jitter), whichever comes first. Arming
+//! before the attempt means a release that happens between the attempt and
+//! the wait is not lost. Redis announces each release over pub/sub (one
+//! subscriber connection per backend for all its waiters), the embedded
+//! backend in process (also waking at the holder's expiry); Memcached and
+//! SQLite cannot notify, so their waiters poll with a capped, jittered
+//! backoff (an eighth of the retry interval, doubling up to it). A release
+//! that is never announced (the holder died and its key expired) costs at
+//! most one retry interval, less where the backend knows the holder's
+//! expiry. With notification, a waiter sends one attempt per wake-up and
+//! at most one per retry interval otherwise.
+//!
+//! # Fairness: a grace for woken waiters
+//!
+//! A holder that releases and at once asks for the lock again would win
+//! nearly every time (it needs no wake-up), starving the waiters already
+//! queued. So a process that released a lock while others waited for it
+//! stays out of that lock for [`HANDOFF_GRACE`] after the release; the
+//! woken waiters race for it meanwhile, each with the same chance. We chose
+//! this over a FIFO queue in the cache: it needs no extra keys, no extra
+//! commands and nothing to clean up when a queued waiter dies, costs a
+//! releaser that is alone nothing (no one waited, no grace), and under
+//! contention gives every worker about the same share (the goal is a
+//! min/max share of at least 0.5, not strict order). Its limit: the order
+//! among waiters is random, not first come first served.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,7 +83,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{SharedBackend, TokenCheck};
+use crate::backend::{ReleaseWatch, SharedBackend, TokenCheck};
 use crate::error::{BackendError, Error, Result};
 
 /// The longest duration any cachelock setting accepts (lease, wait, retry
@@ -126,7 +157,9 @@ impl LockOptions {
         self
     }
 
-    /// The pause between attempts while waiting. Defaults to 250 ms.
+    /// The longest pause between attempts while waiting: with a backend that
+    /// announces releases (Redis, memory) a waiter is woken sooner, and this
+    /// is the safety net for a release never announced. Defaults to 250 ms.
     #[must_use]
     pub fn retry_interval(mut self, retry: Duration) -> Self {
         self.retry_interval = retry;
@@ -408,8 +441,9 @@ impl CacheLock {
     /// Takes the lock, waiting while someone else holds it: without limit,
     /// or up to the lock's [`max_wait`](LockOptions::max_wait).
     ///
-    /// Between attempts it sleeps for the retry interval plus random jitter;
-    /// the last sleep is cut to the time left, so the wait never overshoots
+    /// Between attempts it waits for a release notice or the retry interval
+    /// plus random jitter (see the module docs: waiting, fairness); the last
+    /// wait is cut to the time left, so the wait never overshoots
     /// by more than one backend round trip. While time is left, a backend
     /// that is unavailable or timed out is retried with backoff and a
     /// `WARN` event (unless [`fail_fast`](LockOptions::fail_fast)); the very
@@ -492,6 +526,12 @@ impl CacheLock {
         let lease = self.options.lease;
         let mut attempts: u32 = 0;
         let mut failures: u32 = 0;
+        let mut held: u32 = 0;
+        // Armed before every attempt but the first (see `wait_for_release`).
+        let mut watch: Option<ReleaseWatch> = None;
+        if let Until::Deadline(deadline) = until {
+            self.handoff_grace(deadline).await;
+        }
         loop {
             if self.held.load(Ordering::Acquire) {
                 return Err(Error::AlreadyHeld {
@@ -517,7 +557,8 @@ impl CacheLock {
                 }
                 Ok(false) => {
                     failures = 0;
-                    self.retry_pause()
+                    held = held.saturating_add(1);
+                    self.poll_pause(held, watch.as_ref().is_some_and(ReleaseWatch::is_notified))
                 }
                 Err(e) => {
                     let retry = attempts > 1
@@ -558,13 +599,44 @@ impl CacheLock {
                     pause.min(deadline - now)
                 }
             };
-            self.pause(pause).await;
+            match watch.as_mut() {
+                // The first attempt failed: arm, then try again at once, so
+                // that a release before the arm is not waited out.
+                None => {}
+                Some(armed) => wait_for_release(armed, pause).await,
+            }
+            watch = Some(self.backend.watch_release(&self.key).await);
         }
     }
 
-    /// The wait between two attempts (a plain sleep of `d`).
-    async fn pause(&self, d: Duration) {
-        tokio::time::sleep(d).await;
+    /// The fairness grace: if this process just released this lock while
+    /// others were waiting for it, it waits [`HANDOFF_GRACE`] from that
+    /// release before trying again, so that the woken waiters (already
+    /// queued) get it first instead of the releaser re-taking it at once.
+    /// Never past the wait's `deadline`.
+    async fn handoff_grace(&self, deadline: Option<Instant>) {
+        let Some(at) = self.backend.handed_off_at(&self.key) else {
+            return;
+        };
+        let end = at + HANDOFF_GRACE;
+        let end = deadline.map_or(end, |d| d.min(end));
+        if end > Instant::now() {
+            tokio::time::sleep_until(end).await;
+        }
+    }
+
+    /// The pause after the `held`th attempt in a row that found the lock
+    /// held. With a notifying backend it is the retry interval plus jitter
+    /// (a safety net: a release wakes the waiter at once); a polling backend
+    /// starts at an eighth of the retry interval and doubles up to it
+    /// (capped, jittered backoff), so a short hold is not waited out.
+    fn poll_pause(&self, held: u32, notified: bool) -> Duration {
+        if notified {
+            return self.retry_pause();
+        }
+        let factor = 1u32 << held.saturating_sub(1).min(3);
+        let full = self.retry_pause();
+        (full / 8).saturating_mul(factor).min(full)
     }
 
     /// Runs `work` while holding the lock (taken as by
@@ -657,6 +729,25 @@ impl CacheLock {
         let cap = Duration::from_secs(5).max(self.options.retry_interval);
         let factor = 1u32 << n.saturating_sub(1).min(16);
         self.retry_pause().saturating_mul(factor).min(cap)
+    }
+}
+
+/// How long a holder that released a lock to waiting others stays out of
+/// it (see the fairness section of the module docs): long enough for a
+/// woken waiter in another process to get its add in (a notification and a
+/// round trip, with scheduling slack), short enough to cost the releaser
+/// little.
+pub const HANDOFF_GRACE: Duration = Duration::from_millis(3);
+
+/// Waits for the release `watch` was armed for, or `pause`, whichever comes
+/// first. The watch is armed before the attempt that found the lock held,
+/// so a release in between completes it at once (no lost wake-up); a
+/// release that is never announced costs at most `pause`, or less where the
+/// watch knows when the holder's lease runs out.
+async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration) {
+    tokio::select! {
+        () = watch.released() => {}
+        () = tokio::time::sleep(pause) => {}
     }
 }
 

@@ -144,7 +144,10 @@ async fn connect_refuses_bad_urls_and_all_servers_down() {
     }
     let url = format!("127.0.0.1:{},127.0.0.1:{}", closed_port(), closed_port());
     let err = MemcachedBackend::connect(&url).await.unwrap_err();
-    assert!(matches!(err, BackendError::Unavailable { .. }), "{err:?}");
+    // About no key: it names the servers (issue 10, item 15).
+    assert!(matches!(err, BackendError::Connect { .. }), "{err:?}");
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.key().starts_with("memcached://127.0.0.1:"), "{err:?}");
 }
 
 #[tokio::test]

@@ -151,8 +151,10 @@ async fn connect_refuses_bad_urls_and_options_without_io() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("unsupported scheme"), "{err}");
+    // A configuration error, not "retry later" (issue 10, item 14).
     let err = RedisBackend::connect_cluster(&[]).await.unwrap_err();
-    assert!(err.is_unavailable(), "{err:?}");
+    assert!(matches!(err, BackendError::InvalidConfig { .. }), "{err:?}");
+    assert!(!err.is_unavailable(), "{err:?}");
     let err = RedisBackend::connect_cluster(&["redis://127.0.0.1:1", "nonsense"])
         .await
         .unwrap_err();
@@ -167,6 +169,7 @@ async fn connect_refuses_bad_urls_and_options_without_io() {
         err.to_string().contains("timeouts must be positive"),
         "{err}"
     );
+    assert!(matches!(err, BackendError::InvalidConfig { .. }), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -866,4 +869,61 @@ async fn a_lock_lost_in_a_server_restart_is_reported() {
         other.release().await.unwrap(),
         cachelock::lock::Released::Released
     );
+}
+
+/// Issue 10, item 18: an `add` whose reply was lost, though it was stored,
+/// and which is sent again (by the Cluster client, or by a caller retrying
+/// after an unavailable error) must find the lock its own, not "held".
+#[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
+async fn retried_add_whose_first_attempt_landed_is_ours() {
+    let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
+    let upstream: std::net::SocketAddr = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("CACHELOCK_TEST_REDIS_URL is redis://IP:PORT");
+    let proxy = common::fault_proxy::FaultProxy::start(upstream).await;
+    let b = RedisBackend::connect_with(
+        &format!("redis://{}", proxy.addr()),
+        RedisOptions::new()
+            .response_timeout(Duration::from_millis(500))
+            .connect_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let direct = RedisBackend::connect(&url).await.unwrap();
+    let k = common::unique_key("retried-add");
+
+    // The SET reaches Redis; its reply is cut on the way back.
+    proxy.cut_after_bytes(1);
+    let first = b.add(&k, b"token-1", LONG).await;
+    assert!(first.is_err(), "the reply was cut: {first:?}");
+    assert_eq!(
+        direct.get(&k).await.unwrap().as_deref(),
+        Some(&b"token-1"[..]),
+        "the first attempt was stored"
+    );
+    proxy.heal();
+
+    // The retry, with the same token: ours.
+    let mut retried = None;
+    for _ in 0..5 {
+        match b.add(&k, b"token-1", LONG).await {
+            Ok(won) => {
+                retried = Some(won);
+                break;
+            }
+            Err(e) => assert!(e.is_unavailable(), "{e:?}"),
+        }
+    }
+    assert_eq!(retried, Some(true), "a retry of our own stored add");
+    // Anyone else still finds it held, and the value is unchanged.
+    assert!(!b.add(&k, b"token-2", LONG).await.unwrap());
+    assert!(!direct.add(&k, b"token-2", LONG).await.unwrap());
+    assert_eq!(
+        direct.get(&k).await.unwrap().as_deref(),
+        Some(&b"token-1"[..])
+    );
+    assert!(direct.delete(&k).await.unwrap());
 }

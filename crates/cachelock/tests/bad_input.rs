@@ -519,6 +519,57 @@ mod memoize_input {
         }
     }
 
+    /// A manifest that claims 65,536 chunks (the most a reader accepts) that
+    /// are not there costs one small batch of chunk reads, not a request
+    /// for every key it claims: before the fix memoize asked for all 65,536
+    /// keys in one `get_many` (twice, value and stream), which took over 2 s
+    /// on Memcached under load.
+    #[tokio::test]
+    async fn a_claim_of_many_chunks_reads_one_batch() {
+        let mut content = vec![0xC1, 0x0C, 1, 2, 0];
+        content.extend(
+            postcard::to_allocvec(&Body {
+                total_len: 65_536 * 1_000,
+                chunk_count: 65_536,
+                segment_size: 1_000,
+                write_id: 7,
+                checksum: 0,
+            })
+            .unwrap(),
+        );
+        let raw = framed(&content);
+        let wrap = super::common::memoize_cases::Wrap::new(std::sync::Arc::new(
+            cachelock::MemoryBackend::new(),
+        ));
+        let b = wrap.shared();
+        let key = unique_key("many-chunks");
+        b.set(&key, &raw, LONG).await.unwrap();
+        let n = Counter::default();
+        assert!(memo(&b, &key, &Opts::new(), &n, b"safe").await == b"safe");
+        assert_eq!(n.get(), 1);
+        let sk = unique_key("many-chunks-stream");
+        b.set(&sk, &raw, LONG).await.unwrap();
+        let items: Vec<u8> = memoize_iter(
+            &b,
+            sk.as_str(),
+            &Opts::new(),
+            [Ok::<_, Infallible>(1u8), Ok(2)],
+        )
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+        assert_eq!(items, vec![1, 2]);
+        let asked: usize = wrap
+            .ops()
+            .iter()
+            .map(|op| match op {
+                super::common::memoize_cases::Op::GetMany(keys) => keys.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(asked <= 4 * 64, "asked for {asked} chunk keys");
+    }
+
     /// A value encrypted with another key (same key names), a plain value
     /// read with a key, and an encrypted one read without: each a miss and
     /// a recompute, chunked and inline.

@@ -3,13 +3,16 @@
 //! * [`cycle`]: one client, acquire + release;
 //! * [`contended`]: worker processes loop on one lock around a non-atomic
 //!   read-modify-write;
-//! * [`stampede`]: worker processes call memoize on one cold key at once.
+//! * [`stampede`]: worker processes call memoize on one cold key at once;
+//! * [`handoff`]: two clients pass one lock back and forth: release to the
+//!   queued waiter's acquire.
 //!
 //! [`workers`] starts the worker processes and collects their reports;
 //! [`report`] prints a workload's report struct as JSON or a table.
 
 mod contended;
 mod cycle;
+mod handoff;
 mod report;
 mod stampede;
 mod workers;
@@ -33,6 +36,9 @@ pub enum BenchCmd {
     Contended(contended::ContendedArgs),
     /// P processes (T tasks each) call memoize on one cold key at once.
     Stampede(stampede::StampedeArgs),
+    /// Two clients pass one lock back and forth: the time from a release to
+    /// the queued waiter's acquire, p50 and p99.
+    Handoff(handoff::HandoffArgs),
 }
 
 /// Output options shared by the workloads.
@@ -49,6 +55,7 @@ pub async fn bench(global: &Global, cmd: BenchCmd) -> Result<u8, Fail> {
         BenchCmd::Cycle(a) => cycle::run(global, a).await,
         BenchCmd::Contended(a) => contended::run(global, a).await,
         BenchCmd::Stampede(a) => stampede::run(global, a).await,
+        BenchCmd::Handoff(a) => handoff::run(global, a).await,
     }
 }
 

@@ -13,11 +13,15 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use super::notify::{Notifier, ReleaseWatch};
 use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 /// Bytes counted for each entry on top of its key and value, for capacity.
 const ENTRY_OVERHEAD: usize = 48;
+
+/// The fewest entries at which expired entries are swept.
+const MIN_SWEEP_AT: usize = 1024;
 
 #[derive(Debug)]
 struct Entry {
@@ -36,11 +40,23 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     map: HashMap<String, Entry>,
     /// Bytes in use, by [`Entry::size`].
     used: usize,
+    /// When a write makes the map this large, expired entries are swept out.
+    sweep_at: usize,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            used: 0,
+            sweep_at: MIN_SWEEP_AT,
+        }
+    }
 }
 
 impl State {
@@ -58,10 +74,36 @@ impl State {
         Some(e)
     }
 
-    fn insert(&mut self, key: &str, value: Bytes, expires: Option<Instant>) {
+    fn insert(&mut self, key: &str, value: Bytes, expires: Option<Instant>, now: Instant) {
         self.remove(key);
         self.used += Entry::size(key, &value);
         self.map.insert(key.to_owned(), Entry { value, expires });
+        if self.map.len() >= self.sweep_at {
+            self.sweep(now);
+        }
+    }
+
+    /// Drops every expired entry, then sets the next sweep for when the map
+    /// has doubled: amortized, each write pays for O(1) entries swept, and
+    /// expired entries never make up more than about half of the map (keys
+    /// that are written once and never read again do not pile up).
+    fn sweep(&mut self, now: Instant) {
+        let before = self.map.len();
+        let mut freed = 0;
+        self.map.retain(|k, e| {
+            let live = e.live(now);
+            if !live {
+                freed += Entry::size(k, &e.value);
+            }
+            live
+        });
+        self.used -= freed;
+        self.sweep_at = (self.map.len() * 2).max(MIN_SWEEP_AT);
+        tracing::trace!(
+            swept = before - self.map.len(),
+            left = self.map.len(),
+            "memory backend swept expired entries"
+        );
     }
 
     /// Evicts entries until `used` fits `capacity`: expired ones first, then
@@ -108,6 +150,8 @@ pub struct MemoryBackend {
     state: Mutex<State>,
     capacity: Option<usize>,
     max_value_size: usize,
+    /// Wakes waiters when a key is deleted.
+    notifier: Notifier,
 }
 
 impl Default for MemoryBackend {
@@ -124,6 +168,7 @@ impl MemoryBackend {
             state: Mutex::new(State::default()),
             capacity: None,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            notifier: Notifier::default(),
         }
     }
 
@@ -145,6 +190,11 @@ impl MemoryBackend {
     }
 
     /// The number of entries stored, expired ones not yet dropped included.
+    ///
+    /// Expired entries are dropped when they are next looked at, and all at
+    /// once whenever a write finds the map twice as large as after the last
+    /// such sweep (at least 1,024 entries), so under churn the count stays
+    /// within about twice the number of live entries.
     pub fn len(&self) -> usize {
         self.state.lock().map.len()
     }
@@ -155,7 +205,12 @@ impl MemoryBackend {
     }
 
     fn store(&self, state: &mut State, key: &str, value: &[u8], ttl: Duration, now: Instant) {
-        state.insert(key, Bytes::copy_from_slice(value), Some(deadline(now, ttl)));
+        state.insert(
+            key,
+            Bytes::copy_from_slice(value),
+            Some(deadline(now, ttl)),
+            now,
+        );
         if let Some(cap) = self.capacity {
             let evicted = state.evict(cap, key, now);
             if evicted > 0 {
@@ -168,10 +223,16 @@ impl MemoryBackend {
     }
 }
 
+/// The longest TTL kept: 100 years (as on Redis). Longer ones are cut to it
+/// (the clock cannot add `Duration::MAX`).
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// When an entry written now with `ttl` expires. A zero TTL lives for the
-/// shortest time the clock can tell, never forever.
+/// shortest time the clock can tell, never forever; a TTL over [`MAX_TTL`]
+/// is cut to it.
 fn deadline(now: Instant, ttl: Duration) -> Instant {
-    now + ttl.max(Duration::from_nanos(1))
+    let ttl = ttl.clamp(Duration::from_nanos(1), MAX_TTL);
+    now.checked_add(ttl).unwrap_or(now)
 }
 
 #[async_trait]
@@ -236,6 +297,10 @@ impl Backend for MemoryBackend {
         let mut state = self.state.lock();
         let existed = state.live(key, now).is_some();
         state.remove(key);
+        drop(state);
+        if existed {
+            self.notifier.notify(key);
+        }
         Ok(existed)
     }
 
@@ -260,7 +325,7 @@ impl Backend for MemoryBackend {
             }
             None => (delta, None),
         };
-        state.insert(key, Bytes::from(new.to_string()), expires);
+        state.insert(key, Bytes::from(new.to_string()), expires, now);
         Ok(new)
     }
 
@@ -279,6 +344,9 @@ impl Backend for MemoryBackend {
         };
         if check == TokenCheck::Matched {
             state.remove(key);
+            drop(state);
+            let woken = self.notifier.notify(key);
+            self.notifier.released(key, woken);
         }
         Ok(check)
     }
@@ -308,6 +376,21 @@ impl Backend for MemoryBackend {
             .live(key, now)
             .and_then(|e| e.expires)
             .map(|t| t.saturating_duration_since(now)))
+    }
+
+    /// In process: armed under the map's lock, so no delete is missed; the
+    /// watch also fires when the holder's lease runs out.
+    async fn watch_release(&self, key: &str) -> ReleaseWatch {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let expires = state.live(key, now).and_then(|e| e.expires);
+        let rx = self.notifier.watch(key);
+        drop(state);
+        ReleaseWatch::notified(rx, expires)
+    }
+
+    fn handed_off_at(&self, key: &str) -> Option<Instant> {
+        self.notifier.handed_off_at(key)
     }
 
     fn atomic_token_ops(&self) -> bool {

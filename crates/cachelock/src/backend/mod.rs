@@ -23,6 +23,20 @@
 //!   given must encode it (never silently truncate it) or refuse it with
 //!   [`BackendError::InvalidKey`](crate::BackendError::InvalidKey).
 //!
+//! # Backends and Cargo features
+//!
+//! | feature | default | backend | URL schemes ([`connect`](crate::connect)) |
+//! |---|---|---|---|
+//! | (none) | always | [`memory::MemoryBackend`], in this process only | `memory://` |
+//! | `redis` | yes | `redis::RedisBackend`: standalone, TLS, Unix socket, Cluster | `redis://`, `rediss://`, `redis+unix://`, `redis+cluster://`, `rediss+cluster://` |
+//! | `memcached` | yes | `memcached::MemcachedBackend`: meta protocol, one or many servers | `memcached://` |
+//! | `sqlite` | no | `sqlite::SqliteBackend`: one file shared by the processes of one machine | `sqlite:///absolute/path` |
+//!
+//! A URL whose backend this build leaves out is refused by
+//! [`connect`](crate::connect) with
+//! [`BackendError::InvalidUrl`](crate::BackendError::InvalidUrl), naming the
+//! feature to enable.
+//!
 //! Errors name the key. [`BackendError::Unavailable`](crate::BackendError::Unavailable) and
 //! [`BackendError::TimedOut`](crate::BackendError::TimedOut) mean "the operation may or may not have
 //! happened"; callers that care (the lock) re-check instead of repeating it.
@@ -35,14 +49,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::BackendResult;
+pub use notify::ReleaseWatch;
 
 #[cfg(feature = "memcached")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub mod memcached;
 pub mod memory;
+pub mod notify;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 pub mod url;
 
@@ -167,6 +185,28 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
         let _ = key;
         Ok(None)
+    }
+
+    /// Arms a wake-up for the next release of `key` (see
+    /// [`notify`](crate::backend::notify)). The lock arms one before each
+    /// attempt, so a release between the attempt and the wait is not lost.
+    ///
+    /// The default returns [`ReleaseWatch::polling`]: waiters poll with a
+    /// capped, jittered backoff (Memcached, SQLite). The embedded backend
+    /// notifies in process; Redis through pub/sub (one subscriber
+    /// connection per backend for all its waiters).
+    async fn watch_release(&self, key: &str) -> ReleaseWatch {
+        let _ = key;
+        ReleaseWatch::polling()
+    }
+
+    /// When this process last released `key` while others were waiting
+    /// for it, if the backend can tell (the default: `None`). The lock
+    /// gives those woken waiters a short grace before it lets this process
+    /// take the key again, so that a releasing holder does not starve them.
+    fn handed_off_at(&self, key: &str) -> Option<tokio::time::Instant> {
+        let _ = key;
+        None
     }
 
     /// Whether [`delete_if_eq`](Backend::delete_if_eq) and

@@ -20,6 +20,17 @@
 //! TTLs in flight by that step. TTLs are kept in whole milliseconds, rounded
 //! up.
 //!
+//! # A deleted or replaced file
+//!
+//! Every operation first checks that the path still names the file that is
+//! open (same device and inode, on Unix). If the file was deleted or
+//! replaced (a cache clean-up such as `rm -rf ~/.cache`), the path is opened
+//! afresh, so this process and every later one share the new file, and an
+//! owner-checked operation ([`extend_if_eq`](Backend::extend_if_eq),
+//! [`delete_if_eq`](Backend::delete_if_eq)) answers [`TokenCheck::Missing`]:
+//! the token was in the old file, so a lock held there is reported lost and
+//! never "renewed" on an unlinked file.
+//!
 //! # Blocking
 //!
 //! rusqlite is blocking. Every call runs on [`tokio::task::spawn_blocking`],
@@ -41,7 +52,10 @@ use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 /// How long SQLite waits for another connection's write lock by default.
-pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BUSY_TIMEOUT: Duration = super::url::DEFAULT_SQLITE_BUSY_TIMEOUT;
+
+/// The longest busy timeout: one day. Longer ones are cut to it.
+pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Expired rows are swept from the table once every this many writes.
 const SWEEP_EVERY: u64 = 1024;
@@ -55,9 +69,33 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS cachelock_entries (
 /// A row is live at `now` if it has no expiry or expires after `now`.
 const LIVE: &str = "(expires_at IS NULL OR expires_at > ?2)";
 
+/// Which file a path names: device and inode (Unix). `None` where the
+/// platform cannot tell, or the path names nothing.
+type FileId = Option<(u64, u64)>;
+
+fn file_id(path: &Path) -> FileId {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// The open connection and the file it has open.
+#[derive(Debug)]
+struct Open {
+    conn: Connection,
+    file: FileId,
+}
+
 #[derive(Debug)]
 struct Inner {
-    conn: Mutex<Connection>,
+    conn: Mutex<Open>,
     path: PathBuf,
     busy_timeout: Duration,
     writes: std::sync::atomic::AtomicU64,
@@ -79,6 +117,7 @@ struct Inner {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteBackend {
     inner: Arc<Inner>,
     max_value_size: usize,
@@ -90,14 +129,17 @@ impl SqliteBackend {
     ///
     /// # Errors
     ///
-    /// [`BackendError::Unavailable`] (naming the path) if the file cannot be
+    /// [`BackendError::Connect`] (naming the path) if the file cannot be
     /// opened or set up.
     pub async fn open(path: impl AsRef<Path>) -> BackendResult<Self> {
         Self::open_with_busy_timeout(path, DEFAULT_BUSY_TIMEOUT).await
     }
 
     /// Opens the cache file at `path`, waiting up to `busy_timeout` for
-    /// other connections' write locks on every operation.
+    /// other connections' write locks on every operation (at most
+    /// [`MAX_BUSY_TIMEOUT`]; a longer one is cut to it, never a panic). A
+    /// short timeout (say 100 ms) suits a caller that must not wait: one
+    /// transaction holds the lock for microseconds.
     ///
     /// # Errors
     ///
@@ -106,14 +148,17 @@ impl SqliteBackend {
         path: impl AsRef<Path>,
         busy_timeout: Duration,
     ) -> BackendResult<Self> {
+        // SQLite takes the timeout as an `int` of milliseconds (rusqlite
+        // panics on more).
+        let busy_timeout = busy_timeout.min(MAX_BUSY_TIMEOUT);
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || open_conn(&p, busy_timeout))
+        let open = tokio::task::spawn_blocking(move || open_conn(&p, busy_timeout))
             .await
-            .map_err(|e| BackendError::unavailable(path.display().to_string(), e))??;
+            .map_err(|e| BackendError::connect(path.display().to_string(), e))??;
         Ok(Self {
             inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
+                conn: Mutex::new(open),
                 path,
                 busy_timeout,
                 writes: std::sync::atomic::AtomicU64::new(0),
@@ -142,12 +187,44 @@ impl SqliteBackend {
         T: Send + 'static,
         F: FnOnce(&mut Connection, i64) -> rusqlite::Result<T> + Send + 'static,
     {
+        self.run_or(key, None, f).await
+    }
+
+    /// Like [`run`](Self::run), but if the path no longer names the file
+    /// that is open (it was deleted or replaced, say by a cache clean-up),
+    /// answers `replaced` without running `f`, when it is given: an
+    /// owner-checked operation's token was in the old file, which no other
+    /// process will open again, so it is gone. Either way the path is opened
+    /// afresh for the operations that follow.
+    async fn run_or<T, F>(&self, key: &str, replaced: Option<T>, f: F) -> BackendResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, i64) -> rusqlite::Result<T> + Send + 'static,
+    {
         let inner = self.inner.clone();
         let key_owned = key.to_owned();
         tokio::task::spawn_blocking(move || {
-            let mut conn = inner.conn.lock();
+            let mut open = inner.conn.lock();
+            if open.file.is_some() && file_id(&inner.path) != open.file {
+                tracing::warn!(
+                    path = %inner.path.display(),
+                    "the SQLite cache file was deleted or replaced; opening the path afresh \
+                     (locks held in the old file are lost)"
+                );
+                let fresh = open_conn(&inner.path, inner.busy_timeout);
+                match (fresh, replaced) {
+                    (Ok(fresh), replaced) => {
+                        *open = fresh;
+                        if let Some(answer) = replaced {
+                            return Ok(answer);
+                        }
+                    }
+                    (Err(_), Some(answer)) => return Ok(answer),
+                    (Err(e), None) => return Err(e),
+                }
+            }
             let now = now_ms();
-            f(&mut conn, now).map_err(|e| map_err(&key_owned, inner.busy_timeout, e))
+            f(&mut open.conn, now).map_err(|e| map_err(&key_owned, inner.busy_timeout, e))
         })
         .await
         .map_err(|e| BackendError::unavailable(key, format!("SQLite worker thread failed: {e}")))?
@@ -163,8 +240,8 @@ impl SqliteBackend {
         if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
             let inner = self.inner.clone();
             tokio::task::spawn_blocking(move || {
-                let conn = inner.conn.lock();
-                if let Err(e) = conn.execute(
+                let open = inner.conn.lock();
+                if let Err(e) = open.conn.execute(
                     "DELETE FROM cachelock_entries WHERE expires_at IS NOT NULL AND expires_at <= ?1",
                     params![now_ms()],
                 ) {
@@ -175,12 +252,16 @@ impl SqliteBackend {
     }
 }
 
-fn open_conn(path: &Path, busy_timeout: Duration) -> BackendResult<Connection> {
+fn open_conn(path: &Path, busy_timeout: Duration) -> BackendResult<Open> {
     let name = path.display().to_string();
+    // The error names the path once: as the backend it is about.
     let fail = |what: &str, e: rusqlite::Error| {
-        BackendError::unavailable(
+        // SQLite's own message may end with the path too.
+        let e = e.to_string();
+        let e = e.strip_suffix(&format!(": {name}")).unwrap_or(&e);
+        BackendError::connect(
             name.clone(),
-            format!("cannot {what} SQLite cache file {name}: {e}"),
+            format!("cannot {what} the SQLite cache file: {e}"),
         )
     };
     let conn = Connection::open(path).map_err(|e| fail("open", e))?;
@@ -195,7 +276,10 @@ fn open_conn(path: &Path, busy_timeout: Duration) -> BackendResult<Connection> {
     let mut pause = Duration::from_millis(2);
     loop {
         match set_up(&conn) {
-            Ok(()) => return Ok(conn),
+            Ok(()) => {
+                let file = file_id(path);
+                return Ok(Open { conn, file });
+            }
             Err(e)
                 if matches!(
                     e.sqlite_error_code(),
@@ -446,7 +530,7 @@ impl Backend for SqliteBackend {
         _hold: Duration,
     ) -> BackendResult<TokenCheck> {
         let (k, e) = (key.to_owned(), expected.to_vec());
-        self.run(key, move |conn, now| {
+        self.run_or(key, Some(TokenCheck::Missing), move |conn, now| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let check = check_token(&tx, &k, &e, now)?;
             if check == TokenCheck::Matched {
@@ -466,7 +550,7 @@ impl Backend for SqliteBackend {
         ttl: Duration,
     ) -> BackendResult<TokenCheck> {
         let (k, e) = (key.to_owned(), expected.to_vec());
-        self.run(key, move |conn, now| {
+        self.run_or(key, Some(TokenCheck::Missing), move |conn, now| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let check = check_token(&tx, &k, &e, now)?;
             if check == TokenCheck::Matched {

@@ -8,14 +8,24 @@
 //! | URL | Backend |
 //! |-----|---------|
 //! | `memory://` | [`MemoryBackend`](crate::MemoryBackend), in this process only |
-//! | `sqlite:///abs/path.sqlite3`, `sqlite://relative/path` | the embedded SQLite file (feature `sqlite`) |
+//! | `sqlite:///abs/path.sqlite3` | the embedded SQLite file (feature `sqlite`) |
 //! | `redis://[user:pass@]host[:port][/db]`, `rediss://…` (TLS) | one Redis server (feature `redis`) |
 //! | `redis+unix:///path/to/socket` | one Redis server on a Unix socket (feature `redis`) |
 //! | `redis+cluster://[user:pass@]h1:p1,h2:p2`, `rediss+cluster://…` | a Redis Cluster, from seed nodes (feature `redis`) |
 //! | `memcached://h1:p1,h2:p2` | one or more Memcached servers (feature `memcached`) |
 //!
-//! The SQLite path is taken literally (no `~` expansion and no
-//! percent-decoding). Passwords are replaced with `***` in every error.
+//! Schemes are case-insensitive (`REDIS://` is `redis://`). The SQLite path
+//! must be absolute and is taken literally (no `~` expansion and no
+//! percent-decoding): a relative path would name a different file in every
+//! working directory, so jobs started from different directories would not
+//! exclude each other. Redis URLs are checked by the Redis client's own
+//! parser when they are parsed here, so a URL accepted here is not refused
+//! when connecting. Passwords (in the user info, or a `pass=` / `password=`
+//! query parameter) are replaced with `***` by [`redact`], the one redaction
+//! used by `Display`, `Debug` and every error.
+//!
+//! A scheme whose feature this build leaves out is refused by
+//! [`BackendUrl::connect`] with an error that names the feature.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachelock::BackendError> {
@@ -40,7 +50,9 @@ pub const SCHEMES: &str = "memory://, sqlite://PATH, redis://, rediss://, redis+
                            redis+cluster://, rediss+cluster://, memcached://";
 
 /// A parsed, validated backend URL: which backend, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` and `Display` show it with any password replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BackendUrl {
     /// `memory://`: a fresh in-process cache.
@@ -48,7 +60,7 @@ pub enum BackendUrl {
     /// `sqlite://PATH`: the embedded SQLite cache file.
     Sqlite(PathBuf),
     /// `redis://`, `rediss://` or `redis+unix://`: one Redis server. Holds
-    /// the URL as given, for the Redis client to parse in full.
+    /// the URL as given (scheme in lower case), for the Redis client.
     Redis(String),
     /// `redis+cluster://h1:p1,h2:p2`: a Redis Cluster. Holds one
     /// `redis://` (or `rediss://`) URL per seed node.
@@ -89,6 +101,11 @@ impl BackendUrl {
                     ))
                 } else if rest.ends_with('/') {
                     Err(bad(format!("the SQLite path {rest:?} names a directory")))
+                } else if !rest.starts_with('/') {
+                    Err(bad(format!(
+                        "the SQLite path {rest:?} is relative, so it would name another file in \
+                         every working directory; give an absolute path, as in sqlite:///{rest}"
+                    )))
                 } else {
                     Ok(Self::Sqlite(PathBuf::from(rest)))
                 }
@@ -100,11 +117,13 @@ impl BackendUrl {
                         "{s}:// takes one server; use redis+cluster:// for several"
                     )));
                 }
-                let (_, port) = host_port(hostport, 6379).map_err(bad)?;
-                let _ = port;
-                Ok(Self::Redis(url.to_owned()))
+                host_port(hostport, 6379).map_err(bad)?;
+                let normalized = format!("{s}://{rest}");
+                #[cfg(feature = "redis")]
+                crate::backend::redis::check_url(&normalized)?;
+                Ok(Self::Redis(normalized))
             }
-            "redis+unix" | "unix" => {
+            s @ ("redis+unix" | "unix") => {
                 let path = rest.split(['?', '#']).next().unwrap_or_default();
                 if path.is_empty() || !path.starts_with('/') {
                     Err(bad(
@@ -112,7 +131,10 @@ impl BackendUrl {
                             .into(),
                     ))
                 } else {
-                    Ok(Self::Redis(url.to_owned()))
+                    let normalized = format!("{s}://{rest}");
+                    #[cfg(feature = "redis")]
+                    crate::backend::redis::check_url(&normalized)?;
+                    Ok(Self::Redis(normalized))
                 }
             }
             s @ ("redis+cluster" | "rediss+cluster") => {
@@ -181,18 +203,34 @@ impl BackendUrl {
         }
     }
 
-    /// Opens or connects the backend.
+    /// Opens or connects the backend, with the default [`ConnectOptions`].
     ///
     /// # Errors
     ///
-    /// [`BackendError::Unavailable`] or [`BackendError::TimedOut`] if the
-    /// server cannot be reached or the file cannot be opened;
-    /// [`BackendError::InvalidUrl`] if this build leaves the backend out.
+    /// [`BackendError::Connect`] if the server cannot be reached or the file
+    /// cannot be opened; [`BackendError::InvalidUrl`], naming the Cargo
+    /// feature, if this build leaves the backend out.
     pub async fn connect(&self) -> Result<SharedBackend, BackendError> {
+        self.connect_with(&ConnectOptions::default()).await
+    }
+
+    /// Opens or connects the backend with the given options.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect`](Self::connect).
+    pub async fn connect_with(
+        &self,
+        options: &ConnectOptions,
+    ) -> Result<SharedBackend, BackendError> {
+        let _ = options;
         match self {
             Self::Memory => Ok(Arc::new(crate::MemoryBackend::new())),
             #[cfg(feature = "sqlite")]
-            Self::Sqlite(path) => Ok(Arc::new(crate::SqliteBackend::open(path).await?)),
+            Self::Sqlite(path) => Ok(Arc::new(
+                crate::SqliteBackend::open_with_busy_timeout(path, options.sqlite_busy_timeout)
+                    .await?,
+            )),
             #[cfg(not(feature = "sqlite"))]
             Self::Sqlite(_) => Err(self.unsupported("sqlite")),
             #[cfg(feature = "redis")]
@@ -217,7 +255,10 @@ impl BackendUrl {
     fn unsupported(&self, feature: &str) -> BackendError {
         BackendError::InvalidUrl {
             url: self.to_string(),
-            reason: format!("scheme not supported in this build (it has no {feature} backend)"),
+            reason: format!(
+                "this build has no {feature} backend; enable the cachelock crate's \
+                 `{feature}` Cargo feature"
+            ),
         }
     }
 }
@@ -227,6 +268,64 @@ impl FromStr for BackendUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse(s)
+    }
+}
+
+/// Settings for [`BackendUrl::connect_with`] that a URL does not carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    sqlite_busy_timeout: std::time::Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            sqlite_busy_timeout: DEFAULT_SQLITE_BUSY_TIMEOUT,
+        }
+    }
+}
+
+/// How long a SQLite operation waits for another process's write lock by
+/// default: 10 s.
+pub const DEFAULT_SQLITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl ConnectOptions {
+    /// The default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long each SQLite operation waits for another process's write
+    /// lock before it fails with [`BackendError::TimedOut`]. Defaults to
+    /// 10 s. A caller that must not wait (a no-wait acquire) sets it low,
+    /// say 100 ms: one transaction holds the lock for microseconds, so only
+    /// a stuck or very busy writer is waited for that long. At most one day
+    /// (longer is cut to it). Other backends ignore it.
+    #[must_use]
+    pub fn sqlite_busy_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.sqlite_busy_timeout = timeout;
+        self
+    }
+
+    /// The SQLite busy timeout.
+    pub fn sqlite_busy_timeout_duration(&self) -> std::time::Duration {
+        self.sqlite_busy_timeout
+    }
+}
+
+/// Shows the URL with any password replaced by `***`.
+impl fmt::Debug for BackendUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Memory => f.write_str("Memory"),
+            Self::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            Self::Redis(u) => f.debug_tuple("Redis").field(&redact(u)).finish(),
+            Self::RedisCluster(nodes) => f
+                .debug_tuple("RedisCluster")
+                .field(&nodes.iter().map(|n| redact(n)).collect::<Vec<_>>())
+                .finish(),
+            Self::Memcached(u) => f.debug_tuple("Memcached").field(&redact(u)).finish(),
+        }
     }
 }
 
@@ -280,7 +379,9 @@ fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
 }
 
 /// Parses `host[:port]` (IPv6 in brackets), with `default` as the port.
-fn host_port(node: &str, default: u16) -> Result<(String, u16), String> {
+/// The one host:port parser: [`BackendUrl::parse`] and the Memcached
+/// backend's server list use it.
+pub(crate) fn host_port(node: &str, default: u16) -> Result<(String, u16), String> {
     let node = node.trim();
     if node.is_empty() {
         return Err("missing host".into());
@@ -324,21 +425,52 @@ fn host_port(node: &str, default: u16) -> Result<(String, u16), String> {
     Ok((host, port))
 }
 
-/// The URL with the password in its user info replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
+/// `url` with its password replaced by `***`, for messages: the password
+/// in the user info (`redis://user:***@host`) and any `pass=` or
+/// `password=` query parameter (`redis+unix:///s?pass=***`). The one
+/// redaction used by [`BackendUrl`]'s `Display` and `Debug` and by every
+/// backend's errors. Works on any text, also one that does not parse.
+pub fn redact(url: &str) -> String {
+    let url = redact_userinfo(url);
+    let Some(q) = url.find('?') else {
+        return url;
+    };
+    let (head, query) = url.split_at(q);
+    let mut out = head.to_owned();
+    for (i, part) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let bare = part.trim_start_matches('?').to_ascii_lowercase();
+        if bare.starts_with("pass=") || bare.starts_with("password=") {
+            let (name, _) = part.split_once('=').unwrap_or((part, ""));
+            out.push_str(name);
+            out.push_str("=***");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let (userinfo, _, _) = split_authority(rest);
     match userinfo.and_then(|u| u.split_once(':')) {
-        Some((user, pass)) if !pass.is_empty() => {
-            let at = rest.rfind('@').map_or(0, |i| i + 1);
+        Some((user, _)) => {
+            let at = rest
+                .find(['/', '?', '#'])
+                .map_or(rest, |end| rest.get(..end).unwrap_or(rest))
+                .rfind('@')
+                .map_or(0, |i| i + 1);
             format!(
                 "{scheme}://{user}:***@{}",
                 rest.get(at..).unwrap_or_default()
             )
         }
-        _ => url.to_owned(),
+        None => url.to_owned(),
     }
 }
 
@@ -355,7 +487,6 @@ mod tests {
                 "sqlite:///var/tmp/x.sqlite3",
                 BackendUrl::Sqlite("/var/tmp/x.sqlite3".into()),
             ),
-            ("sqlite://rel/x.db", BackendUrl::Sqlite("rel/x.db".into())),
             (
                 "redis://127.0.0.1:6379",
                 BackendUrl::Redis("redis://127.0.0.1:6379".into()),
@@ -415,6 +546,8 @@ mod tests {
             ("memory://x", "takes no address"),
             ("sqlite://", "needs a file path"),
             ("sqlite:///tmp/", "names a directory"),
+            ("sqlite://rel/x.db", "is relative"),
+            ("sqlite://relative.db", "give an absolute path"),
             ("redis://", "missing host"),
             ("redis://:6379", "missing host"),
             ("redis://host:0", "invalid port \"0\""),
@@ -456,6 +589,50 @@ mod tests {
         let c = BackendUrl::parse("redis+cluster://:pw@a:1,b:2").unwrap();
         assert_eq!(c.to_string(), "redis+cluster://a:1,b:2");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact("redis://user:s3cret@host:1/2"),
+            "redis://user:***@host:1/2"
+        );
+        assert_eq!(redact("redis://:s3cret@host"), "redis://:***@host");
+        assert_eq!(redact("redis://user@host"), "redis://user@host");
+        assert_eq!(redact("nonsense"), "nonsense");
+        assert_eq!(redact("redis://a:b@c/@d"), "redis://a:***@c/@d");
+        assert_eq!(
+            redact("redis+unix:///s.sock?db=1&pass=x&user=u"),
+            "redis+unix:///s.sock?db=1&pass=***&user=u"
+        );
+        assert_eq!(
+            redact("unix:///s.sock?PASSWORD=x"),
+            "unix:///s.sock?PASSWORD=***"
+        );
+        let u = BackendUrl::parse("redis+unix:///s?pass=hunter2").unwrap();
+        assert!(!u.to_string().contains("hunter2"), "{u}");
+        assert!(!format!("{u:?}").contains("hunter2"), "{u:?}");
+    }
+
+    /// Issue 9: a scheme whose backend this build leaves out names the
+    /// Cargo feature that brings it.
+    #[cfg(not(all(feature = "sqlite", feature = "redis", feature = "memcached")))]
+    #[tokio::test]
+    async fn unbuilt_schemes_name_their_feature() {
+        for (url, feature) in [
+            ("sqlite:///tmp/cachelock-unbuilt.sqlite3", "sqlite"),
+            ("redis://127.0.0.1:1", "redis"),
+            ("memcached://127.0.0.1:1", "memcached"),
+        ] {
+            let built = match feature {
+                "sqlite" => cfg!(feature = "sqlite"),
+                "redis" => cfg!(feature = "redis"),
+                _ => cfg!(feature = "memcached"),
+            };
+            if built {
+                continue;
+            }
+            let err = connect(url).await.expect_err(url);
+            assert!(matches!(err, BackendError::InvalidUrl { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("`{feature}` Cargo feature")), "{msg}");
+        }
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! drives one stream with the classic protocols; `async-memcached` has a
 //! meta-protocol trait but one connection per client, with no pool and no
 //! key distribution over servers. The part of the protocol needed here is
-//! small, so it is written out in [`proto`] (pure, fuzzable functions)
+//! small, so it is written out in a private `proto` module (pure functions,
+//! fuzzed by `fuzz/fuzz_targets/memcached_proto.rs`)
 //! plus a small pooled transport.
 //!
 //! # Operations
@@ -65,7 +66,8 @@
 //!
 //! Keys memcached cannot take as they are (over 250 bytes, spaces, control
 //! or non-ASCII characters) are sent base64-encoded with the `b` flag; keys
-//! too long even for that are hashed (see [`proto::WireKey`]). Values are
+//! too long even for that are replaced by `0xFF` + their SHA-256 digest
+//! (no UTF-8 key has that byte, so they collide with no other key). Values are
 //! limited to the smallest `item_size_max` reported by the servers at
 //! connect time less 1 KiB of item overhead (1 MiB - 1 KiB by default); a
 //! larger value is refused with [`BackendError::ValueTooLarge`], as is one
@@ -77,7 +79,15 @@
 //! named in the URL; a server that is down makes only its own keys
 //! [`Unavailable`](BackendError::Unavailable).
 
+// The meta-protocol codec is not public API. The fuzz target
+// (`fuzz/fuzz_targets/memcached_proto.rs`, built by cargo-fuzz, which sets
+// `--cfg fuzzing`) reaches it; everything else uses it through the backend.
+#[cfg(fuzzing)]
+#[doc(hidden)]
 pub mod proto;
+#[cfg(not(fuzzing))]
+#[allow(dead_code)]
+mod proto;
 
 mod pool;
 mod ring;
@@ -110,6 +120,11 @@ pub const DEFAULT_PORT: u16 = 11211;
 /// The longest relative TTL memcached accepts; longer ones are sent as
 /// absolute Unix times.
 const MAX_RELATIVE_TTL: u64 = 30 * 24 * 60 * 60;
+/// The longest value a request that reads none may get back: none.
+const NO_VALUE: usize = 0;
+/// The longest value `ma` may get back: a decimal `u64` (20 digits).
+const COUNTER_VALUE: usize = 20;
+
 /// How often a token operation is retried when the item's CAS changed
 /// between the read and the guarded write (a concurrent touch-less update
 /// of the same value, in practice never).
@@ -117,6 +132,7 @@ const CAS_RETRIES: usize = 3;
 
 /// Settings for [`MemcachedBackend::connect_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub struct MemcachedOptions {
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -163,10 +179,14 @@ impl MemcachedOptions {
 
 /// A [`Backend`] on one or more Memcached servers (meta protocol, memcached
 /// 1.6.10 or later). See the [module docs](self).
+#[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub struct MemcachedBackend {
     servers: Vec<Pool>,
     ring: Ring,
     max_value_size: usize,
+    /// The item size limit (at most 1 GiB): no value read back can be
+    /// longer, so no reply may announce one that is.
+    item_size: usize,
 }
 
 impl std::fmt::Debug for MemcachedBackend {
@@ -179,37 +199,28 @@ impl std::fmt::Debug for MemcachedBackend {
 }
 
 /// Splits `memcached://h1:p1,h2:p2` (or a bare `h1:p1,h2:p2`) into
-/// `host:port` addresses; a missing port is [`DEFAULT_PORT`].
+/// `host:port` addresses; a missing port is [`DEFAULT_PORT`]. Each address
+/// is checked by the same `host[:port]` parser as
+/// [`BackendUrl`](crate::BackendUrl)'s, so both accept the same servers.
 fn parse_servers(url: &str) -> BackendResult<Vec<String>> {
-    let bad = |why: &str| BackendError::InvalidUrl {
-        url: url.to_owned(),
-        reason: why.to_owned(),
+    let bad = |why: String| BackendError::InvalidUrl {
+        url: crate::backend::url::redact(url),
+        reason: why,
     };
     let mut servers = Vec::new();
     for part in url.trim().split(',') {
         let part = part.trim();
-        let part = part.strip_prefix("memcached://").unwrap_or(part);
+        let part = match part.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("memcached") => rest,
+            _ => part,
+        };
         let part = part.strip_suffix('/').unwrap_or(part);
         if part.is_empty() {
-            return Err(bad("empty server address"));
+            return Err(bad("empty server address".into()));
         }
-        if part.contains(['/', '?', '@', '#', ' ']) || part.contains("://") {
-            return Err(bad("expected host:port addresses"));
-        }
-        let has_port = match part.rsplit_once(':') {
-            Some((host, _)) if part.starts_with('[') && !host.ends_with(']') => false,
-            Some((_, port)) => {
-                port.parse::<u16>()
-                    .map_err(|_| bad(&format!("bad port in {part:?}")))?;
-                true
-            }
-            None => false,
-        };
-        servers.push(if has_port {
-            part.to_owned()
-        } else {
-            format!("{part}:{DEFAULT_PORT}")
-        });
+        let (host, port) = crate::backend::url::host_port(part, DEFAULT_PORT)
+            .map_err(|why| bad(format!("expected host:port addresses: {why}")))?;
+        servers.push(format!("{host}:{port}"));
     }
     Ok(servers)
 }
@@ -243,7 +254,7 @@ impl MemcachedBackend {
     /// Asks every server for its `item_size_max` (in parallel). Servers
     /// that are down are tolerated (their keys are unavailable until they
     /// come back); if none answers, the result is
-    /// [`BackendError::Unavailable`].
+    /// [`BackendError::Connect`].
     pub async fn connect(url: &str) -> BackendResult<Self> {
         Self::connect_with(url, MemcachedOptions::default()).await
     }
@@ -260,7 +271,6 @@ impl MemcachedBackend {
                     options.connect_timeout,
                     options.response_timeout,
                     options.max_connections,
-                    proto::DEFAULT_MAX_VALUE_LEN,
                 )
             })
             .collect();
@@ -285,14 +295,27 @@ impl MemcachedBackend {
         }
         let item_size = match (item_size, last_error) {
             (Some(size), _) => size,
-            (None, Some(e)) => return Err(e),
+            (None, Some(e)) => {
+                let reason = match e {
+                    BackendError::Unavailable { reason, .. } => reason,
+                    BackendError::TimedOut { after, .. } => format!("no answer within {after:?}"),
+                    other => other.to_string(),
+                };
+                let servers: Vec<&str> = servers.iter().map(Pool::addr).collect();
+                return Err(BackendError::connect(
+                    format!("memcached://{}", servers.join(",")),
+                    reason,
+                ));
+            }
             (None, None) => DEFAULT_ITEM_SIZE,
         };
+        let item_size = item_size.min(proto::DEFAULT_MAX_VALUE_LEN);
         let max_value_size = item_size.saturating_sub(ITEM_OVERHEAD).max(1);
         Ok(Self {
             servers,
             ring,
             max_value_size,
+            item_size,
         })
     }
 
@@ -308,11 +331,18 @@ impl MemcachedBackend {
             .ok_or_else(|| BackendError::protocol(key, "no memcached server for this key"))
     }
 
-    /// One command, one reply.
-    async fn one(&self, key: &str, request: &[u8], read_only: bool) -> BackendResult<Response> {
+    /// One command, one reply, whose value (if any) is at most
+    /// `max_value_len` bytes long.
+    async fn one(
+        &self,
+        key: &str,
+        request: &[u8],
+        read_only: bool,
+        max_value_len: usize,
+    ) -> BackendResult<Response> {
         let mut replies = self
             .server(self.ring.server_for(key), key)?
-            .request(key, request, Until::Count(1), read_only)
+            .request(key, request, Until::Count(1), read_only, max_value_len)
             .await?;
         replies
             .pop()
@@ -348,7 +378,7 @@ impl MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, wire, &flags);
-        match self.one(key, &req, true).await? {
+        match self.one(key, &req, true, self.item_size).await? {
             Response::Meta {
                 status: Status::Miss,
                 ..
@@ -384,7 +414,7 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, true).await? {
+        match self.one(key, &req, true, self.item_size).await? {
             Response::Meta {
                 status: Status::Miss,
                 ..
@@ -423,7 +453,7 @@ impl Backend for MemcachedBackend {
                 async move {
                     let pool = self.server(server, first)?;
                     let replies = pool
-                        .request(first, &req, Until::Count(group.len()), true)
+                        .request(first, &req, Until::Count(group.len()), true, self.item_size)
                         .await?;
                     Ok::<_, BackendError>((group, replies))
                 }
@@ -460,7 +490,7 @@ impl Backend for MemcachedBackend {
             ..SetFlags::default()
         };
         proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(()),
@@ -495,7 +525,7 @@ impl Backend for MemcachedBackend {
                 async move {
                     let pool = self.server(server, first)?;
                     let replies = pool
-                        .request(first, &req, Until::Count(group.len()), false)
+                        .request(first, &req, Until::Count(group.len()), false, NO_VALUE)
                         .await?;
                     Ok::<_, BackendError>((group, replies))
                 }
@@ -521,7 +551,7 @@ impl Backend for MemcachedBackend {
             ..SetFlags::default()
         };
         proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(true),
@@ -540,7 +570,7 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(true),
@@ -555,7 +585,7 @@ impl Backend for MemcachedBackend {
     async fn delete(&self, key: &str) -> BackendResult<bool> {
         let mut req = Vec::new();
         proto::encode_delete(&mut req, &WireKey::new(key), None, false, None);
-        match self.one(key, &req, false).await? {
+        match self.one(key, &req, false, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Ok, ..
             } => Ok(true),
@@ -574,7 +604,7 @@ impl Backend for MemcachedBackend {
         // Two clients vivifying at once: the loser gets NS; the item exists
         // now, so a second try increments it.
         for _ in 0..2 {
-            match self.one(key, &req, false).await? {
+            match self.one(key, &req, false, COUNTER_VALUE).await? {
                 Response::Meta {
                     status: Status::Value,
                     value: Some(value),
@@ -622,7 +652,7 @@ impl Backend for MemcachedBackend {
             }
             let mut req = Vec::new();
             proto::encode_delete(&mut req, &wire, Some(cas), false, None);
-            match self.one(key, &req, false).await? {
+            match self.one(key, &req, false, NO_VALUE).await? {
                 Response::Meta {
                     status: Status::Ok, ..
                 } => return Ok(TokenCheck::Matched),
@@ -662,7 +692,7 @@ impl Backend for MemcachedBackend {
                 ..SetFlags::default()
             };
             proto::encode_set(&mut req, &wire, expected, &flags);
-            match self.one(key, &req, false).await? {
+            match self.one(key, &req, false, NO_VALUE).await? {
                 Response::Meta {
                     status: Status::Ok, ..
                 } => return Ok(TokenCheck::Matched),
@@ -689,7 +719,7 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, true).await? {
+        match self.one(key, &req, true, NO_VALUE).await? {
             Response::Meta {
                 status: Status::Miss,
                 ..
@@ -726,7 +756,7 @@ mod tests {
             ["127.0.0.1:21211", "127.0.0.1:21212"]
         );
         assert_eq!(
-            parse_servers("a:1, memcached://b:2 ,c").unwrap(),
+            parse_servers("a:1, MEMCACHED://b:2 ,c").unwrap(),
             ["a:1", "b:2", "c:11211"]
         );
         assert_eq!(
@@ -741,6 +771,8 @@ mod tests {
             "a:99999",
             "redis://x:1",
             "a:1/db",
+            "a:0",
+            "u:p@a:1",
         ] {
             assert!(parse_servers(bad).is_err(), "{bad:?}");
         }

@@ -65,7 +65,6 @@ pub(crate) struct Pool {
     addr: String,
     connect_timeout: Duration,
     response_timeout: Duration,
-    max_value_len: usize,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
 }
@@ -113,13 +112,11 @@ impl Pool {
         connect_timeout: Duration,
         response_timeout: Duration,
         max_connections: usize,
-        max_value_len: usize,
     ) -> Self {
         Self {
             addr,
             connect_timeout,
             response_timeout,
-            max_value_len,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(max_connections.max(1)),
         }
@@ -135,21 +132,29 @@ impl Pool {
     /// a request that failed on a reused connection with an I/O error is
     /// sent once more on a fresh one; only pass it for requests that are
     /// safe to repeat (reads).
+    ///
+    /// `max_value_len` bounds each value block in the replies: what the
+    /// request can legitimately get back (0 for a request that returns no
+    /// value). A reply announcing more is a protocol error, found before its
+    /// bytes are read, and the connection is dropped: a wrong or hostile
+    /// server cannot make the client buffer more than that.
     pub(crate) async fn request(
         &self,
         key: &str,
         request: &[u8],
         until: Until,
         retry_reads: bool,
+        max_value_len: usize,
     ) -> BackendResult<Vec<Response>> {
-        self.run(key, request, until, retry_reads).await
+        self.run(key, request, until, retry_reads, max_value_len)
+            .await
     }
 
     /// Asks `stats settings`.
     pub(crate) async fn stats_settings(&self) -> BackendResult<Stats> {
         let mut req = Vec::new();
         proto::encode_stats_settings(&mut req);
-        let mut frames: Vec<Stats> = self.run("", &req, Until::Count(1), true).await?;
+        let mut frames: Vec<Stats> = self.run("", &req, Until::Count(1), true, 0).await?;
         Ok(frames.pop().unwrap_or_default())
     }
 
@@ -159,6 +164,7 @@ impl Pool {
         request: &[u8],
         until: Until,
         retry_reads: bool,
+        max_value_len: usize,
     ) -> BackendResult<Vec<F>> {
         let _permit =
             match tokio::time::timeout(self.response_timeout, self.permits.acquire()).await {
@@ -175,12 +181,16 @@ impl Pool {
             Some(conn) => (conn, true),
             None => (self.connect(key).await?, false),
         };
-        let mut outcome = self.exchange(&mut conn, request, until).await;
+        let mut outcome = self
+            .exchange(&mut conn, request, until, max_value_len)
+            .await;
         if reused && retry_reads && matches!(outcome, Err(Failure::Io(_) | Failure::Closed)) {
             tracing::debug!(addr = %self.addr, "pooled memcached connection was dead; retrying on a fresh one");
             self.purge();
             conn = self.connect(key).await?;
-            outcome = self.exchange(&mut conn, request, until).await;
+            outcome = self
+                .exchange(&mut conn, request, until, max_value_len)
+                .await;
         }
         match outcome {
             Ok((frames, clean)) => {
@@ -252,6 +262,7 @@ impl Pool {
         conn: &mut Conn,
         request: &[u8],
         until: Until,
+        max_value_len: usize,
     ) -> Result<(Vec<F>, bool), Failure> {
         let work = async {
             conn.buf.clear();
@@ -267,7 +278,7 @@ impl Pool {
                 loop {
                     // Take every complete frame already buffered.
                     while let Some((frame, used)) =
-                        F::parse(buf, self.max_value_len).map_err(Failure::Proto)?
+                        F::parse(buf, max_value_len).map_err(Failure::Proto)?
                     {
                         buf.advance(used);
                         clean &= frame.clean();

@@ -1,10 +1,13 @@
 //! The Redis backend: one standalone server or a Redis Cluster.
 //!
-//! [`RedisBackend`] speaks to Redis through the `redis` crate's
-//! async connections: a [`ConnectionManager`] (one multiplexed connection that
-//! reconnects by itself) for a standalone server, and the `cluster_async`
-//! [`ClusterConnection`] for a Cluster. Both sit behind one private enum that
-//! implements the crate's `ConnectionLike`, so every operation is written once.
+//! [`RedisBackend`] speaks to Redis through the `redis` crate's async
+//! connections: for a standalone server one
+//! [`MultiplexedConnection`](::redis::aio::MultiplexedConnection) over a
+//! stream the backend opens itself (TCP, TLS with rustls, or a Unix socket)
+//! and replaces when it fails, and for a Cluster the `cluster_async`
+//! [`ClusterConnection`](::redis::cluster_async::ClusterConnection). Both sit
+//! behind one private enum that implements the crate's `ConnectionLike`, so
+//! every operation is written once.
 //!
 //! # Commands
 //!
@@ -12,7 +15,7 @@
 //! |---|---|---|
 //! | `get` / `get_many` | `GET` / `MGET` | 1 |
 //! | `set` / `set_many` | `SET key val PX ms` / one pipeline of them | 1 |
-//! | `add` | `SET key val NX PX ms` | 1 |
+//! | `add` | `SET key val NX GET PX ms` (`SET key val NX PX ms` before Redis 7.0) | 1 |
 //! | `touch` / `delete` / `ttl` | `PEXPIRE` / `DEL` / `PTTL` | 1 |
 //! | `incr` | `INCRBY` | 1 |
 //! | `delete_if_eq` | a Lua script (`EVALSHA`), or `DELEX key IFEQ` / `DELIFEQ` where the server has it | 1 |
@@ -50,11 +53,13 @@
 //!   are the crate's; one operation, retries included, is bounded by the
 //!   response timeout. The crate also re-sends a command after a broken
 //!   connection or a timed-out reply, which cannot be turned off without
-//!   turning off redirects: if the first attempt of `add`, `incr` or
+//!   turning off redirects: if the first attempt of `incr` or
 //!   `delete_if_eq` took effect but its reply was lost, the retry answers as
-//!   if it had not (`add` → `false`, `incr` counts twice, `delete_if_eq` →
-//!   `Missing`). The standalone backend never re-sends a command that may
-//!   have reached the server.
+//!   if it had not (`incr` counts twice, `delete_if_eq` → `Missing`). `add`
+//!   is safe: `SET ... NX GET` returns the value already there, and our own
+//!   token there means the first attempt stored it, so the retry answers
+//!   `true`. The standalone backend never re-sends a command that may have
+//!   reached the server.
 //!
 //! # Failures
 //!
@@ -66,7 +71,20 @@
 //! * no reply within the response timeout (or no connection within the
 //!   connect timeout) → [`BackendError::TimedOut`];
 //! * an error reply (`WRONGTYPE`, "not an integer", ...) or a reply of an
-//!   unexpected shape → [`BackendError::Protocol`].
+//!   unexpected shape → [`BackendError::Protocol`];
+//! * a reply over the client's limits (standalone only) →
+//!   [`BackendError::Protocol`], and the connection is dropped.
+//!
+//! # Bounded replies
+//!
+//! The `redis` crate's parser has no size limits, so a wrong or hostile
+//! server could make it buffer gigabytes (a `$2000000000` header, a status
+//! line that never ends). A standalone connection reads through a scanner
+//! that follows the RESP framing and refuses, before buffering it, a bulk
+//! string longer than the largest value ([`RedisOptions::max_value_size`],
+//! at least 1 MiB), a line longer than 64 KiB or an aggregate of more than
+//! 2^20 elements. Cluster connections are opened by the crate and are not
+//! bounded this way.
 //!
 //! # Runtime
 //!
@@ -77,9 +95,9 @@
 //! # Protocol
 //!
 //! A standalone connection speaks RESP3 unless the URL says
-//! `?protocol=resp2` (or `resp3`): with RESP3 the connection manager hears of
-//! a dropped connection at once, also while idle, and reconnects before the
-//! next operation. A server without RESP3 (before Redis 6, some proxies) is
+//! `?protocol=resp2` (or `resp3`): with RESP3 the connection hears of its
+//! own disconnection at once, also while idle, and the next operation
+//! connects afresh instead of failing on it. A server without RESP3 (before Redis 6, some proxies) is
 //! detected at connect time and spoken to in RESP2; then the first operation
 //! after the server restarted while the backend was idle fails with
 //! [`BackendError::Unavailable`] and the next one reconnects. Cluster
@@ -93,320 +111,48 @@
 //! the next operation once the server is back. An operation that failed
 //! because the connection was *refused* was never sent, so it is retried once
 //! on a fresh connection: the first operation after a restart succeeds.
-//! A reply that times out gets the standalone connection replaced: a
+//! A standalone connection is replaced after any operation on it failed as
+//! unavailable, and after a reply that timed out: a
 //! connection that stopped answering (half-open after a host or network
 //! failure) would otherwise time out every operation until the kernel gives
 //! up on it, many minutes later.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::Slot;
 use ::redis::io::tcp::TcpSettings;
-use ::redis::{
-    Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, Pipeline, ProtocolVersion, RedisError,
-    RedisFuture, ServerErrorKind, Value,
-};
+use ::redis::{Cmd, ConnectionAddr, ProtocolVersion, RedisError, Value};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
-use parking_lot::RwLock;
 use tokio::time::Instant;
 
-use self::url::{bad_tls, bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
-use super::{Backend, TokenCheck, check_value_size};
+use self::errors::{
+    connect_error, connect_failed, finish_connect_error, is_limit_error, lacks_resp3, map_error,
+};
+use self::link::{Conn, Link, open_single};
+use self::notify::RedisNotify;
+use self::scripts::{
+    DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
+};
+use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
+use super::{Backend, ReleaseWatch, TokenCheck, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
+mod errors;
+mod limit;
+mod link;
+mod notify;
+mod options;
+mod scripts;
 mod url;
+pub use self::options::{REDIS_MAX_VALUE_SIZE, RedisOptions};
 pub use self::url::check_url;
-
-/// Redis's own limit on one string value (`proto-max-bulk-len`): 512 MiB.
-pub const REDIS_MAX_VALUE_SIZE: usize = 512 * 1024 * 1024;
 
 /// The longest TTL sent to the server: 100 years, in milliseconds.
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// Settings of a [`RedisBackend`].
-///
-/// ```
-/// use std::time::Duration;
-/// use cachelock::backend::redis::RedisOptions;
-///
-/// let options = RedisOptions::new()
-///     .connect_timeout(Duration::from_secs(1))
-///     .response_timeout(Duration::from_secs(10));
-/// assert_eq!(options.connect_timeout_duration(), Duration::from_secs(1));
-/// ```
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisOptions {
-    connect_timeout: Duration,
-    response_timeout: Duration,
-    max_value_size: usize,
-    tls_root_certificate: Option<Vec<u8>>,
-}
-
-impl fmt::Debug for RedisOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisOptions")
-            .field("connect_timeout", &self.connect_timeout)
-            .field("response_timeout", &self.response_timeout)
-            .field("max_value_size", &self.max_value_size)
-            .field(
-                "tls_root_certificate",
-                &self.tls_root_certificate.as_ref().map(|_| "<PEM>"),
-            )
-            .finish()
-    }
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(5),
-            max_value_size: REDIS_MAX_VALUE_SIZE,
-            tls_root_certificate: None,
-        }
-    }
-}
-
-impl RedisOptions {
-    /// The default settings: 2 s connect timeout, 5 s response timeout,
-    /// 512 MiB values.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How long one attempt to open a connection (TCP or Unix connect, TLS
-    /// handshake, `AUTH`/`SELECT`) may take. Defaults to 2 s: far above any
-    /// healthy round trip and TLS handshake within a region, and short enough
-    /// that a server that is down (or a black-holed address) is reported
-    /// quickly.
-    #[must_use]
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How long to wait for the reply to one command (or pipeline). Defaults
-    /// to 5 s. The timeout covers moving the value over the network, so it
-    /// must leave room for the largest value: the `redis` crate's own default
-    /// of 500 ms would fail a few-MB memoized value on a slow or busy link;
-    /// 5 s carries about 60 MB at 100 Mbit/s.
-    #[must_use]
-    pub fn response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout;
-        self
-    }
-
-    /// The largest value one item may hold; larger writes fail with
-    /// [`BackendError::ValueTooLarge`] before anything is sent. Defaults to,
-    /// and is capped at, Redis's limit of 512 MiB ([`REDIS_MAX_VALUE_SIZE`]).
-    /// Lower it if the server's `proto-max-bulk-len` is lower, or to have
-    /// memoize split big values into smaller chunks.
-    #[must_use]
-    pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes.min(REDIS_MAX_VALUE_SIZE);
-        self
-    }
-
-    /// For `rediss://` URLs: trust the certificate authority in this PEM
-    /// file's contents **instead of** the system's root certificates (a
-    /// private CA, as many managed and self-hosted Redis deployments use).
-    /// By default the system's roots are used. Without TLS it has no effect.
-    #[must_use]
-    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls_root_certificate = Some(pem.into());
-        self
-    }
-
-    fn tls_certificates(&self) -> Option<::redis::TlsCertificates> {
-        self.tls_root_certificate
-            .as_ref()
-            .map(|pem| ::redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            })
-    }
-
-    /// The connect timeout.
-    pub fn connect_timeout_duration(&self) -> Duration {
-        self.connect_timeout
-    }
-
-    /// The response timeout.
-    pub fn response_timeout_duration(&self) -> Duration {
-        self.response_timeout
-    }
-
-    /// The largest value one item may hold.
-    pub fn max_value_bytes(&self) -> usize {
-        self.max_value_size
-    }
-
-    fn validate(&self) -> BackendResult<()> {
-        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
-            return Err(BackendError::unavailable(
-                "",
-                "invalid Redis options: the connect and response timeouts must be positive",
-            ));
-        }
-        if self.max_value_size == 0 {
-            return Err(BackendError::unavailable(
-                "",
-                "invalid Redis options: the maximum value size must be positive",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The connection, standalone or Cluster. Cloning is cheap (an `Arc` or a
-/// channel sender); each operation works on its own clone.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// How a backend reaches Redis.
-enum Link {
-    Single(Box<SingleLink>),
-    Cluster(ClusterConnection),
-}
-
-/// A standalone connection that is replaced when a reply times out, or when
-/// it failed as unavailable other than by an I/O error.
-///
-/// The `redis` crate's manager replaces a connection only when it reports an
-/// I/O error. One that merely stops answering (a half-open TCP connection
-/// after a host or network failure, a black-holed route) would time out
-/// every operation until the kernel gives up on it, many minutes later. So
-/// after a timed-out reply the connection is dropped, as redis-py does, and
-/// the next operation connects afresh. Likewise after a reconnect whose
-/// handshake failed without an I/O error (a reply cut in the middle, a
-/// server still loading): the manager would return that error to every
-/// later operation forever, without trying again.
-struct SingleLink {
-    client: ::redis::Client,
-    config: ConnectionManagerConfig,
-    /// The connection and its generation, bumped at each replacement.
-    current: RwLock<(u64, ConnectionManager)>,
-}
-
-impl Link {
-    /// The connection to use now, with its generation.
-    fn snapshot(&self) -> (u64, Conn) {
-        match self {
-            Link::Single(single) => {
-                let current = single.current.read();
-                (current.0, Conn::Single(current.1.clone()))
-            }
-            Link::Cluster(cluster) => (0, Conn::Cluster(cluster.clone())),
-        }
-    }
-
-    /// Drops the standalone connection of `generation` after a reply on it
-    /// timed out or it failed for good (once, however many operations failed
-    /// on it). The next operation connects again.
-    fn discard(&self, generation: u64) {
-        let Link::Single(single) = self else {
-            return;
-        };
-        let mut current = single.current.write();
-        if current.0 != generation {
-            return;
-        }
-        match ConnectionManager::new_lazy_with_config(single.client.clone(), single.config.clone())
-        {
-            Ok(fresh) => {
-                *current = (generation + 1, fresh);
-                tracing::debug!("a Redis connection failed; it will be replaced");
-            }
-            Err(e) => tracing::warn!(error = %e, "could not prepare a new Redis connection"),
-        }
-    }
-}
-
-/// Which server-side compare-and-delete command the server offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NativeDelete {
-    /// Redis 8.4+: `DELEX key IFEQ value`.
-    Delex,
-    /// Valkey 9+: `DELIFEQ key value`.
-    DelIfEq,
-}
-
-/// Deletes KEYS[1] if it holds ARGV[1]. 1: deleted; 0: another value; -1: absent.
-static DELETE_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
-        r"
-local v = redis.call('GET', KEYS[1])
-if v == false then return -1 end
-if v ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-",
-    )
-});
-
-/// Sets a TTL of ARGV[2] ms on KEYS[1] if it holds ARGV[1].
-/// 1: extended; 0: another value; -1: absent.
-static EXTEND_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
-        r"
-local v = redis.call('GET', KEYS[1])
-if v == false then return -1 end
-if v ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-",
-    )
-});
-
-fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
-    match code {
-        1 => Ok(TokenCheck::Matched),
-        0 => Ok(TokenCheck::Mismatch),
-        -1 => Ok(TokenCheck::Missing),
-        other => Err(BackendError::protocol(
-            key,
-            format!("unexpected reply {other} from an owner-checked operation"),
-        )),
-    }
-}
 
 /// A cache backend on Redis, standalone or Cluster.
 ///
@@ -424,12 +170,18 @@ fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
 /// guard.release().await?;
 /// # Ok(()) }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisBackend {
     link: Link,
     options: RedisOptions,
     /// The URL(s) connected to, passwords masked.
     urls: Vec<String>,
     native_delete: Option<NativeDelete>,
+    /// Cleared when the server refuses `SET ... NX GET` (before Redis 7.0):
+    /// `add` then sends plain `SET ... NX`.
+    set_nx_get: std::sync::atomic::AtomicBool,
+    /// Release notices over pub/sub (standalone only).
+    notify: Option<RedisNotify>,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -449,10 +201,10 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// [`BackendError::Unavailable`] if the URL is malformed (see
-    /// [`check_url`]) or the server cannot be reached, refuses the
-    /// credentials or the database; [`BackendError::TimedOut`] if it does not
-    /// answer within the connect timeout.
+    /// [`BackendError::InvalidUrl`] if the URL is malformed (see
+    /// [`check_url`]); [`BackendError::Connect`] if the server cannot be
+    /// reached, does not answer within the connect timeout, or refuses the
+    /// credentials or the database.
     pub async fn connect(url: &str) -> BackendResult<Self> {
         Self::connect_with(url, RedisOptions::default()).await
     }
@@ -461,14 +213,14 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// As for [`connect`](Self::connect), and [`BackendError::Unavailable`]
-    /// for a zero timeout.
+    /// As for [`connect`](Self::connect), and [`BackendError::InvalidConfig`]
+    /// for a zero timeout or TLS settings the client cannot use.
     pub async fn connect_with(url: &str, options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         let info = prepare(parse_url(url)?);
         let started = Instant::now();
         let manager = if protocol_in_url(url) {
-            open_manager(url, info, &options)
+            open_single(url, info, &options)
                 .await
                 .map_err(|e| finish_connect_error(url, e, started))?
         } else {
@@ -480,21 +232,24 @@ impl RedisBackend {
             let resp3 = info
                 .clone()
                 .set_redis_settings(settings.clone().set_protocol(ProtocolVersion::RESP3));
-            match open_manager(url, resp3, &options).await {
+            match open_single(url, resp3, &options).await {
                 Err(Ok(e)) if lacks_resp3(&e) => {
                     tracing::debug!(url = %redact(url), error = %e, "Redis has no RESP3; using RESP2");
                     let resp2 = info.set_redis_settings(settings.set_protocol(ProtocolVersion::RESP2));
-                    open_manager(url, resp2, &options).await
+                    open_single(url, resp2, &options).await
                 }
                 other => other,
             }
             .map_err(|e| finish_connect_error(url, e, started))?
         };
+        let notify = Some(RedisNotify::new(manager.db()));
         let mut backend = Self {
             link: Link::Single(Box::new(manager)),
             options,
             urls: vec![redact(url)],
             native_delete: None,
+            set_nx_get: std::sync::atomic::AtomicBool::new(true),
+            notify,
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -511,7 +266,7 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// As for [`connect`](Self::connect); also [`BackendError::Unavailable`]
+    /// As for [`connect`](Self::connect); also [`BackendError::InvalidConfig`]
     /// if `urls` is empty.
     pub async fn connect_cluster(urls: &[&str]) -> BackendResult<Self> {
         Self::connect_cluster_with(urls, RedisOptions::default()).await
@@ -525,8 +280,7 @@ impl RedisBackend {
     pub async fn connect_cluster_with(urls: &[&str], options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         if urls.is_empty() {
-            return Err(BackendError::unavailable(
-                "",
+            return Err(BackendError::invalid_config(
                 "no Redis Cluster node URL was given",
             ));
         }
@@ -550,13 +304,17 @@ impl RedisBackend {
             .map_err(|e| bad_url(&shown.join(","), short_redis_error(&e)))?;
         let started = Instant::now();
         let conn = tokio::time::timeout(
-            options.connect_timeout + options.response_timeout,
+            options
+                .connect_timeout
+                .saturating_add(options.response_timeout),
             client.get_async_connection(),
         )
         .await
-        .map_err(|_| BackendError::TimedOut {
-            key: String::new(),
-            after: started.elapsed(),
+        .map_err(|_| {
+            BackendError::connect(
+                shown.join(","),
+                format!("no answer within {:?}", started.elapsed()),
+            )
         })?
         .map_err(|e| connect_error(&shown.join(","), e, started.elapsed()))?;
         let mut backend = Self {
@@ -564,6 +322,8 @@ impl RedisBackend {
             options,
             urls: shown,
             native_delete: None,
+            set_nx_get: std::sync::atomic::AtomicBool::new(true),
+            notify: None,
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -571,6 +331,21 @@ impl RedisBackend {
             .map_err(|e| connect_failed(&backend.urls.join(","), e))?;
         tracing::debug!(urls = ?backend.urls, native_delete = ?backend.native_delete, "connected to Redis Cluster");
         Ok(backend)
+    }
+
+    /// The pub/sub channel a release of `key` is announced on.
+    fn release_channel(&self, key: &str) -> String {
+        match &self.notify {
+            Some(n) => n.channel(key),
+            None => RedisNotify::channel_for(0, key),
+        }
+    }
+
+    /// Notes our release of `key`, whose notice reached `subscribers`.
+    fn released(&self, key: &str, subscribers: i64) {
+        if let Some(n) = &self.notify {
+            n.released(key, usize::try_from(subscribers).unwrap_or(0));
+        }
     }
 
     /// Whether this backend talks to a Redis Cluster.
@@ -623,7 +398,7 @@ impl RedisBackend {
     /// server that has come back answers the retry.
     ///
     /// A timed-out reply gets its standalone connection replaced (see
-    /// [`SingleLink`]).
+    /// `link::SingleLink`).
     async fn retrying<T, F, Fut>(&self, key: &str, started: Instant, op: F) -> BackendResult<T>
     where
         F: Fn(Conn) -> Fut,
@@ -631,12 +406,17 @@ impl RedisBackend {
     {
         // The crate bounds each connect and each reply; this outer limit
         // only guards against a wait the crate does not bound.
-        let limit = self.options.connect_timeout * 2 + self.options.response_timeout;
+        let limit = self
+            .options
+            .connect_timeout
+            .saturating_mul(2)
+            .saturating_add(self.options.response_timeout);
         let (mut generation, conn) = self.link.snapshot();
         let run = async {
             match op(conn).await {
                 Err(e) if e.is_connection_refusal() && !self.is_cluster() => {
                     tracing::debug!(%key, error = %e, "Redis connection refused; retrying once on a new connection");
+                    self.link.discard(generation);
                     let (again, conn) = self.link.snapshot();
                     generation = again;
                     op(conn).await
@@ -648,13 +428,12 @@ impl RedisBackend {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => {
                 let mapped = map_error(key, &e, started.elapsed());
-                // The crate reconnects by itself after an I/O error, but a
-                // reconnect that failed otherwise (its handshake reply cut
-                // mid-way parses as garbage, a restarting server answers
-                // LOADING) is kept and handed to every later operation at
-                // once, with no new attempt, for good. Replace it.
-                let stuck = mapped.is_unavailable() && !e.is_io_error();
-                (mapped, stuck)
+                // A connection that failed (refused, broken, its handshake
+                // cut mid-way or answered LOADING, a reply over the limits)
+                // is replaced: the next operation connects afresh. An error
+                // reply (WRONGTYPE, ...) leaves it in use.
+                let broken = mapped.is_unavailable() || is_limit_error(&e);
+                (mapped, broken)
             }
             Err(_) => (
                 BackendError::TimedOut {
@@ -702,27 +481,6 @@ impl RedisBackend {
     }
 }
 
-/// Reads the reply to `COMMAND INFO DELEX DELIFEQ`: one entry per name,
-/// nil for a command the server does not know.
-fn native_delete_from_command_info(reply: &Value) -> Option<NativeDelete> {
-    let entries = match reply {
-        Value::Array(items) | Value::Set(items) => items,
-        _ => return None,
-    };
-    let known = |i: usize| {
-        entries.get(i).is_some_and(|v| {
-            !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())
-        })
-    };
-    if known(0) {
-        Some(NativeDelete::Delex)
-    } else if known(1) {
-        Some(NativeDelete::DelIfEq)
-    } else {
-        None
-    }
-}
-
 fn expect_ok(key: &str, reply: &Value) -> BackendResult<()> {
     match reply {
         Value::Okay => Ok(()),
@@ -741,140 +499,6 @@ fn ttl_ms(ttl: Duration) -> u64 {
     let nanos = ttl.as_nanos();
     let ms = nanos.div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(u64::MAX).clamp(1, MAX_TTL_MS)
-}
-
-/// Server error codes that mean "cannot serve now" rather than "bad request".
-fn is_unavailable_code(code: &str) -> bool {
-    matches!(
-        code,
-        "LOADING"
-            | "MASTERDOWN"
-            | "CLUSTERDOWN"
-            | "TRYAGAIN"
-            | "READONLY"
-            | "OOM"
-            | "BUSY"
-            | "NOAUTH"
-            | "WRONGPASS"
-            | "MISCONF"
-    )
-}
-
-/// Maps a `redis` crate error on an operation about `key` to a
-/// [`BackendError`].
-fn map_error(key: &str, e: &RedisError, elapsed: Duration) -> BackendError {
-    if e.is_timeout() {
-        return BackendError::TimedOut {
-            key: key.to_owned(),
-            after: elapsed,
-        };
-    }
-    let unavailable = match e.kind() {
-        // A reply that does not parse is, in practice, a stream cut in the
-        // middle of a reply; the crate replaces the connection.
-        ErrorKind::Parse
-        | ErrorKind::Io
-        | ErrorKind::AuthenticationFailed
-        | ErrorKind::ClusterConnectionNotFound
-        | ErrorKind::InvalidClientConfig
-        | ErrorKind::Server(
-            ServerErrorKind::BusyLoading
-            | ServerErrorKind::ClusterDown
-            | ServerErrorKind::MasterDown
-            | ServerErrorKind::TryAgain
-            | ServerErrorKind::ReadOnly
-            | ServerErrorKind::Moved
-            | ServerErrorKind::Ask,
-        ) => true,
-        _ => e.code().is_some_and(is_unavailable_code),
-    };
-    if unavailable {
-        BackendError::unavailable(key, e)
-    } else {
-        BackendError::protocol(key, e)
-    }
-}
-
-/// Whether a connect failed because the server does not speak RESP3.
-fn lacks_resp3(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::RESP3NotSupported
-        || e.code() == Some("NOPROTO")
-        || (e.code() == Some("ERR") && e.detail().is_some_and(|d| d.contains("unknown command")))
-}
-
-/// Opens a connection manager: one connect attempt, bounded. The inner
-/// `Err` is the crate's error (to look at), the outer one a finished
-/// [`BackendError`].
-async fn open_manager(
-    url: &str,
-    info: ConnectionInfo,
-    options: &RedisOptions,
-) -> Result<SingleLink, Result<RedisError, BackendError>> {
-    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-    let client = match options.tls_certificates() {
-        Some(certs) if tls => {
-            ::redis::Client::build_with_tls(info, certs).map_err(|e| Err(bad_tls(url, &e)))?
-        }
-        _ => ::redis::Client::open(info).map_err(|e| Err(bad_url(url, short_redis_error(&e))))?,
-    };
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(options.connect_timeout))
-        .set_response_timeout(Some(options.response_timeout))
-        // One connect attempt per reconnect: a server that is down is
-        // reported within the connect timeout instead of after a series of
-        // backed-off attempts. The next operation tries again.
-        .set_number_of_retries(0);
-    let started = Instant::now();
-    let manager = tokio::time::timeout(
-        options.connect_timeout + options.response_timeout,
-        ConnectionManager::new_with_config(client.clone(), config.clone()),
-    )
-    .await
-    .map_err(|_| {
-        Err(BackendError::TimedOut {
-            key: String::new(),
-            after: started.elapsed(),
-        })
-    })?
-    .map_err(Ok)?;
-    Ok(SingleLink {
-        client,
-        config,
-        current: RwLock::new((0, manager)),
-    })
-}
-
-fn finish_connect_error(
-    url: &str,
-    e: Result<RedisError, BackendError>,
-    started: Instant,
-) -> BackendError {
-    match e {
-        Ok(e) => connect_error(url, e, started.elapsed()),
-        Err(e) => e,
-    }
-}
-
-/// Says which server a failed first command was sent to.
-fn connect_failed(url: &str, e: BackendError) -> BackendError {
-    match e {
-        BackendError::Unavailable { reason, .. } => {
-            BackendError::unavailable("", format!("cannot use Redis at {}: {reason}", redact(url)))
-        }
-        other => other,
-    }
-}
-
-fn connect_error(url: &str, e: RedisError, elapsed: Duration) -> BackendError {
-    match map_error("", &e, elapsed) {
-        BackendError::TimedOut { key, after } => BackendError::TimedOut { key, after },
-        // A server that answers the handshake with an error (wrong password,
-        // no such database) cannot serve us either.
-        _ => BackendError::unavailable(
-            "",
-            format!("cannot connect to Redis at {}: {e}", redact(url)),
-        ),
-    }
 }
 
 #[async_trait]
@@ -940,8 +564,37 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
+    /// `SET key value NX GET PX ms`: the reply is the value that was there
+    /// (nil when the key was absent and is now ours). A value equal to ours
+    /// means an earlier attempt of this very add (whose reply was lost and
+    /// which was sent again, by the Cluster client or by a caller that
+    /// retries) stored it: that is a success, not "held by someone else".
+    /// Tokens are unique per acquire, so no other holder has the same value.
+    /// On a server before Redis 7.0 (no `NX` with `GET`) it falls back to
+    /// `SET key value NX PX ms`.
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        use std::sync::atomic::Ordering;
         check_value_size(key, value, self.max_value_size())?;
+        if self.set_nx_get.load(Ordering::Relaxed) {
+            let mut cmd = ::redis::cmd("SET");
+            cmd.arg(key)
+                .arg(value)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(ttl_ms(ttl));
+            match self.query::<Option<Vec<u8>>>(key, &cmd).await {
+                Ok(None) => return Ok(true),
+                Ok(Some(old)) => return Ok(old == value),
+                Err(BackendError::Protocol { message, .. })
+                    if message.to_ascii_lowercase().contains("syntax") =>
+                {
+                    tracing::debug!(error = %message, "Redis has no SET NX GET; using SET NX");
+                    self.set_nx_get.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(key).arg(value).arg("NX").arg("PX").arg(ttl_ms(ttl));
         match self.query::<Value>(key, &cmd).await? {
@@ -987,13 +640,20 @@ impl Backend for RedisBackend {
     ) -> BackendResult<TokenCheck> {
         let Some(native) = self.native_delete else {
             let mut invocation = DELETE_IF_EQ.prepare_invoke();
-            invocation.key(key).arg(expected);
+            invocation
+                .key(key)
+                .arg(expected)
+                .arg(self.release_channel(key));
             let invocation = &invocation;
             let code: i64 = self
                 .retrying(key, Instant::now(), move |mut conn: Conn| async move {
                     invocation.invoke_async::<i64>(&mut conn).await
                 })
                 .await?;
+            if code >= 1 {
+                self.released(key, code - 1);
+                return Ok(TokenCheck::Matched);
+            }
             return token_check(key, code);
         };
         let mut cmd = match native {
@@ -1009,6 +669,15 @@ impl Backend for RedisBackend {
             }
         };
         if self.query::<i64>(key, &cmd).await? == 1 {
+            // Announced right after the delete (one more round trip).
+            let mut publish = ::redis::cmd("PUBLISH");
+            publish.arg(self.release_channel(key)).arg("");
+            match self.query::<i64>(key, &publish).await {
+                Ok(n) => self.released(key, n),
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "release notice not sent; waiters poll")
+                }
+            }
             return Ok(TokenCheck::Matched);
         }
         // "0" is both "absent" and "another value"; tell them apart.
@@ -1047,6 +716,19 @@ impl Backend for RedisBackend {
         Ok(u64::try_from(ms).ok().map(Duration::from_millis))
     }
 
+    /// Pub/sub on a standalone server (see the module docs); a Cluster
+    /// backend polls.
+    async fn watch_release(&self, key: &str) -> ReleaseWatch {
+        match (&self.notify, &self.link) {
+            (Some(notify), Link::Single(single)) => notify.watch(single, key).await,
+            _ => ReleaseWatch::polling(),
+        }
+    }
+
+    fn handed_off_at(&self, key: &str) -> Option<Instant> {
+        self.notify.as_ref()?.handed_off_at(key)
+    }
+
     fn atomic_token_ops(&self) -> bool {
         true
     }
@@ -1067,56 +749,5 @@ mod tests {
         assert_eq!(ttl_ms(Duration::from_micros(1500)), 2);
         assert_eq!(ttl_ms(Duration::from_secs(30)), 30_000);
         assert_eq!(ttl_ms(Duration::MAX), MAX_TTL_MS);
-    }
-
-    #[test]
-    fn detects_native_delete_from_command_info() {
-        let nil2 = Value::Array(vec![Value::Nil, Value::Nil]);
-        assert_eq!(native_delete_from_command_info(&nil2), None);
-        let info = Value::Array(vec![Value::BulkString(b"delex".to_vec())]);
-        let delex = Value::Array(vec![info.clone(), Value::Nil]);
-        assert_eq!(
-            native_delete_from_command_info(&delex),
-            Some(NativeDelete::Delex)
-        );
-        let delifeq = Value::Array(vec![Value::Nil, info]);
-        assert_eq!(
-            native_delete_from_command_info(&delifeq),
-            Some(NativeDelete::DelIfEq)
-        );
-        assert_eq!(native_delete_from_command_info(&Value::Nil), None);
-        assert_eq!(native_delete_from_command_info(&Value::Int(3)), None);
-    }
-
-    #[test]
-    fn falls_back_to_resp2_only_when_resp3_is_missing() {
-        let missing = RedisError::from((ErrorKind::RESP3NotSupported, "no HELLO"));
-        assert!(lacks_resp3(&missing));
-        let unknown = RedisError::from((
-            ErrorKind::Server(ServerErrorKind::ResponseError),
-            "An error was signalled by the server",
-            "unknown command 'HELLO'".to_owned(),
-        ));
-        assert!(lacks_resp3(&unknown));
-        let noproto = ::redis::make_extension_error("NOPROTO".into(), Some("unsupported".into()));
-        assert!(lacks_resp3(&noproto));
-        let noauth = ::redis::make_extension_error(
-            "NOAUTH".into(),
-            Some("HELLO must be called with the client already authenticated".into()),
-        );
-        assert!(!lacks_resp3(&noauth));
-        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(!lacks_resp3(&io));
-    }
-
-    #[test]
-    fn token_codes() {
-        assert_eq!(token_check("k", 1).unwrap(), TokenCheck::Matched);
-        assert_eq!(token_check("k", 0).unwrap(), TokenCheck::Mismatch);
-        assert_eq!(token_check("k", -1).unwrap(), TokenCheck::Missing);
-        assert!(matches!(
-            token_check("k", 7),
-            Err(BackendError::Protocol { .. })
-        ));
     }
 }

@@ -17,76 +17,19 @@ use crate::error::{BackendError, BackendResult};
 ///
 /// # Errors
 ///
-/// [`BackendError::Unavailable`] whose reason says what is wrong with the URL
-/// (with any password in it masked), and an empty key.
+/// [`BackendError::InvalidUrl`] whose reason says what is wrong with the URL
+/// (with any password in it masked).
 pub fn check_url(url: &str) -> BackendResult<()> {
     parse_url(url).map(|_| ())
 }
 
-/// A URL with its password (in the user info or a `pass=` query parameter)
-/// replaced by `***`, for messages.
-pub(super) fn redact(url: &str) -> String {
-    let url = redact_userinfo(url);
-    let Some(q) = url.find('?') else {
-        return url;
-    };
-    let (head, query) = url.split_at(q);
-    let mut out = head.to_owned();
-    for (i, part) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        let bare = part.trim_start_matches('?');
-        if bare.starts_with("pass=") || bare.starts_with("password=") {
-            let (name, _) = part.split_once('=').unwrap_or((part, ""));
-            out.push_str(name);
-            out.push_str("=***");
-        } else {
-            out.push_str(part);
-        }
-    }
-    out
-}
-
-fn redact_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest_start = scheme_end + 3;
-    let rest = url.get(rest_start..).unwrap_or("");
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = rest.get(..authority_end).unwrap_or("");
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = authority.get(..at).unwrap_or("");
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}{}:***{}",
-        url.get(..rest_start).unwrap_or(""),
-        userinfo.get(..colon).unwrap_or(""),
-        rest.get(at..).unwrap_or("")
-    )
-}
+pub(super) use crate::backend::url::redact;
 
 pub(super) fn bad_url(url: &str, why: impl fmt::Display) -> BackendError {
     BackendError::InvalidUrl {
         url: redact(url).to_string(),
         reason: why.to_string(),
     }
-}
-
-pub(super) fn bad_tls(url: &str, e: &RedisError) -> BackendError {
-    BackendError::unavailable(
-        "",
-        format!(
-            "cannot set up TLS for Redis at {}: {}",
-            redact(url),
-            short_redis_error(e)
-        ),
-    )
 }
 
 /// Parses and checks a URL into the `redis` crate's connection info.
@@ -97,7 +40,7 @@ pub(super) fn parse_url(url: &str) -> BackendResult<ConnectionInfo> {
             "not a URL; expected redis://host:port, rediss://host:port or redis+unix:///path",
         ));
     };
-    match scheme {
+    match scheme.to_ascii_lowercase().as_str() {
         "redis" | "rediss" | "redis+unix" | "unix" | "valkey" | "valkeys" | "valkey+unix" => {}
         other => {
             return Err(bad_url(
@@ -108,7 +51,13 @@ pub(super) fn parse_url(url: &str) -> BackendResult<ConnectionInfo> {
             ));
         }
     }
-    let info = url.into_connection_info().map_err(|e| {
+    // The `redis` crate wants the scheme in lower case.
+    let lowered = format!(
+        "{}{}",
+        scheme.to_ascii_lowercase(),
+        url.get(scheme.len()..).unwrap_or_default()
+    );
+    let info = lowered.as_str().into_connection_info().map_err(|e| {
         let why = short_redis_error(&e);
         if why.contains("URL fragment") {
             bad_url(url, "URL fragments (#...) are not supported")
@@ -177,21 +126,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact("redis://user:s3cret@host:1/2"),
-            "redis://user:***@host:1/2"
-        );
-        assert_eq!(redact("redis://:s3cret@host"), "redis://:***@host");
-        assert_eq!(redact("redis://user@host"), "redis://user@host");
-        assert_eq!(redact("redis://host:1"), "redis://host:1");
-        assert_eq!(redact("nonsense"), "nonsense");
-        assert_eq!(redact("redis://a:b@c/@d"), "redis://a:***@c/@d");
-        assert_eq!(
-            redact("redis+unix:///s.sock?db=1&pass=x&user=u"),
-            "redis+unix:///s.sock?db=1&pass=***&user=u"
-        );
-        assert_eq!(redact("unix:///s.sock?pass=x"), "unix:///s.sock?pass=***");
+    fn schemes_are_case_insensitive() {
+        let info = parse_url("REDIS://127.0.0.1:7000/3").unwrap();
+        assert_eq!(info.redis_settings().db(), 3);
+        assert!(parse_url("Redis+Unix:///run/redis.sock").is_ok());
     }
 
     #[test]

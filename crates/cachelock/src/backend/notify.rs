@@ -1,0 +1,189 @@
+//! Release notification: how a waiter learns that a lock was released
+//! without polling for it.
+//!
+//! A waiter **arms** a [`ReleaseWatch`] before each attempt
+//! ([`Backend::watch_release`](super::Backend::watch_release)), makes the
+//! attempt, and if the lock is held waits for the watch or the poll
+//! interval, whichever comes first. A release that happens between the arm
+//! and the wait is not lost: the watch remembers it and completes at once.
+//! A release that is never announced (the holder died and the key expired,
+//! a message was lost) costs at most one poll interval, or less where the
+//! backend knows when the holder's lease runs out (the embedded backend).
+
+use std::collections::HashMap;
+use std::future::pending;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The most keys a [`Notifier`] tracks before it drops the ones nobody
+/// waits for (memory stays bounded by the number of waiting keys).
+const MAX_IDLE_KEYS: usize = 1024;
+
+/// A wake-up armed for the release of one key (see the module docs).
+///
+/// [`ReleaseWatch::polling`] is the watch of a backend that cannot notify:
+/// it never completes, and waiters poll.
+#[derive(Debug)]
+pub struct ReleaseWatch {
+    rx: Option<watch::Receiver<u64>>,
+    /// When the holder's lease runs out, where the backend knows it.
+    expires: Option<Instant>,
+}
+
+impl ReleaseWatch {
+    /// A watch that never fires: the backend cannot notify, waiters poll.
+    pub fn polling() -> Self {
+        Self {
+            rx: None,
+            expires: None,
+        }
+    }
+
+    pub(crate) fn notified(rx: watch::Receiver<u64>, expires: Option<Instant>) -> Self {
+        Self {
+            rx: Some(rx),
+            expires,
+        }
+    }
+
+    /// Whether a release will complete this watch (false: poll only).
+    pub fn is_notified(&self) -> bool {
+        self.rx.is_some()
+    }
+
+    /// Completes when the key was released after the watch was armed, or
+    /// when the holder's lease runs out (where known). Never completes for
+    /// a [`polling`](Self::polling) watch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a release seen by a dropped call is seen again by the
+    /// next one.
+    pub async fn released(&mut self) {
+        let expiry = async {
+            match self.expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => pending().await,
+            }
+        };
+        let signal = async {
+            match self.rx.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        // The notifier is gone: nothing will come.
+                        pending::<()>().await;
+                    }
+                }
+                None => pending().await,
+            }
+        };
+        tokio::select! {
+            () = expiry => {}
+            () = signal => {}
+        }
+    }
+}
+
+/// The in-process side of notification: one channel per key that a waiter
+/// of this process watches. A backend calls [`notify`](Self::notify) when
+/// it deletes a key (the embedded backends) or hears that another process
+/// did (Redis pub/sub).
+#[derive(Debug, Default)]
+pub(crate) struct Notifier {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    keys: HashMap<String, watch::Sender<u64>>,
+    /// When this process last released a key while others waited for it.
+    handoffs: HashMap<String, Instant>,
+}
+
+impl Notifier {
+    /// Arms a watch on `key`: it sees every later [`notify`](Self::notify).
+    pub(crate) fn watch(&self, key: &str) -> watch::Receiver<u64> {
+        let mut state = self.state.lock();
+        if let Some(tx) = state.keys.get(key) {
+            return tx.subscribe();
+        }
+        if state.keys.len() >= MAX_IDLE_KEYS {
+            state.keys.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        let (tx, rx) = watch::channel(0);
+        state.keys.insert(key.to_owned(), tx);
+        rx
+    }
+
+    /// Wakes the waiters of `key` in this process; returns how many there
+    /// were.
+    pub(crate) fn notify(&self, key: &str) -> usize {
+        let mut state = self.state.lock();
+        let Some(tx) = state.keys.get(key) else {
+            return 0;
+        };
+        let waiters = tx.receiver_count();
+        if waiters == 0 {
+            state.keys.remove(key);
+        } else {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        waiters
+    }
+
+    /// How many waiters of this process watch `key`.
+    pub(crate) fn waiters(&self, key: &str) -> usize {
+        self.state
+            .lock()
+            .keys
+            .get(key)
+            .map_or(0, watch::Sender::receiver_count)
+    }
+
+    /// Notes that this process released `key` while `others` waited for
+    /// it (here or elsewhere), for the hand-off grace.
+    pub(crate) fn released(&self, key: &str, others: usize) {
+        let mut state = self.state.lock();
+        if others == 0 {
+            state.handoffs.remove(key);
+            return;
+        }
+        if state.handoffs.len() >= MAX_IDLE_KEYS {
+            state.handoffs.clear();
+        }
+        state.handoffs.insert(key.to_owned(), Instant::now());
+    }
+
+    /// When this process last released `key` to waiting others.
+    pub(crate) fn handed_off_at(&self, key: &str) -> Option<Instant> {
+        self.state.lock().handoffs.get(key).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_release_between_arm_and_wait_is_not_lost() {
+        let n = Notifier::default();
+        let mut w = ReleaseWatch::notified(n.watch("k"), None);
+        assert_eq!(n.notify("k"), 1);
+        // Already released: completes at once.
+        tokio::time::timeout(std::time::Duration::from_millis(100), w.released())
+            .await
+            .expect("the release before the wait was lost");
+    }
+
+    #[tokio::test]
+    async fn idle_keys_are_dropped() {
+        let n = Notifier::default();
+        for i in 0..(MAX_IDLE_KEYS + 10) {
+            drop(n.watch(&format!("k{i}")));
+        }
+        assert!(n.state.lock().keys.len() <= MAX_IDLE_KEYS);
+        assert_eq!(n.notify("k0"), 0);
+    }
+}

@@ -1,0 +1,385 @@
+//! The connection to Redis and its reconnect policy: a standalone
+//! connection of our own (its stream bounded by [`Limited`]) that is
+//! replaced when it fails or stops answering, or the Cluster client's
+//! connection.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ::redis::aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection, SendError};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, Pipeline, ProtocolVersion,
+    PushInfo, PushKind, RedisError, RedisFuture, RedisResult, Value,
+};
+use parking_lot::RwLock;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::RedisOptions;
+use super::limit::Limited;
+use super::url::redact;
+use crate::error::BackendError;
+
+/// The connection, standalone or Cluster. Cloning is cheap (an `Arc` or a
+/// channel sender); each operation works on its own clone.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(LazyConn),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How a backend reaches Redis.
+pub(super) enum Link {
+    Single(Box<SingleLink>),
+    Cluster(ClusterConnection),
+}
+
+/// A standalone connection that is replaced when it fails or stops
+/// answering.
+///
+/// Each generation is one connection, opened lazily by the first operation
+/// that needs it (concurrent operations share that one attempt) and
+/// replaced ([`Link::discard`]) after an operation on it failed as
+/// unavailable or timed out, or when the connection reported that it closed
+/// (RESP3 only). The next operation then connects afresh: one bounded
+/// attempt, so a server that is down fails operations fast. A connection
+/// that merely stops answering (half-open TCP after a host or network
+/// failure, a black-holed route) would otherwise time out every operation
+/// until the kernel gives up on it, many minutes later; it is dropped after
+/// its first timed-out reply, as redis-py does.
+///
+/// Connections are our own (`MultiplexedConnection` over a stream we open)
+/// rather than the crate's `ConnectionManager`, so that every reply is read
+/// through [`Limited`]: a wrong or hostile server cannot make the client
+/// buffer more than the largest value it may legitimately return.
+pub(super) struct SingleLink {
+    dialer: Arc<Dialer>,
+    /// The connection and its generation, bumped at each replacement.
+    current: RwLock<(u64, LazyConn)>,
+}
+
+/// Opens connections to one server.
+struct Dialer {
+    info: ConnectionInfo,
+    tls: Option<tokio_rustls::TlsConnector>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    max_bulk: usize,
+}
+
+/// A stream to the server, TCP, TLS or Unix socket, with reads bounded.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin> Stream for S {}
+
+impl Dialer {
+    async fn stream(&self) -> io::Result<Pin<Box<dyn Stream>>> {
+        let limited = |s| Box::pin(Limited::new(s, self.max_bulk));
+        match self.info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                Ok(limited(Box::pin(tcp) as Pin<Box<dyn Stream>>))
+            }
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let Some(tls) = &self.tls else {
+                    return Err(io::Error::other("TLS is not set up"));
+                };
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(name, tcp).await?;
+                Ok(limited(Box::pin(stream) as Pin<Box<dyn Stream>>))
+            }
+            #[cfg(unix)]
+            ConnectionAddr::Unix(path) => {
+                let unix = tokio::net::UnixStream::connect(path).await?;
+                Ok(limited(Box::pin(unix) as Pin<Box<dyn Stream>>))
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("unsupported Redis address {other}"),
+            )),
+        }
+    }
+
+    /// One connect attempt and handshake (`HELLO`, `AUTH`, `SELECT`),
+    /// bounded by the connect and response timeouts.
+    async fn open(&self, closed: Arc<AtomicBool>) -> RedisResult<MultiplexedConnection> {
+        let timed_out =
+            |what: &str| RedisError::from(io::Error::new(io::ErrorKind::TimedOut, what.to_owned()));
+        let stream = tokio::time::timeout(self.connect_timeout, self.stream())
+            .await
+            .map_err(|_| timed_out("connect timed out"))??;
+        let settings = self.info.redis_settings();
+        let mut config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        if settings.protocol() != ProtocolVersion::RESP2 {
+            config = config.set_push_sender(ClosedFlag(closed));
+        }
+        let (conn, driver) = tokio::time::timeout(
+            self.connect_timeout.saturating_add(self.response_timeout),
+            MultiplexedConnection::new_with_config(settings, stream, config),
+        )
+        .await
+        .map_err(|_| timed_out("no answer to the connection handshake"))??;
+        tokio::spawn(driver);
+        Ok(conn)
+    }
+}
+
+/// Marks a connection closed when it says so (a RESP3 `Disconnection`
+/// push from the crate), so that the next operation connects afresh
+/// instead of failing on it.
+struct ClosedFlag(Arc<AtomicBool>);
+
+impl AsyncPushSender for ClosedFlag {
+    fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        if info.kind == PushKind::Disconnection {
+            self.0.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// One generation's connection, opened on first use.
+#[derive(Clone)]
+pub(super) struct LazyConn {
+    dialer: Arc<Dialer>,
+    conn: Arc<tokio::sync::OnceCell<RedisResult<MultiplexedConnection>>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl LazyConn {
+    fn new(dialer: Arc<Dialer>) -> Self {
+        Self {
+            dialer,
+            conn: Arc::new(tokio::sync::OnceCell::new()),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A connection opened already, for the first generation.
+    fn opened(dialer: Arc<Dialer>, conn: MultiplexedConnection, closed: Arc<AtomicBool>) -> Self {
+        Self {
+            dialer,
+            conn: Arc::new(tokio::sync::OnceCell::new_with(Some(Ok(conn)))),
+            closed,
+        }
+    }
+
+    async fn get(&self) -> RedisResult<MultiplexedConnection> {
+        self.conn
+            .get_or_init(|| self.dialer.open(self.closed.clone()))
+            .await
+            .clone()
+    }
+}
+
+impl ConnectionLike for LazyConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move { self.get().await?.req_packed_command(cmd).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.get()
+                .await?
+                .req_packed_commands(pipeline, offset, count)
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.dialer.info.redis_settings().db()
+    }
+}
+
+impl Link {
+    /// The connection to use now, with its generation.
+    pub(super) fn snapshot(&self) -> (u64, Conn) {
+        match self {
+            Link::Single(single) => {
+                let (generation, closed) = {
+                    let current = single.current.read();
+                    (current.0, current.1.closed.load(Ordering::Relaxed))
+                };
+                if closed {
+                    self.discard(generation);
+                }
+                let current = single.current.read();
+                (current.0, Conn::Single(current.1.clone()))
+            }
+            Link::Cluster(cluster) => (0, Conn::Cluster(cluster.clone())),
+        }
+    }
+
+    /// Drops the standalone connection of `generation` after an operation
+    /// on it failed as unavailable or timed out, or it closed (once, however
+    /// many operations failed on it). The next operation connects again.
+    pub(super) fn discard(&self, generation: u64) {
+        let Link::Single(single) = self else {
+            return;
+        };
+        let mut current = single.current.write();
+        if current.0 != generation {
+            return;
+        }
+        *current = (generation + 1, LazyConn::new(single.dialer.clone()));
+        tracing::debug!("a Redis connection failed; it will be replaced");
+    }
+}
+
+/// Builds the TLS client settings: the CA in `pem` if given, else the
+/// system's root certificates.
+fn tls_connector(pem: Option<&[u8]>) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("the TLS root certificate: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("the TLS root certificate: {e}"))?;
+            }
+        }
+        None => {
+            let loaded = rustls_native_certs::load_native_certs();
+            for e in &loaded.errors {
+                tracing::debug!(error = %e, "could not load a system root certificate");
+            }
+            let (added, _) = roots.add_parsable_certificates(loaded.certs);
+            if added == 0 {
+                return Err("no system root certificates were found".into());
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens a standalone link: one connect attempt, bounded. The inner `Err`
+/// is the crate's error (to look at), the outer one a finished
+/// [`BackendError`].
+pub(super) async fn open_single(
+    url: &str,
+    info: ConnectionInfo,
+    options: &RedisOptions,
+) -> Result<SingleLink, Result<RedisError, BackendError>> {
+    let tls = match info.addr() {
+        ConnectionAddr::TcpTls { .. } => Some(
+            tls_connector(options.tls_root_certificate.as_deref()).map_err(|why| {
+                Err(BackendError::invalid_config(format!(
+                    "cannot set up TLS for Redis at {}: {why}",
+                    redact(url)
+                )))
+            })?,
+        ),
+        _ => None,
+    };
+    let dialer = Arc::new(Dialer {
+        info,
+        tls,
+        connect_timeout: options.connect_timeout,
+        response_timeout: options.response_timeout,
+        // The largest value, and room for the longest reply that is not a
+        // value (`COMMAND INFO`, an error message).
+        max_bulk: options.max_value_size.max(1 << 20),
+    });
+    let started = Instant::now();
+    let closed = Arc::new(AtomicBool::new(false));
+    let conn = tokio::time::timeout(
+        options
+            .connect_timeout
+            .saturating_add(options.response_timeout),
+        dialer.open(closed.clone()),
+    )
+    .await
+    .map_err(|_| {
+        Err(BackendError::connect(
+            redact(url),
+            format!("no answer within {:?}", started.elapsed()),
+        ))
+    })?
+    .map_err(Ok)?;
+    Ok(SingleLink {
+        current: RwLock::new((0, LazyConn::opened(dialer.clone(), conn, closed))),
+        dialer,
+    })
+}
+
+impl SingleLink {
+    /// Opens a subscriber connection to the same server (RESP2: a
+    /// connection in subscribe mode takes no other commands), bounded by
+    /// the connect and response timeouts.
+    pub(super) async fn open_pubsub(&self) -> RedisResult<::redis::aio::PubSub> {
+        let d = &self.dialer;
+        let timed_out =
+            |what: &str| RedisError::from(io::Error::new(io::ErrorKind::TimedOut, what.to_owned()));
+        let stream = tokio::time::timeout(d.connect_timeout, d.stream())
+            .await
+            .map_err(|_| timed_out("connect timed out"))??;
+        let settings = d
+            .info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP2);
+        tokio::time::timeout(
+            d.connect_timeout.saturating_add(d.response_timeout),
+            ::redis::aio::PubSub::new(&settings, stream),
+        )
+        .await
+        .map_err(|_| timed_out("no answer to the subscriber handshake"))?
+    }
+
+    /// The database number, which pub/sub channels do not separate.
+    pub(super) fn db(&self) -> i64 {
+        self.dialer.info.redis_settings().db()
+    }
+}

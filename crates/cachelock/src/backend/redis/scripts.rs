@@ -1,0 +1,116 @@
+//! The Lua scripts of the owner-checked operations, and the server's native
+//! compare-and-delete commands.
+
+use std::sync::LazyLock;
+
+use ::redis::Value;
+
+use super::TokenCheck;
+use crate::error::{BackendError, BackendResult};
+
+/// Which server-side compare-and-delete command the server offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NativeDelete {
+    /// Redis 8.4+: `DELEX key IFEQ value`.
+    Delex,
+    /// Valkey 9+: `DELIFEQ key value`.
+    DelIfEq,
+}
+
+/// Deletes KEYS[1] if it holds ARGV[1] and announces it on the channel
+/// ARGV[2] (in the same script, so atomic with the delete).
+/// 1 + n: deleted, the notice reached n subscribers; 0: another value;
+/// -1: absent.
+pub(super) static DELETE_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v == false then return -1 end
+if v ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1 + redis.call('PUBLISH', ARGV[2], '')
+",
+    )
+});
+
+/// Sets a TTL of ARGV[2] ms on KEYS[1] if it holds ARGV[1].
+/// 1: extended; 0: another value; -1: absent.
+pub(super) static EXTEND_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v == false then return -1 end
+if v ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
+pub(super) fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
+    match code {
+        1 => Ok(TokenCheck::Matched),
+        0 => Ok(TokenCheck::Mismatch),
+        -1 => Ok(TokenCheck::Missing),
+        other => Err(BackendError::protocol(
+            key,
+            format!("unexpected reply {other} from an owner-checked operation"),
+        )),
+    }
+}
+
+/// Reads the reply to `COMMAND INFO DELEX DELIFEQ`: one entry per name,
+/// nil for a command the server does not know.
+pub(super) fn native_delete_from_command_info(reply: &Value) -> Option<NativeDelete> {
+    let entries = match reply {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => return None,
+    };
+    let known = |i: usize| {
+        entries.get(i).is_some_and(|v| {
+            !matches!(v, Value::Nil) && !matches!(v, Value::Array(a) if a.is_empty())
+        })
+    };
+    if known(0) {
+        Some(NativeDelete::Delex)
+    } else if known(1) {
+        Some(NativeDelete::DelIfEq)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_native_delete_from_command_info() {
+        let nil2 = Value::Array(vec![Value::Nil, Value::Nil]);
+        assert_eq!(native_delete_from_command_info(&nil2), None);
+        let info = Value::Array(vec![Value::BulkString(b"delex".to_vec())]);
+        let delex = Value::Array(vec![info.clone(), Value::Nil]);
+        assert_eq!(
+            native_delete_from_command_info(&delex),
+            Some(NativeDelete::Delex)
+        );
+        let delifeq = Value::Array(vec![Value::Nil, info]);
+        assert_eq!(
+            native_delete_from_command_info(&delifeq),
+            Some(NativeDelete::DelIfEq)
+        );
+        assert_eq!(native_delete_from_command_info(&Value::Nil), None);
+        assert_eq!(native_delete_from_command_info(&Value::Int(3)), None);
+    }
+
+    #[test]
+    fn token_codes() {
+        assert_eq!(token_check("k", 1).unwrap(), TokenCheck::Matched);
+        assert_eq!(token_check("k", 0).unwrap(), TokenCheck::Mismatch);
+        assert_eq!(token_check("k", -1).unwrap(), TokenCheck::Missing);
+        assert!(matches!(
+            token_check("k", 7),
+            Err(BackendError::Protocol { .. })
+        ));
+    }
+}

@@ -1,0 +1,196 @@
+//! Notified hand-off: a release wakes a waiter at once (the wake-up is armed
+//! before each attempt, so none is lost), a release that is never announced
+//! costs at most one poll interval capped by the holder's lease, and a
+//! releasing holder does not starve a waiter that is already queued. On the
+//! embedded backend (paused time) and on the real Redis.
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachelock::{CacheLock, LockOptions, MemoryBackend, SharedBackend};
+use tokio::time::Instant;
+
+/// A retry interval so long that only a wake-up can explain a fast acquire.
+const SLOW_POLL: Duration = Duration::from_secs(100);
+
+fn lock(backend: &SharedBackend, key: &str, lease: Duration, retry: Duration) -> CacheLock {
+    CacheLock::new(
+        backend.clone(),
+        key,
+        LockOptions::new()
+            .lease(lease)
+            .retry_interval(retry)
+            .jitter(0.0),
+    )
+    .unwrap()
+}
+
+/// Holds the lock, starts a waiter, releases after `hold`; returns how long
+/// after the release the waiter got the lock.
+async fn handoff_after_release(backend: SharedBackend, key: &str, hold: Duration) -> Duration {
+    let l = lock(&backend, key, Duration::from_secs(30), SLOW_POLL);
+    let guard = l.acquire().await.unwrap();
+    let waiter = {
+        let l = l.clone();
+        tokio::spawn(async move {
+            let g = l.acquire().await.unwrap();
+            let at = Instant::now();
+            let _ = g.release().await.unwrap();
+            at
+        })
+    };
+    tokio::time::sleep(hold).await;
+    let released = Instant::now();
+    let _ = guard.release().await.unwrap();
+    let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was not woken by the release")
+        .unwrap();
+    acquired.saturating_duration_since(released)
+}
+
+/// The holder dies (its guard is forgotten): returns how long the waiter
+/// waited in all, and the lease.
+async fn wait_for_dead_holder(
+    backend: SharedBackend,
+    key: &str,
+    lease: Duration,
+    poll: Duration,
+) -> Duration {
+    let l = lock(&backend, key, lease, poll);
+    l.acquire().await.unwrap().forget();
+    let start = Instant::now();
+    let g = l.acquire().await.unwrap();
+    let waited = start.elapsed();
+    let _ = g.release().await.unwrap();
+    waited
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_release_wakes_the_waiter_at_once() {
+    let backend: SharedBackend = Arc::new(MemoryBackend::new());
+    // Released right away (the waiter may still be between its arm and its
+    // first wait) and after the waiter sleeps: never a poll interval.
+    for hold in [
+        Duration::ZERO,
+        Duration::from_millis(1),
+        Duration::from_secs(5),
+    ] {
+        let took = handoff_after_release(backend.clone(), "wake", hold).await;
+        assert!(
+            took < Duration::from_millis(10),
+            "hold {hold:?}: hand-off took {took:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_dead_holder_costs_at_most_its_lease() {
+    let backend: SharedBackend = Arc::new(MemoryBackend::new());
+    // Lease shorter than the poll interval: the watch fires at the expiry.
+    let lease = Duration::from_millis(400);
+    let waited = wait_for_dead_holder(backend.clone(), "dead", lease, SLOW_POLL).await;
+    assert!(
+        waited >= lease && waited < lease + Duration::from_millis(10),
+        "{waited:?}"
+    );
+    // Lease longer than the poll interval: at most one poll interval more.
+    let poll = Duration::from_millis(250);
+    let waited = wait_for_dead_holder(backend, "dead2", Duration::from_secs(2), poll).await;
+    assert!(
+        waited >= Duration::from_secs(2) && waited <= Duration::from_secs(2) + poll,
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_releaser_does_not_starve_a_queued_waiter() {
+    let backend: SharedBackend = Arc::new(MemoryBackend::new());
+    // The default retry interval (250 ms): the waiter is queued when the
+    // holder releases and at once takes the lock again.
+    let l = CacheLock::new(backend, "fair", LockOptions::new()).unwrap();
+    let guard = l.acquire().await.unwrap();
+    let waiter = {
+        let l = l.clone();
+        tokio::spawn(async move {
+            let g = l.acquire().await.unwrap();
+            let _ = g.release().await.unwrap();
+            Instant::now()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let released = Instant::now();
+    let _ = guard.release().await.unwrap();
+    // The releaser comes straight back.
+    let again = l.acquire().await.unwrap();
+    let releaser_back = Instant::now();
+    let waiter_done = waiter.await.unwrap();
+    let _ = again.release().await.unwrap();
+    assert!(
+        waiter_done <= releaser_back,
+        "the releaser took the lock back before the queued waiter"
+    );
+    assert!(waiter_done - released < Duration::from_millis(10));
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use cachelock::RedisBackend;
+
+    async fn standalone() -> SharedBackend {
+        let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
+        Arc::new(
+            RedisBackend::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}")),
+        )
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_release_wakes_a_waiter_in_another_process() {
+        // Two backends: two subscriber connections, as two processes have.
+        let (a, b) = (standalone().await, standalone().await);
+        let key = common::unique_key("wake");
+        for hold in [Duration::ZERO, Duration::from_millis(200)] {
+            let la = lock(&a, &key, Duration::from_secs(30), SLOW_POLL);
+            let lb = lock(&b, &key, Duration::from_secs(30), SLOW_POLL);
+            let guard = la.acquire().await.unwrap();
+            let waiter = tokio::spawn(async move {
+                let g = lb.acquire().await.unwrap();
+                let at = Instant::now();
+                let _ = g.release().await.unwrap();
+                at
+            });
+            tokio::time::sleep(hold).await;
+            let released = Instant::now();
+            let _ = guard.release().await.unwrap();
+            let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("the waiter was not woken by the release")
+                .unwrap();
+            let took = acquired.saturating_duration_since(released);
+            assert!(
+                took < Duration::from_secs(1),
+                "hold {hold:?}: hand-off took {took:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_dead_holder_costs_at_most_one_poll_interval() {
+        let backend = standalone().await;
+        let key = common::unique_key("dead");
+        let (lease, poll) = (Duration::from_millis(500), Duration::from_millis(300));
+        let waited = wait_for_dead_holder(backend, &key, lease, poll).await;
+        assert!(waited >= lease, "{waited:?}");
+        assert!(
+            waited <= lease + poll + Duration::from_millis(150),
+            "{waited:?}"
+        );
+    }
+}

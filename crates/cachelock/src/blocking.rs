@@ -360,13 +360,14 @@ impl CacheLock {
     }
 
     /// As [`crate::CacheLock::with_lock`]: runs `work` while holding the
-    /// lock, then releases it.
+    /// lock (its lease kept alive), then releases it.
     ///
     /// # Errors
     ///
     /// As [`acquire`](Self::acquire); `work` did not run.
     pub fn with_lock<T>(&self, work: impl FnOnce() -> T) -> Result<Outcome<T>> {
         let guard = self.acquire()?;
+        guard.keep_alive();
         let value = work();
         let released = match guard.release() {
             Ok(r) => Ok(r),
@@ -434,6 +435,16 @@ impl LockGuard {
     /// Whether the lease is known to be gone.
     pub fn is_lost(&self) -> bool {
         self.inner.as_ref().is_none_or(|g| g.is_lost())
+    }
+
+    /// As [`crate::LockGuard::keep_alive`]: renews the lease in the
+    /// background on cachelock's runtime until the guard is released,
+    /// forgotten or dropped, the lease is lost, or the lock's `max_hold`.
+    pub fn keep_alive(&self) {
+        if let Some(g) = self.inner.as_ref() {
+            let _enter = RUNTIME.as_ref().ok().map(|rt| rt.enter());
+            g.keep_alive();
+        }
     }
 
     /// As [`crate::LockGuard::extend`], blocking.

@@ -186,6 +186,14 @@ pub enum Error {
         /// The full cache key of the lock.
         key: String,
     },
+    /// This [`CacheLock`](crate::CacheLock) (or a clone of it) already
+    /// holds the lock: acquiring it again would wait on ourselves until the
+    /// lease ran out, so it fails at once. Nothing was sent.
+    #[error("lock {key:?} is already held by this CacheLock; acquiring it again would deadlock")]
+    AlreadyHeld {
+        /// The full cache key of the lock.
+        key: String,
+    },
     /// A blocking acquire gave up after waiting for its timeout.
     #[error("timed out after {waited:?} waiting for lock {key:?}")]
     TimedOut {
@@ -225,6 +233,11 @@ impl Error {
     /// True for [`Error::Held`].
     pub fn is_held(&self) -> bool {
         matches!(self, Self::Held { .. })
+    }
+
+    /// True for [`Error::AlreadyHeld`].
+    pub fn is_already_held(&self) -> bool {
+        matches!(self, Self::AlreadyHeld { .. })
     }
 
     /// True for [`Error::TimedOut`] (waiting for a lock, not a backend timeout).

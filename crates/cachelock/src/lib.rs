@@ -69,7 +69,7 @@ pub use backend::{Backend, SharedBackend, TokenCheck};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
 pub use key::{CacheKey, KeyBuilder};
-pub use lock::{CacheLock, LockGuard, LockOptions, MAX_DURATION, Outcome, Released};
+pub use lock::{CacheLock, LockGuard, LockOptions, Lost, MAX_DURATION, Outcome, Released};
 pub use memoize::{
     Compression, ENVELOPE_OVERHEAD, Expiration, MemoizeError, MemoizeStream, OnLockFailure, xfetch,
 };

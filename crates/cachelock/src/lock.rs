@@ -17,6 +17,29 @@
 //! [`LockGuard::release`]) it says so: the call reports it and a `WARN` event
 //! is logged.
 //!
+//! # Keep-alive, the loss signal and the safety margin
+//!
+//! * The holder trusts its lease until `lease − margin` after the add was
+//!   sent ([`LockOptions::safety_margin`], default 1 % of the lease); the
+//!   server's TTL is the whole lease.
+//! * [`LockGuard::keep_alive`] renews the lease in the background
+//!   (owner-checked, every third of the lease) until release, drop, loss or
+//!   [`LockOptions::max_hold`]; no renewal is sent after the release began.
+//! * [`LockGuard::lost`] gives a [`Lost`] future that completes when the
+//!   lease is known lost or its deadline passed without a renewal.
+//!   [`CacheLock::with_lock`] keeps the lease alive and passes it to the
+//!   closure.
+//!
+//! None of these makes the lock hard: an evicted key is found at the next
+//! renewal, not prevented, and a process paused past its margin can still
+//! overlap with the next holder.
+//!
+//! # Metrics and spans
+//!
+//! Counters and histograms go to the [`metrics`] facade (names in
+//! [`metrics_names`]); spans `cachelock.acquire`, `cachelock.hold` and
+//! `cachelock.release` carry the key. The token is logged only at `DEBUG`.
+//!
 //! # Waiting: notified, with a poll as the safety net
 //!
 //! A waiter arms a release wake-up
@@ -50,13 +73,15 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rand::RngExt;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::{ReleaseWatch, SharedBackend, TokenCheck};
 use crate::error::{BackendError, Error, Result};
@@ -100,6 +125,8 @@ pub struct LockOptions {
     pub(crate) jitter: f64,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) fail_fast: bool,
+    pub(crate) safety_margin: Option<Duration>,
+    pub(crate) max_hold: Option<Duration>,
 }
 
 impl Default for LockOptions {
@@ -110,6 +137,8 @@ impl Default for LockOptions {
             jitter: 0.25,
             max_wait: None,
             fail_fast: false,
+            safety_margin: None,
+            max_hold: None,
         }
     }
 }
@@ -166,14 +195,51 @@ impl LockOptions {
         self
     }
 
+    /// The safety margin (lock-delay): the holder considers its lease valid
+    /// only until `lease − margin` from the moment the add (or extend) was
+    /// sent, while the server's TTL is the whole lease. The margin covers
+    /// the clock drift between this process and the server and the time a
+    /// reply takes, so a holder stops trusting its lease before the server
+    /// can hand it to someone else. Defaults to 1 % of the lease (the
+    /// Redlock drift factor); must be shorter than the lease.
+    ///
+    /// It is a margin, not a guarantee: a process paused for longer (GC,
+    /// swap, a stopped VM) can still run past it.
+    #[must_use]
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.safety_margin = Some(margin);
+        self
+    }
+
+    /// The longest a guard's [keep-alive](LockGuard::keep_alive) renews the
+    /// lease, from the acquire. Past it, renewal stops and the lease runs
+    /// out on its own (and [`LockGuard::lost`] fires), so a stuck holder
+    /// cannot keep the lock for ever. Defaults to no limit.
+    #[must_use]
+    pub fn max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
+        self
+    }
+
     /// Checks the settings: lease, retry interval and wait within
     /// [`MAX_DURATION`], lease and retry interval positive, the jitter a
-    /// fraction between 0 and 1.
+    /// fraction between 0 and 1, the safety margin shorter than the lease.
     pub(crate) fn validate(&self) -> Result<()> {
         check_duration("lock lease", self.lease, false)?;
         check_duration("lock retry interval", self.retry_interval, false)?;
         if let Some(wait) = self.max_wait {
             check_duration("lock wait", wait, true)?;
+        }
+        if let Some(hold) = self.max_hold {
+            check_duration("lock max hold", hold, false)?;
+        }
+        if let Some(margin) = self.safety_margin
+            && margin >= self.lease
+        {
+            return Err(Error::InvalidConfig(format!(
+                "the lock safety margin ({margin:?}) must be shorter than the lease ({:?})",
+                self.lease
+            )));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
             return Err(Error::InvalidConfig(format!(
@@ -249,9 +315,12 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A distributed lock on one cache key.
 ///
-/// A `CacheLock` is a description of the lock (backend, key, settings); it
-/// can be shared and used by many tasks at once. Each successful acquire
-/// returns its own [`LockGuard`] with its own token. Get one from
+/// A `CacheLock` is a description of the lock (backend, key, settings).
+/// Each successful acquire returns its own [`LockGuard`] with its own token.
+/// While one of its guards is alive, acquiring through the same
+/// `CacheLock` (or a clone) is [`Error::AlreadyHeld`] at once, not a wait
+/// on ourselves: tasks that should exclude each other each take their own
+/// (`cache.lock(key)` is cheap). Get one from
 /// [`Cache::lock`](crate::Cache::lock), or, without a handle, from
 /// [`CacheLock::new`].
 ///
@@ -278,6 +347,9 @@ pub struct CacheLock {
     key: String,
     options: LockOptions,
     tasks: Tasks,
+    /// Whether a guard of this lock (or of a clone) is alive: acquiring
+    /// again is then [`Error::AlreadyHeld`], not a wait on ourselves.
+    held: Arc<AtomicBool>,
 }
 
 /// Test that the types users hold across `.await`s can move between threads.
@@ -289,7 +361,7 @@ fn bounds(lock: &CacheLock) {
     check_send_sync_static::<LockGuard>();
     check_send(&lock.acquire());
     check_send(&lock.try_acquire());
-    check_send(&lock.with_lock(|| async {}));
+    check_send(&lock.with_lock(|_| async {}));
 }
 
 /// When a wait ends.
@@ -337,6 +409,7 @@ impl CacheLock {
             key,
             options,
             tasks,
+            held: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -379,6 +452,8 @@ impl CacheLock {
     ///
     /// # Errors
     ///
+    /// * [`Error::AlreadyHeld`] if and only if a guard of this `CacheLock`
+    ///   (or a clone) is alive; nothing is sent;
     /// * [`Error::TimedOut`] if and only if a `max_wait` is set and it passed;
     /// * [`Error::Backend`] if the first attempt failed, if the backend
     ///   failed for another reason than being unavailable, or if it was
@@ -405,6 +480,7 @@ impl CacheLock {
     /// # Errors
     ///
     /// [`Error::Held`] if and only if someone else holds the lock;
+    /// [`Error::AlreadyHeld`] as for [`acquire`](Self::acquire);
     /// [`Error::Backend`] if the backend failed.
     ///
     /// # Cancel safety
@@ -421,7 +497,8 @@ impl CacheLock {
     /// # Errors
     ///
     /// [`Error::TimedOut`] if and only if the timeout passed;
-    /// [`Error::Backend`] as for [`acquire`](Self::acquire).
+    /// [`Error::AlreadyHeld`] and [`Error::Backend`] as for
+    /// [`acquire`](Self::acquire).
     ///
     /// # Cancel safety
     ///
@@ -432,7 +509,19 @@ impl CacheLock {
     }
 
     async fn acquire_until(&self, until: Until) -> Result<LockGuard> {
+        let span = tracing::debug_span!("cachelock.acquire", key = %self.key);
         let start = Instant::now();
+        let result = self.acquire_loop(until, start).instrument(span).await;
+        metrics::histogram!(metrics_names::ACQUIRE_WAIT).record(start.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => metrics::counter!(metrics_names::ACQUIRED).increment(1),
+            Err(Error::TimedOut { .. }) => metrics::counter!(metrics_names::TIMEOUTS).increment(1),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn acquire_loop(&self, until: Until, start: Instant) -> Result<LockGuard> {
         let token = new_token();
         let lease = self.options.lease;
         let mut attempts: u32 = 0;
@@ -444,11 +533,18 @@ impl CacheLock {
             self.handoff_grace(deadline).await;
         }
         loop {
+            if self.held.load(Ordering::Acquire) {
+                return Err(Error::AlreadyHeld {
+                    key: self.key.clone(),
+                });
+            }
             let sent = Instant::now();
             attempts = attempts.saturating_add(1);
+            metrics::counter!(metrics_names::ATTEMPTS).increment(1);
             let outcome = self.try_add(&token, lease).await;
             let pause = match outcome {
                 Ok(true) => {
+                    self.held.store(true, Ordering::Release);
                     let guard = LockGuard::new(self, token, sent);
                     tracing::debug!(
                         key = %self.key,
@@ -548,6 +644,12 @@ impl CacheLock {
     /// `work` panics or the returned future is dropped (the guard then
     /// releases in the background).
     ///
+    /// While `work` runs the lease is kept alive
+    /// ([`LockGuard::keep_alive`], bounded by the lock's
+    /// [`max_hold`](LockOptions::max_hold)), and `work` is given the guard's
+    /// [`Lost`] signal: select on it to abandon the work when the lease is
+    /// lost.
+    ///
     /// The [`Outcome`] carries `work`'s output and what the release found,
     /// so a lease that ran out during `work` is not silent.
     ///
@@ -561,11 +663,12 @@ impl CacheLock {
     /// future drops the guard, which releases in the background.
     pub async fn with_lock<F, Fut, T>(&self, work: F) -> Result<Outcome<T>>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Lost) -> Fut,
         Fut: Future<Output = T>,
     {
         let guard = self.acquire().await?;
-        let value = work().await;
+        guard.keep_alive();
+        let value = work(guard.lost()).await;
         let released = guard.release().await;
         if let Err(e) = &released {
             tracing::error!(key = %self.key, error = %e, "failed to release cache lock");
@@ -704,8 +807,9 @@ pub enum Released {
     /// the lock may already belong to someone else. Logged as `WARN`.
     Expired,
     /// The key was gone or held another token: the lease had been lost
-    /// (evicted, expired on the server, or the server restarted). Nothing was
-    /// deleted. Logged as `WARN`.
+    /// (evicted, expired on the server, or the server restarted), found now
+    /// or earlier by a renewal (then the cache is not touched again).
+    /// Nothing was deleted. Logged as `WARN`.
     Lost,
 }
 
@@ -734,6 +838,202 @@ impl<T> Outcome<T> {
     }
 }
 
+/// The names of the [`metrics`] the lock records (no exporter is installed
+/// by cachelock; install one to see them).
+pub mod metrics_names {
+    /// Histogram, seconds: how long each acquire call took, whatever its
+    /// outcome.
+    pub const ACQUIRE_WAIT: &str = "cachelock_lock_acquire_wait_seconds";
+    /// Counter: acquire calls that got the lock.
+    pub const ACQUIRED: &str = "cachelock_lock_acquired_total";
+    /// Counter: attempts (atomic adds) made by acquire calls.
+    pub const ATTEMPTS: &str = "cachelock_lock_attempts_total";
+    /// Counter: acquire calls that ended with [`Error::TimedOut`](crate::Error::TimedOut).
+    pub const TIMEOUTS: &str = "cachelock_lock_timeouts_total";
+    /// Counter: leases found lost (by extend, keep-alive or release) or run
+    /// out by the local deadline while held.
+    pub const LOST: &str = "cachelock_lock_lost_total";
+    /// Counter, label `outcome` = `ok` | `failed` | `lost`: renewals (by
+    /// keep-alive or [`LockGuard::extend`](crate::LockGuard::extend)).
+    pub const RENEWALS: &str = "cachelock_lock_renewals_total";
+    /// Counter, label `outcome` = `released` | `expired` | `lost` |
+    /// `error`: releases, explicit or in the background.
+    pub const RELEASES: &str = "cachelock_lock_releases_total";
+    /// Counter: guards dropped without [`release`](crate::LockGuard::release)
+    /// or [`forget`](crate::LockGuard::forget).
+    pub const DROPPED: &str = "cachelock_lock_guards_dropped_total";
+}
+
+/// What a guard shares with its keep-alive task and its [`Lost`] signals.
+#[derive(Debug)]
+struct Lease {
+    /// Until when the holder trusts its lease, and whether it is known lost.
+    state: watch::Sender<LeaseState>,
+    /// Set (once) by release, forget or drop: no renewal starts after it.
+    stopped: AtomicBool,
+    /// Wakes the keep-alive task when `stopped` is set.
+    stop: Notify,
+    /// Held across each renewal and across the release, so that a renewal
+    /// is never sent after the release started (Redisson #7272).
+    ops: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeaseState {
+    /// `lease − margin` after the last successful add or extend was sent;
+    /// `None`: too far to represent.
+    valid_until: Option<Instant>,
+    /// The lease is known lost, or the guard is gone.
+    lost: bool,
+}
+
+impl Lease {
+    fn new(valid_until: Option<Instant>) -> Arc<Self> {
+        Arc::new(Self {
+            state: watch::Sender::new(LeaseState {
+                valid_until,
+                lost: false,
+            }),
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+            ops: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn snapshot(&self) -> LeaseState {
+        *self.state.borrow()
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.snapshot()
+            .valid_until
+            .is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Marks the lease lost (once) and wakes the [`Lost`] signals. Returns
+    /// whether it was not marked before.
+    fn mark_lost(&self) -> bool {
+        let first = self
+            .state
+            .send_if_modified(|s| !std::mem::replace(&mut s.lost, true));
+        if first {
+            metrics::counter!(metrics_names::LOST).increment(1);
+        }
+        first
+    }
+
+    fn renewed(&self, valid_until: Option<Instant>) {
+        self.state.send_modify(|s| s.valid_until = valid_until);
+    }
+
+    /// Stops keep-alive for good (release, forget, drop).
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+        self.stop.notify_one();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
+/// Completes when a guard's lease is known lost: an owner-checked renewal
+/// or release found the key gone or taken, or the local deadline (`lease −
+/// margin` after the last successful add or extend) passed without a
+/// renewal. It also completes once the guard is released, forgotten or
+/// dropped. Get one from [`LockGuard::lost`]; it does not borrow the
+/// guard, so it can be moved into the work and used in `tokio::select!`:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cachelock::Result<()> {
+/// # use cachelock::{Cache, MemoryBackend};
+/// # let cache = Cache::builder(MemoryBackend::new()).build()?;
+/// let guard = cache.lock("job").acquire().await?;
+/// guard.keep_alive();
+/// tokio::select! {
+///     () = guard.lost() => { /* abandon the work: someone else may hold the lock */ }
+///     () = async { /* the work */ } => {}
+/// }
+/// let _ = guard.release().await?;
+/// # Ok(()) }
+/// ```
+///
+/// What it does not guarantee: it fires when this process learns or
+/// computes that the lease is gone, not at the instant the server drops
+/// the key (an eviction is seen at the next renewal, at most a third of
+/// the lease later); work already sent to another system is not undone.
+///
+/// # Cancel safety
+///
+/// Cancel safe: dropping it changes nothing.
+#[must_use = "a Lost signal does nothing unless awaited or polled"]
+pub struct Lost {
+    rx: watch::Receiver<LeaseState>,
+    fut: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl std::fmt::Debug for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lost")
+            .field("state", &*self.rx.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lost {
+    fn new(rx: watch::Receiver<LeaseState>) -> Self {
+        let fut = Box::pin(wait_lost(rx.clone()));
+        Self { rx, fut }
+    }
+
+    /// Whether the lease is lost now (what awaiting would find at once).
+    pub fn is_lost(&self) -> bool {
+        let s = *self.rx.borrow();
+        s.lost
+            || s.valid_until.is_some_and(|d| Instant::now() >= d)
+            || self.rx.has_changed().is_err()
+    }
+}
+
+impl Future for Lost {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+async fn wait_lost(mut rx: watch::Receiver<LeaseState>) {
+    loop {
+        let s = *rx.borrow_and_update();
+        if s.lost {
+            return;
+        }
+        match s.valid_until {
+            Some(until) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {
+                        // Still the same deadline: no renewal came in time.
+                        if rx.borrow().valid_until.is_none_or(|d| d <= Instant::now()) {
+                            return;
+                        }
+                    }
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+            None => {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Proof of holding a [`CacheLock`]; releases the lock when dropped.
 ///
 /// Prefer [`release`](Self::release), which reports what happened. A guard
@@ -741,6 +1041,11 @@ impl<T> Outcome<T> {
 /// background task (which `close()` waits for); dropped outside any
 /// runtime, it logs an error and the lock expires with its lease. `Drop`
 /// never blocks and never panics.
+///
+/// The holder trusts its lease until [`deadline`](Self::deadline): the
+/// lease less the lock's [safety margin](LockOptions::safety_margin),
+/// counted from before the add was sent. [`keep_alive`](Self::keep_alive)
+/// renews it in the background; [`lost`](Self::lost) tells when it is gone.
 ///
 /// A guard is released at most once, which the type system enforces:
 ///
@@ -759,22 +1064,40 @@ pub struct LockGuard {
     key: String,
     token: String,
     lease: Duration,
-    /// `None`: too far in the future to represent (never, in practice).
-    deadline: Option<Instant>,
-    lost: bool,
+    /// The lock's safety margin setting (`None`: the default).
+    margin: Option<Duration>,
+    /// When keep-alive stops renewing (`max_hold` after the acquire).
+    stop_at: Option<Instant>,
+    shared: Arc<Lease>,
+    held: Arc<AtomicBool>,
+    keeping_alive: AtomicBool,
     armed: bool,
     tasks: Tasks,
 }
 
+/// The set margin, or 1 % of the lease; never more than the lease.
+fn margin_for(margin: Option<Duration>, lease: Duration) -> Duration {
+    margin.unwrap_or(lease / 100).min(lease)
+}
+
+/// `sent + lease − margin`.
+fn valid_until(margin: Option<Duration>, sent: Instant, lease: Duration) -> Option<Instant> {
+    later(sent, lease.saturating_sub(margin_for(margin, lease)))
+}
+
 impl LockGuard {
     fn new(lock: &CacheLock, token: String, sent: Instant) -> Self {
+        let lease = lock.options.lease;
         Self {
             backend: lock.backend.clone(),
             key: lock.key.clone(),
             token,
-            lease: lock.options.lease,
-            deadline: later(sent, lock.options.lease),
-            lost: false,
+            lease,
+            margin: lock.options.safety_margin,
+            stop_at: lock.options.max_hold.and_then(|h| later(sent, h)),
+            shared: Lease::new(valid_until(lock.options.safety_margin, sent, lease)),
+            held: lock.held.clone(),
+            keeping_alive: AtomicBool::new(false),
             armed: true,
             tasks: lock.tasks.clone(),
         }
@@ -790,11 +1113,15 @@ impl LockGuard {
         &self.token
     }
 
-    /// When the lease runs out by the local clock (measured from before the
-    /// add or extend was sent, so it never runs later than the server's).
+    /// Until when the holder trusts its lease by the local clock: the lease
+    /// less the [safety margin](LockOptions::safety_margin), from before
+    /// the last successful add or extend was sent (so it never runs later
+    /// than the server's TTL). Moves forward with each renewal.
     pub fn deadline(&self) -> Instant {
         // A lease is at most MAX_DURATION, so this is always set in practice.
-        self.deadline
+        self.shared
+            .snapshot()
+            .valid_until
             .unwrap_or_else(|| Instant::now() + MAX_DURATION)
     }
 
@@ -804,13 +1131,52 @@ impl LockGuard {
     }
 
     /// Whether the lease is known to be gone: the local deadline passed, or
-    /// an [`extend`](Self::extend) found the key lost.
+    /// a renewal found the key lost.
     pub fn is_lost(&self) -> bool {
-        self.lost || self.past_deadline()
+        self.shared.snapshot().lost || self.shared.past_deadline()
     }
 
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    /// A signal that completes when the lease is lost (see [`Lost`]).
+    pub fn lost(&self) -> Lost {
+        Lost::new(self.shared.state.subscribe())
+    }
+
+    /// Keeps the lease alive in the background until the guard is
+    /// released, forgotten or dropped, the lease is lost, or the lock's
+    /// [`max_hold`](LockOptions::max_hold) passed since the acquire.
+    ///
+    /// Every third of the lease an owner-checked extend renews it to a full
+    /// lease. A renewal that fails (backend unavailable) is retried quickly
+    /// (every tenth of the lease, at most every second) while the lease
+    /// still has time; a renewal that finds the key gone or taken, or the
+    /// local deadline passing without a successful renewal, marks the lease
+    /// lost ([`lost`](Self::lost) completes, `WARN` logged). No renewal is
+    /// sent once [`release`](Self::release) has started or the guard was
+    /// dropped: release waits for a renewal in flight, then deletes.
+    ///
+    /// What it does not guarantee: a renewal cannot bring back a key the
+    /// cache evicted or lost in a restart; that is found (and reported) at
+    /// the next renewal. Calling it again does nothing. Needs a tokio
+    /// runtime; outside one it logs an error and does nothing.
+    pub fn keep_alive(&self) {
+        if self.keeping_alive.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = Handle::try_current() else {
+            tracing::error!(key = %self.key, "keep_alive needs a tokio runtime; the lease is not renewed");
+            return;
+        };
+        let renewer = Renewer {
+            backend: self.backend.clone(),
+            key: self.key.clone(),
+            token: self.token.clone(),
+            lease: self.lease,
+            margin: self.margin,
+            shared: self.shared.clone(),
+            stop_at: self.stop_at,
+        };
+        let span = tracing::debug_span!("cachelock.hold", key = %self.key);
+        handle.spawn(renewer.run().instrument(span));
     }
 
     /// Extends the lease to `lease` from now (`None`: the lock's own lease),
@@ -833,8 +1199,9 @@ impl LockGuard {
     pub async fn extend(&mut self, lease: Option<Duration>) -> Result<()> {
         let lease = lease.unwrap_or(self.lease);
         check_duration("lock lease", lease, false)?;
-        if self.past_deadline() {
-            self.lost = true;
+        let _ops = self.shared.ops.lock().await;
+        if self.shared.past_deadline() || self.shared.snapshot().lost {
+            self.shared.mark_lost();
             tracing::warn!(
                 key = %self.key,
                 "cache lock lease ran out before it was extended; the lock is no longer valid"
@@ -844,14 +1211,14 @@ impl LockGuard {
             });
         }
         let sent = Instant::now();
-        match self
+        let check = self
             .backend
             .extend_if_eq(&self.key, self.token.as_bytes(), lease)
-            .await?
-        {
-            TokenCheck::Matched => {
-                self.deadline = later(sent, lease);
-                self.lost = false;
+            .await;
+        match check {
+            Ok(TokenCheck::Matched) => {
+                metrics::counter!(metrics_names::RENEWALS, "outcome" => "ok").increment(1);
+                self.shared.renewed(valid_until(self.margin, sent, lease));
                 tracing::debug!(
                     key = %self.key,
                     token = %self.token,
@@ -861,8 +1228,9 @@ impl LockGuard {
                 );
                 Ok(())
             }
-            TokenCheck::Mismatch | TokenCheck::Missing => {
-                self.lost = true;
+            Ok(TokenCheck::Mismatch | TokenCheck::Missing) => {
+                metrics::counter!(metrics_names::RENEWALS, "outcome" => "lost").increment(1);
+                self.shared.mark_lost();
                 tracing::warn!(
                     key = %self.key,
                     "cache lock fell out of cache; the lock is no longer valid"
@@ -870,6 +1238,10 @@ impl LockGuard {
                 Err(Error::LeaseExpired {
                     key: self.key.clone(),
                 })
+            }
+            Err(e) => {
+                metrics::counter!(metrics_names::RENEWALS, "outcome" => "failed").increment(1);
+                Err(e.into())
             }
         }
     }
@@ -879,7 +1251,8 @@ impl LockGuard {
     /// Past the local lease deadline, the cache is not touched at all
     /// ([`Released::Expired`], logged as `WARN`). Otherwise one
     /// owner-checked delete (one round trip where the backend has an atomic
-    /// form) removes the key if it still holds our token.
+    /// form) removes the key if it still holds our token. Keep-alive stops
+    /// first; a renewal in flight is waited for.
     ///
     /// # Errors
     ///
@@ -891,22 +1264,121 @@ impl LockGuard {
     /// If the future is dropped, the release is handed to a background task,
     /// as when the guard is dropped.
     pub async fn release(mut self) -> std::result::Result<Released, BackendError> {
+        self.shared.stop();
+        let span = tracing::debug_span!("cachelock.release", key = %self.key);
         let outcome = release_now(
             &self.backend,
             &self.key,
             &self.token,
             self.lease,
-            self.deadline,
+            &self.shared,
         )
+        .instrument(span)
         .await;
-        self.armed = false;
+        self.disarm();
         outcome
     }
 
     /// Gives the guard up without releasing: the key stays until its lease
-    /// runs out.
+    /// runs out. Keep-alive stops.
     pub fn forget(mut self) {
+        self.shared.stop();
+        self.disarm();
+    }
+
+    fn disarm(&mut self) {
         self.armed = false;
+        self.held.store(false, Ordering::Release);
+        self.shared.mark_gone();
+    }
+}
+
+impl Lease {
+    /// The guard is gone: its [`Lost`] signals complete (not counted as a
+    /// lost lease).
+    fn mark_gone(&self) {
+        self.state
+            .send_if_modified(|s| !std::mem::replace(&mut s.lost, true));
+    }
+}
+
+/// The keep-alive task of one guard.
+struct Renewer {
+    backend: SharedBackend,
+    key: String,
+    token: String,
+    lease: Duration,
+    margin: Option<Duration>,
+    shared: Arc<Lease>,
+    /// When `max_hold` ends renewal.
+    stop_at: Option<Instant>,
+}
+
+impl Renewer {
+    async fn run(self) {
+        let every = self.lease / 3;
+        let quick = (self.lease / 10).min(Duration::from_secs(1));
+        let mut next = Instant::now() + every;
+        loop {
+            let stopped = self.shared.stop.notified();
+            tokio::pin!(stopped);
+            stopped.as_mut().enable();
+            if self.shared.is_stopped() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = &mut stopped => return,
+            }
+            if self.stop_at.is_some_and(|t| Instant::now() >= t) {
+                tracing::debug!(key = %self.key, "max hold reached; cache lock lease no longer renewed");
+                return;
+            }
+            let _ops = self.shared.ops.lock().await;
+            if self.shared.is_stopped() || self.shared.snapshot().lost {
+                return;
+            }
+            if self.shared.past_deadline() {
+                self.lose("cache lock lease ran out before it could be renewed");
+                return;
+            }
+            let sent = Instant::now();
+            let check = self
+                .backend
+                .extend_if_eq(&self.key, self.token.as_bytes(), self.lease)
+                .await;
+            match check {
+                // Lost is sticky: a reply after the deadline does not revive it.
+                Ok(TokenCheck::Matched) if !self.shared.past_deadline() => {
+                    metrics::counter!(metrics_names::RENEWALS, "outcome" => "ok").increment(1);
+                    self.shared
+                        .renewed(valid_until(self.margin, sent, self.lease));
+                    tracing::debug!(key = %self.key, token = %self.token, "renewed cache lock lease");
+                    next = sent + every;
+                }
+                Ok(TokenCheck::Matched) => {
+                    metrics::counter!(metrics_names::RENEWALS, "outcome" => "failed").increment(1);
+                    self.lose("cache lock lease renewed too late; the lock is no longer trusted");
+                    return;
+                }
+                Ok(TokenCheck::Mismatch | TokenCheck::Missing) => {
+                    metrics::counter!(metrics_names::RENEWALS, "outcome" => "lost").increment(1);
+                    self.lose("cache lock fell out of cache; the lock is no longer valid");
+                    return;
+                }
+                Err(e) => {
+                    metrics::counter!(metrics_names::RENEWALS, "outcome" => "failed").increment(1);
+                    tracing::warn!(key = %self.key, error = %e, retry_in = ?quick, "renewing the cache lock lease failed; retrying");
+                    next = Instant::now() + quick;
+                }
+            }
+        }
+    }
+
+    fn lose(&self, what: &'static str) {
+        if self.shared.mark_lost() {
+            tracing::warn!(key = %self.key, "{what}");
+        }
     }
 }
 
@@ -915,9 +1387,31 @@ async fn release_now(
     key: &str,
     token: &str,
     lease: Duration,
-    deadline: Option<Instant>,
+    shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
-    if deadline.is_some_and(|d| Instant::now() >= d) {
+    // Waits for a renewal in flight; none starts after (`stopped` is set).
+    let _ops = shared.ops.lock().await;
+    let outcome = release_locked(backend, key, token, lease, shared).await;
+    let label = match &outcome {
+        Ok(Released::Released) => "released",
+        Ok(Released::Expired) => "expired",
+        Ok(Released::Lost) => "lost",
+        Err(_) => "error",
+    };
+    metrics::counter!(metrics_names::RELEASES, "outcome" => label).increment(1);
+    outcome
+}
+
+async fn release_locked(
+    backend: &SharedBackend,
+    key: &str,
+    token: &str,
+    lease: Duration,
+    shared: &Lease,
+) -> std::result::Result<Released, BackendError> {
+    let state = shared.snapshot();
+    if state.valid_until.is_some_and(|d| Instant::now() >= d) {
+        shared.mark_lost();
         tracing::warn!(
             %key,
             "cache lock lease ran out before release; another holder may have run meanwhile; \
@@ -925,12 +1419,17 @@ async fn release_now(
         );
         return Ok(Released::Expired);
     }
+    if state.lost {
+        tracing::warn!(%key, "cache lock lease was lost before release; nothing was deleted");
+        return Ok(Released::Lost);
+    }
     match backend.delete_if_eq(key, token.as_bytes(), lease).await? {
         TokenCheck::Matched => {
             tracing::debug!(%key, %token, "released cache lock");
             Ok(Released::Released)
         }
         check => {
+            shared.mark_lost();
             tracing::warn!(
                 %key,
                 found = if check == TokenCheck::Missing { "nothing" } else { "another token" },
@@ -946,24 +1445,37 @@ impl Drop for LockGuard {
         if !self.armed {
             return;
         }
+        self.shared.stop();
+        metrics::counter!(metrics_names::DROPPED).increment(1);
+        self.held.store(false, Ordering::Release);
         match Handle::try_current() {
             Ok(handle) => {
                 let backend = self.backend.clone();
                 let key = std::mem::take(&mut self.key);
                 let token = std::mem::take(&mut self.token);
-                let (lease, deadline) = (self.lease, self.deadline);
+                let lease = self.lease;
+                let shared = self.shared.clone();
+                let span = tracing::debug_span!("cachelock.release", key = %key);
                 tracing::debug!(%key, "cache lock guard dropped; releasing in the background");
-                self.tasks.spawn(&handle, async move {
-                    if let Err(e) = release_now(&backend, &key, &token, lease, deadline).await {
-                        tracing::error!(%key, error = %e, "background release of cache lock failed");
+                self.tasks.spawn(
+                    &handle,
+                    async move {
+                        if let Err(e) = release_now(&backend, &key, &token, lease, &shared).await {
+                            tracing::error!(%key, error = %e, "background release of cache lock failed");
+                        }
+                        shared.mark_gone();
                     }
-                });
+                    .instrument(span),
+                );
             }
-            Err(_) => tracing::error!(
-                key = %self.key,
-                "cache lock guard dropped without release and with no runtime to release it; \
-                 the lock stays until its lease runs out"
-            ),
+            Err(_) => {
+                self.shared.mark_gone();
+                tracing::error!(
+                    key = %self.key,
+                    "cache lock guard dropped without release and with no runtime to release it; \
+                     the lock stays until its lease runs out"
+                );
+            }
         }
     }
 }

@@ -841,7 +841,14 @@ async fn a_lock_lost_in_a_server_restart_is_reported() {
     )
     .unwrap();
     let mut guard = lock.try_acquire().await.unwrap();
-    let second = lock.try_acquire().await.unwrap_err();
+    // Another CacheLock on the key (this one would be AlreadyHeld, issue 11).
+    let someone = cachelock::CacheLock::new(
+        backend.clone(),
+        lock.key(),
+        cachelock::LockOptions::new().lease(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let second = someone.try_acquire().await.unwrap_err();
     assert!(second.is_held(), "{second:?}");
 
     // The server restarts without persistence: the lock key is gone.

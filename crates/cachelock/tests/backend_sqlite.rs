@@ -76,7 +76,9 @@ async fn lock_and_ttl_on_sqlite() {
     )
     .unwrap();
     let guard = lock.try_acquire().await.unwrap();
-    assert!(lock.try_acquire().await.unwrap_err().is_held());
+    // Another CacheLock (this one would be AlreadyHeld, issue 11).
+    let again = CacheLock::new(cache.clone(), key.clone(), LockOptions::new()).unwrap();
+    assert!(again.try_acquire().await.unwrap_err().is_held());
     let ttl = cache.ttl(&key).await.unwrap().unwrap();
     assert!(
         ttl <= Duration::from_secs(10) && ttl > Duration::from_secs(8),

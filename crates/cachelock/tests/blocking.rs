@@ -101,9 +101,12 @@ fn lock_acquire_release_and_contention() {
         .unwrap()
         .unwrap();
     assert_eq!(stored.as_deref(), Some(guard.token().as_bytes()));
-    // Held: a try fails, a timed wait times out, also from another thread.
-    assert!(lock.try_acquire().unwrap_err().is_held());
-    let other = lock.clone();
+    // Held by this very lock: an error at once (issue 11), not a wait.
+    assert!(lock.try_acquire().unwrap_err().is_already_held());
+    // Held: another lock's try fails, a timed wait times out, also from
+    // another thread.
+    let other = blocking::CacheLock::new(b.clone(), k.as_str(), LockOptions::new()).unwrap();
+    assert!(other.try_acquire().unwrap_err().is_held());
     let waited = std::thread::spawn(move || {
         let start = Instant::now();
         let e = other
@@ -121,7 +124,8 @@ fn lock_acquire_release_and_contention() {
     assert_eq!(out.value, 5);
     // forget: the key stays until its lease runs out.
     lock.try_acquire().unwrap().forget();
-    assert!(lock.try_acquire().unwrap_err().is_held());
+    let other = blocking::CacheLock::new(b.clone(), k.as_str(), LockOptions::new()).unwrap();
+    assert!(other.try_acquire().unwrap_err().is_held());
 }
 
 #[test]
@@ -224,9 +228,12 @@ fn through_real_memcached() {
         assert_eq!(v, big);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let lock = c.lock(key("memcached-lock"));
+    let lk = key("memcached-lock");
+    let lock = c.lock(lk.as_str());
     let g = lock.acquire().unwrap();
-    assert!(lock.try_acquire().unwrap_err().is_held());
+    assert!(lock.try_acquire().unwrap_err().is_already_held());
+    let again = c.lock(lk.as_str());
+    assert!(again.try_acquire().unwrap_err().is_held());
     assert_eq!(g.release().unwrap(), cachelock::Released::Released);
 }
 
@@ -238,4 +245,21 @@ fn server_env(var: &str) -> String {
             "{var} is not set: this test needs the test servers; run it through scripts/test"
         ),
     }
+}
+
+/// Issue 11: the blocking guard's keep-alive runs on cachelock's runtime,
+/// so a blocking holder keeps its lock past the lease.
+#[test]
+fn keep_alive_renews_a_blocking_guard() {
+    let b = backend();
+    let k = key("keep-alive");
+    let opts = LockOptions::new().lease(Duration::from_millis(300));
+    let lock = blocking::CacheLock::new(b.clone(), k.as_str(), opts.clone()).unwrap();
+    let guard = lock.acquire().unwrap();
+    guard.keep_alive();
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(!guard.is_lost());
+    let other = blocking::CacheLock::new(b.clone(), k.as_str(), opts).unwrap();
+    assert!(other.try_acquire().unwrap_err().is_held());
+    assert_eq!(guard.release().unwrap(), cachelock::Released::Released);
 }

@@ -167,7 +167,9 @@ async fn server_killed_and_restarted_while_a_lock_is_held(kind: Kind) {
         let key = unique_key("restart");
         let lock = lock(&b, &key, Duration::from_secs(30));
         let mut old = lock.try_acquire().await.unwrap();
-        // Exclusion while the lease holds.
+        // Exclusion while the lease holds (another CacheLock: this one
+        // would be AlreadyHeld, issue 11).
+        let lock = self::lock(&b, &key, Duration::from_secs(30));
         assert!(lock.try_acquire().await.unwrap_err().is_held());
         let (mk, mo, n) = (
             unique_key("restart-memo"),
@@ -255,7 +257,9 @@ async fn latency_above_the_response_timeout(kind: Kind) {
         let e = guard.extend(None).await.unwrap_err();
         assert!(e.is_unavailable(), "{e:?}");
         assert!(!guard.is_lost());
-        // Neither a held nor a free lock is handed out on a timeout.
+        // Neither a held nor a free lock is handed out on a timeout
+        // (another CacheLock on the held key: this one would be AlreadyHeld).
+        let held = lock(&b, &held_key, Duration::from_secs(20));
         let e = held.try_acquire().await.unwrap_err();
         assert!(e.is_unavailable(), "{e:?}");
         let e = free.try_acquire().await.unwrap_err();
@@ -607,7 +611,10 @@ async fn eviction_under_memory_pressure(kind: Kind) {
         // The loss is reported, and nothing is deleted.
         let e = guard.extend(None).await.unwrap_err();
         assert!(e.is_lease_expired(), "{e:?}");
-        let new = l.try_acquire().await.unwrap();
+        let new = lock(&b, &key, Duration::from_secs(60))
+            .try_acquire()
+            .await
+            .unwrap();
         assert_eq!(guard.release().await.unwrap(), Released::Lost);
         assert_eq!(token_under(&b, &key).await.as_deref(), Some(new.token()));
         assert_eq!(new.release().await.unwrap(), Released::Released);
@@ -636,7 +643,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         // A waiter that times out.
         let g = l.try_acquire().await.unwrap();
         tokens.push(g.token().to_owned());
-        let e = l
+        let e = lock(&b, &key, Duration::from_secs(1))
             .acquire_timeout(Duration::from_millis(200))
             .await
             .unwrap_err();
@@ -666,7 +673,7 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         rig.kill();
         assert!(g.extend(None).await.is_err());
         assert!(g.release().await.is_err());
-        let r = l.with_lock(|| async {}).await;
+        let r = l.with_lock(|_| async {}).await;
         assert!(r.is_err());
         rig.spawn();
         assert_recovers(&b).await;
@@ -676,7 +683,9 @@ async fn tokens_never_logged_above_debug(kind: Kind) {
         let mo = Opts::new().expiration(LONG).lock(
             LockOptions::new()
                 .lease(Duration::from_secs(1))
-                .max_wait(Duration::from_millis(300)),
+                .max_wait(Duration::from_millis(300))
+                // No keep-alive past the first third: the compute outlives it.
+                .max_hold(Duration::from_millis(1)),
         );
         let mk = unique_key("log-tokens-memo");
         let slow: u32 = memoize(&b, mk.as_str(), &mo, || async {

@@ -224,15 +224,17 @@ async fn close_waits_for_background_releases() {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn duration_max_never_panics() {
     let c = Cache::builder(MemoryBackend::new()).build().unwrap();
-    let lock = c.lock(unique_key("max"));
+    let k = unique_key("max");
+    let lock = c.lock(k.as_str());
     let mut g = lock.acquire_timeout(Duration::MAX).await.unwrap();
     assert!(g.remaining() <= Duration::from_secs(30));
     let e = g.extend(Some(Duration::MAX)).await.unwrap_err();
     assert!(matches!(e, Error::InvalidConfig(_)), "{e:?}");
     assert!(!g.is_lost());
     // Held: a Duration::MAX timeout keeps waiting (it does not overflow).
+    // (Another CacheLock: this one would fail at once, issue 11.)
     let waiter = tokio::spawn({
-        let lock = lock.clone();
+        let lock = c.lock(k.as_str());
         async move {
             lock.acquire_timeout(Duration::MAX)
                 .await

@@ -224,9 +224,11 @@ async fn an_add_whose_reply_was_lost_is_resolved_by_reading_back() {
     let err = l.try_acquire().await.unwrap_err();
     assert!(err.is_unavailable() && !err.is_held(), "{err:?}");
 
-    // Someone else holds it and our add failed: that is "held".
+    // Someone else holds it and our add failed: that is "held". (Another
+    // CacheLock: this one holding it would be AlreadyHeld, issue 11.)
     *b.fail_adds.lock().unwrap() = None;
-    let other = l.try_acquire().await.unwrap();
+    let someone = CacheLock::new(shared.clone(), "lost-reply", LockOptions::default()).unwrap();
+    let other = someone.try_acquire().await.unwrap();
     *b.fail_adds.lock().unwrap() = Some(false);
     assert!(l.try_acquire().await.unwrap_err().is_held());
     let _ = other.release().await.unwrap();

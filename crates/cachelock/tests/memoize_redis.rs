@@ -76,3 +76,20 @@ async fn stampede_worker() {
         common::stampede::worker(standalone().await).await;
     }
 }
+
+/// Issue 11: 16 processes on one cold key, a compute three times the memoize
+/// lock's lease: the lease is kept alive while the compute runs, so it runs
+/// exactly once (without keep-alive a waiter takes the expired lock and
+/// computes again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test servers: scripts/test"]
+async fn compute_longer_than_the_lease_runs_once_across_16_processes() {
+    let p = common::stampede::Params {
+        procs: 16,
+        tasks: 4,
+        compute: std::time::Duration::from_millis(3_000),
+        lease: Some(std::time::Duration::from_millis(1_000)),
+        slack: std::time::Duration::from_millis(1_000),
+    };
+    common::stampede::run_with("stampede_worker", standalone().await, p).await;
+}

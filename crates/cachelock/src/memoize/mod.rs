@@ -500,6 +500,9 @@ where
                         return Ok(v);
                     }
                 }
+                // Renewed while the compute runs, so a compute longer than
+                // the lease still runs once.
+                g.keep_alive();
                 guard = Some(g);
             }
             LockWait::Value(Polled::Value(v, plain)) => {

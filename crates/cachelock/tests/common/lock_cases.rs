@@ -24,7 +24,8 @@ macro_rules! lock_tests {
             release_after_key_lost_deletes_nothing, extend_with_default_and_custom_lease,
             extend_after_key_lost_warns, extend_past_deadline_touches_nothing, with_lock_releases,
             with_lock_reports_an_overrun, dropped_guard_releases_in_background,
-            reacquire_after_release_gets_new_token, contending_tasks_never_overlap);
+            reacquire_after_release_gets_new_token, contending_tasks_never_overlap,
+            keep_alive_outlives_the_lease, lost_fires_when_the_key_is_deleted);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -346,7 +347,7 @@ pub async fn with_lock_releases(b: SharedBackend) {
     let l = lock(&b, &key, LockOptions::default());
     let (b2, k2) = (b.clone(), key.clone());
     let out = l
-        .with_lock(|| async move { held_by(&b2, &k2).await })
+        .with_lock(|_| async move { held_by(&b2, &k2).await })
         .await
         .unwrap();
     assert!(out.held_throughout(), "{out:?}");
@@ -360,16 +361,19 @@ pub async fn with_lock_releases(b: SharedBackend) {
 
 /// Issue 10, item 1: the closure form tells the caller that the lease ran
 /// out while the work ran (it used to return `Ok(value)` and log nothing).
+/// With keep-alive (issue 11) the lease runs out only past `max_hold`.
 pub async fn with_lock_reports_an_overrun(b: SharedBackend) {
     let key = unique_key("closure-overrun");
     let l = lock(
         &b,
         &key,
-        LockOptions::default().lease(Duration::from_secs(1)),
+        LockOptions::default()
+            .lease(Duration::from_secs(1))
+            .max_hold(Duration::from_millis(1)),
     );
     let (logs, _g) = logs::capture();
     let out = l
-        .with_lock(|| async {
+        .with_lock(|_| async {
             tokio::time::sleep(Duration::from_millis(1_300)).await;
             7
         })
@@ -487,4 +491,51 @@ pub async fn contending_tasks_never_overlap(b: SharedBackend) {
         t.await.unwrap();
     }
     assert_eq!(entered.load(Ordering::SeqCst), TASKS * ROUNDS);
+}
+
+/// Issue 11: keep-alive renews the lease (owner-checked) on every backend,
+/// so the lock outlives its lease; release then deletes it.
+pub async fn keep_alive_outlives_the_lease(b: SharedBackend) {
+    let key = unique_key("keep-alive");
+    let l = lock(
+        &b,
+        &key,
+        LockOptions::default().lease(Duration::from_secs(1)),
+    );
+    let guard = l.acquire().await.unwrap();
+    guard.keep_alive();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(!guard.is_lost());
+    assert_eq!(held_by(&b, &key).await.as_deref(), Some(guard.token()));
+    let other = lock(&b, &key, LockOptions::default());
+    assert!(other.try_acquire().await.unwrap_err().is_held());
+    assert_eq!(guard.release().await.unwrap(), Released::Released);
+    assert_eq!(held_by(&b, &key).await, None);
+}
+
+/// Issue 11: a key lost under keep-alive (deleted, as by an eviction) is
+/// found at the next renewal and `lost()` completes, on every backend.
+pub async fn lost_fires_when_the_key_is_deleted(b: SharedBackend) {
+    let key = unique_key("lost");
+    let l = lock(
+        &b,
+        &key,
+        LockOptions::default().lease(Duration::from_secs(3)),
+    );
+    let guard = l.acquire().await.unwrap();
+    guard.keep_alive();
+    let (logs, _g) = logs::capture();
+    b.delete(&key).await.unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), guard.lost())
+        .await
+        .expect("lost() within one renewal period");
+    assert!(start.elapsed() <= Duration::from_millis(1_100));
+    assert!(guard.is_lost());
+    assert!(
+        logs.at("WARN").iter().any(|l| l.contains(&key)),
+        "{:?}",
+        logs.lines()
+    );
+    assert_eq!(guard.release().await.unwrap(), Released::Lost);
 }

@@ -215,7 +215,14 @@ pub async fn assert_recovers(backend: &SharedBackend) {
     )
     .expect("lock options");
     let guard = lock.try_acquire().await.expect("a lock after recovery");
-    let second = lock.try_acquire().await.expect_err("exclusion");
+    // Another CacheLock (this one would be AlreadyHeld, issue 11).
+    let again = CacheLock::new(
+        backend.clone(),
+        lock.key(),
+        LockOptions::new().lease(Duration::from_secs(10)),
+    )
+    .expect("lock options");
+    let second = again.try_acquire().await.expect_err("exclusion");
     assert!(second.is_held(), "{second:?}");
     assert_eq!(guard.release().await.expect("release"), Released::Released);
 }

@@ -120,11 +120,18 @@ async fn memcached_endless_line_is_refused() {
 
 /// A fake Redis that speaks just enough RESP2 to be connected to (it
 /// refuses `HELLO`, so the client falls back to RESP2, and knows no native
-/// compare-and-delete), then answers every other command with `header`
-/// followed by an endless stream of filler bytes.
+/// compare-and-delete), also as a one-node Cluster (`CLUSTER SLOTS` names
+/// itself for every slot, `PING` answers), then answers every other command
+/// with `header` followed by an endless stream of filler bytes.
 async fn fake_redis(header: &'static [u8]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let slots: &'static [u8] = format!(
+        "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
+        addr.port()
+    )
+    .into_bytes()
+    .leak();
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {
@@ -151,7 +158,11 @@ async fn fake_redis(header: &'static [u8]) -> String {
                                 answers.extend_from_slice(b"-ERR unknown command 'HELLO'\r\n")
                             }
                             "COMMAND" => answers.extend_from_slice(b"*2\r\n$-1\r\n$-1\r\n"),
-                            "CLIENT" | "SELECT" | "AUTH" => answers.extend_from_slice(b"+OK\r\n"),
+                            "CLIENT" | "SELECT" | "AUTH" | "READONLY" => {
+                                answers.extend_from_slice(b"+OK\r\n")
+                            }
+                            "PING" => answers.extend_from_slice(b"+PONG\r\n"),
+                            "CLUSTER" => answers.extend_from_slice(slots),
                             _ => hostile = true,
                         }
                     }
@@ -245,4 +256,48 @@ async fn redis_connection_is_replaced_after_a_refused_reply() {
             "{err:?}"
         );
     }
+}
+
+/// The same through a Redis Cluster connection: every node connection the
+/// `redis` crate's Cluster client opens reads through the same bound.
+#[tokio::test]
+async fn redis_cluster_bulk_string_over_the_value_limit_is_refused() {
+    let url = fake_redis(b"$2000000000\r\n").await;
+    let b = RedisBackend::connect_cluster_with(
+        &[url.as_str()],
+        RedisOptions::new().response_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    assert!(b.is_cluster());
+    let before = peak_rss();
+    let err = b.get("k").await.unwrap_err();
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < LIMIT, "peak RSS grew by {} MB", grown >> 20);
+    assert!(
+        matches!(err, cachelock::BackendError::Protocol { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_cluster_endless_status_line_is_refused() {
+    let url = fake_redis(b"+").await;
+    let b = RedisBackend::connect_cluster_with(
+        &[url.as_str()],
+        RedisOptions::new().response_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let before = peak_rss();
+    let err = b
+        .add("lock", b"token", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < LIMIT, "peak RSS grew by {} MB", grown >> 20);
+    assert!(
+        matches!(err, cachelock::BackendError::Protocol { .. }),
+        "{err:?}"
+    );
 }

@@ -18,9 +18,9 @@
 //! must be absolute and is taken literally (no `~` expansion and no
 //! percent-decoding): a relative path would name a different file in every
 //! working directory, so jobs started from different directories would not
-//! exclude each other. Redis URLs are checked by the Redis client's own
-//! parser when they are parsed here, so a URL accepted here is not refused
-//! when connecting. Passwords (in the user info, or a `pass=` / `password=`
+//! exclude each other. Redis URLs (each seed node of a Cluster URL too) are
+//! checked by the Redis client's own parser when they are parsed here, so a
+//! URL accepted here is not refused when connecting. Passwords (in the user info, or a `pass=` / `password=`
 //! query parameter) are replaced with `***` by [`redact`], the one redaction
 //! used by `Display`, `Debug` and every error.
 //!
@@ -152,7 +152,18 @@ impl BackendUrl {
                     }
                     let (host, port) = host_port(node, 6379).map_err(bad)?;
                     let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-                    nodes.push(format!("{node_scheme}://{auth}{host}:{port}{tail}"));
+                    let node = format!("{node_scheme}://{auth}{host}:{port}{tail}");
+                    // The same check as a single-server URL, so that a
+                    // Cluster URL accepted here is not refused when
+                    // connecting (a database in the path, a bad query).
+                    #[cfg(feature = "redis")]
+                    if let Err(e) = crate::backend::redis::check_url(&node) {
+                        return Err(match e {
+                            BackendError::InvalidUrl { reason, .. } => bad(reason),
+                            other => other,
+                        });
+                    }
+                    nodes.push(node);
                 }
                 Ok(Self::RedisCluster(nodes))
             }
@@ -559,6 +570,13 @@ mod tests {
             ("redis+unix://relative.sock", "absolute socket path"),
             ("redis+cluster://", "at least one host"),
             ("redis+cluster://h1:1,,h2:2", "stray comma"),
+            #[cfg(feature = "redis")]
+            ("redis+cluster://h1:1/x", "Invalid database number"),
+            #[cfg(feature = "redis")]
+            (
+                "rediss+cluster://u:pw@h1:1/x",
+                "rediss+cluster://u:***@h1:1/x",
+            ),
             ("memcached://", "at least one host"),
             ("memcached://h 1:11211", "invalid character ' '"),
             ("memcached://u:p@h:1", "does not take a user"),
@@ -586,6 +604,11 @@ mod tests {
         assert_eq!(err.key(), "redis://user:***@host:0");
         let u = BackendUrl::parse("redis://:hunter2@h/1").unwrap();
         assert_eq!(u.to_string(), "redis://:***@h/1");
+        #[cfg(feature = "redis")]
+        {
+            let err = BackendUrl::parse("redis+cluster://u:hunter2@a:1/x").unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
         let c = BackendUrl::parse("redis+cluster://:pw@a:1,b:2").unwrap();
         assert_eq!(c.to_string(), "redis+cluster://a:1,b:2");
         assert_eq!(redact("redis://h:1"), "redis://h:1");

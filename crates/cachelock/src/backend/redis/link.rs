@@ -1,27 +1,29 @@
 //! The connection to Redis and its reconnect policy: a standalone
 //! connection of our own (its stream bounded by [`Limited`]) that is
 //! replaced when it fails or stops answering, or the Cluster client's
-//! connection.
+//! connection, whose node connections ([`ClusterNode`]) read through
+//! [`Limited`] too (except over TLS).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::redis::aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection, SendError};
-use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_async::{ClusterConnection, Connect};
 use ::redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, Pipeline, ProtocolVersion,
-    PushInfo, PushKind, RedisError, RedisFuture, RedisResult, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
+    ProtocolVersion, PushInfo, PushKind, RedisError, RedisFuture, RedisResult, Value,
 };
 use parking_lot::RwLock;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use super::RedisOptions;
+use super::errors::is_limit_error;
 use super::limit::Limited;
 use super::url::redact;
+use super::{REDIS_MAX_VALUE_SIZE, RedisOptions};
 use crate::error::BackendError;
 
 /// The connection, standalone or Cluster. Cloning is cheap (an `Arc` or a
@@ -29,7 +31,7 @@ use crate::error::BackendError;
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(LazyConn),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection<ClusterNode>),
 }
 
 impl ConnectionLike for Conn {
@@ -63,7 +65,7 @@ impl ConnectionLike for Conn {
 /// How a backend reaches Redis.
 pub(super) enum Link {
     Single(Box<SingleLink>),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection<ClusterNode>),
 }
 
 /// A standalone connection that is replaced when it fails or stops
@@ -159,6 +161,125 @@ impl Dialer {
         tokio::spawn(driver);
         Ok(conn)
     }
+}
+
+/// The connect timeout of Cluster node connections, in milliseconds: the
+/// longest [`RedisOptions::connect_timeout`] of any Cluster backend of this
+/// process (0 before the first one).
+///
+/// A process-wide value because the crate opens node connections through
+/// the static [`Connect::connect_with_config`], which gets the node's
+/// address and an [`AsyncConnectionConfig`] whose connect timeout cannot be
+/// read back, and no user data: there is no hook to pass a backend's own
+/// settings. Taking the longest one never cuts a backend's connect attempt
+/// short.
+static CLUSTER_CONNECT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// A connection to one Cluster node, opened by the `redis` crate's Cluster
+/// client through [`Connect`], on a stream of our own read through
+/// [`Limited`] (the same dialer as a standalone connection), so that a node
+/// cannot make the client buffer more than the largest value.
+///
+/// [`Connect`] is a static function with no user data (see
+/// [`CLUSTER_CONNECT_TIMEOUT_MS`]), so the bound is the largest value any
+/// backend may read, [`REDIS_MAX_VALUE_SIZE`] (512 MiB), rather than the
+/// backend's own [`RedisOptions::max_value_size`]; lines and aggregates have
+/// the same limits as standalone. Over TLS the crate's own connection is
+/// used (its TLS settings, given to the Cluster client, cannot be passed
+/// here either), and is not bounded.
+#[derive(Clone)]
+pub(super) struct ClusterNode(MultiplexedConnection);
+
+impl Connect for ClusterNode {
+    fn connect_with_config<'a, T>(info: T, config: AsyncConnectionConfig) -> RedisFuture<'a, Self>
+    where
+        T: IntoConnectionInfo + Send + 'a,
+    {
+        Box::pin(async move {
+            let info = info.into_connection_info()?;
+            if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+                return Ok(Self(
+                    MultiplexedConnection::connect_with_config(info, config).await?,
+                ));
+            }
+            let connect_timeout = match CLUSTER_CONNECT_TIMEOUT_MS.load(Ordering::Relaxed) {
+                0 => RedisOptions::default().connect_timeout,
+                ms => Duration::from_millis(ms),
+            };
+            let dialer = Dialer {
+                info,
+                tls: None,
+                connect_timeout,
+                // Not used here: the crate's `config` carries it.
+                response_timeout: connect_timeout,
+                max_bulk: REDIS_MAX_VALUE_SIZE,
+            };
+            let stream = tokio::time::timeout(connect_timeout, dialer.stream())
+                .await
+                .map_err(|_| {
+                    RedisError::from(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                })??;
+            let (conn, driver) = MultiplexedConnection::new_with_config(
+                dialer.info.redis_settings(),
+                stream,
+                config,
+            )
+            .await?;
+            tokio::spawn(driver);
+            Ok(Self(conn))
+        })
+    }
+}
+
+/// A reply refused by [`Limited`] is an I/O error, which the Cluster client
+/// would answer by reconnecting and sending the command again, to the same
+/// node and the same reply, until the response timeout. Its kind becomes
+/// `Unsupported`, which the crate does not retry, and the operation fails
+/// at once (as a protocol error, by its message).
+fn no_retry_over_limit(e: RedisError) -> RedisError {
+    if is_limit_error(&e) {
+        RedisError::from(io::Error::new(io::ErrorKind::Unsupported, e.to_string()))
+    } else {
+        e
+    }
+}
+
+impl ConnectionLike for ClusterNode {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            self.0
+                .req_packed_command(cmd)
+                .await
+                .map_err(no_retry_over_limit)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.0
+                .req_packed_commands(pipeline, offset, count)
+                .await
+                .map_err(no_retry_over_limit)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+/// Raises the connect timeout of Cluster node connections to `timeout` if
+/// it is longer (see [`CLUSTER_CONNECT_TIMEOUT_MS`]).
+pub(super) fn cluster_connect_timeout_at_least(timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    CLUSTER_CONNECT_TIMEOUT_MS.fetch_max(ms, Ordering::Relaxed);
 }
 
 /// Marks a connection closed when it says so (a RESP3 `Disconnection`

@@ -72,7 +72,7 @@
 //!   connect timeout) → [`BackendError::TimedOut`];
 //! * an error reply (`WRONGTYPE`, "not an integer", ...) or a reply of an
 //!   unexpected shape → [`BackendError::Protocol`];
-//! * a reply over the client's limits (standalone only) →
+//! * a reply over the client's limits →
 //!   [`BackendError::Protocol`], and the connection is dropped.
 //!
 //! # Bounded replies
@@ -83,8 +83,11 @@
 //! that follows the RESP framing and refuses, before buffering it, a bulk
 //! string longer than the largest value ([`RedisOptions::max_value_size`],
 //! at least 1 MiB), a line longer than 64 KiB or an aggregate of more than
-//! 2^20 elements. Cluster connections are opened by the crate and are not
-//! bounded this way.
+//! 2^20 elements. Cluster node connections read through the same scanner,
+//! with the bulk-string limit at 512 MiB whatever `max_value_size` says (the
+//! crate opens them through a static function that cannot be given a
+//! backend's settings); over TLS (`rediss://`) they are the crate's own and
+//! are not bounded.
 //!
 //! # Runtime
 //!
@@ -132,7 +135,7 @@ use tokio::time::Instant;
 use self::errors::{
     connect_error, connect_failed, finish_connect_error, is_limit_error, lacks_resp3, map_error,
 };
-use self::link::{Conn, Link, open_single};
+use self::link::{ClusterNode, Conn, Link, cluster_connect_timeout_at_least, open_single};
 use self::notify::RedisNotify;
 use self::scripts::{
     DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
@@ -302,12 +305,13 @@ impl RedisBackend {
         let client = builder
             .build()
             .map_err(|e| bad_url(&shown.join(","), short_redis_error(&e)))?;
+        cluster_connect_timeout_at_least(options.connect_timeout);
         let started = Instant::now();
         let conn = tokio::time::timeout(
             options
                 .connect_timeout
                 .saturating_add(options.response_timeout),
-            client.get_async_connection(),
+            client.get_async_generic_connection::<ClusterNode>(),
         )
         .await
         .map_err(|_| {

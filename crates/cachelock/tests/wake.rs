@@ -33,7 +33,9 @@ async fn handoff_after_release(backend: SharedBackend, key: &str, hold: Duration
     let l = lock(&backend, key, Duration::from_secs(30), SLOW_POLL);
     let guard = l.acquire().await.unwrap();
     let waiter = {
-        let l = l.clone();
+        // A CacheLock of its own: re-acquiring through the holder's is
+        // AlreadyHeld.
+        let l = lock(&backend, key, Duration::from_secs(30), SLOW_POLL);
         tokio::spawn(async move {
             let g = l.acquire().await.unwrap();
             let at = Instant::now();
@@ -110,10 +112,12 @@ async fn memory_releaser_does_not_starve_a_queued_waiter() {
     let backend: SharedBackend = Arc::new(MemoryBackend::new());
     // The default retry interval (250 ms): the waiter is queued when the
     // holder releases and at once takes the lock again.
-    let l = CacheLock::new(backend, "fair", LockOptions::new()).unwrap();
+    let l = CacheLock::new(backend.clone(), "fair", LockOptions::new()).unwrap();
     let guard = l.acquire().await.unwrap();
     let waiter = {
-        let l = l.clone();
+        // A CacheLock of its own: re-acquiring through the holder's is
+        // AlreadyHeld.
+        let l = CacheLock::new(backend, "fair", LockOptions::new()).unwrap();
         tokio::spawn(async move {
             let g = l.acquire().await.unwrap();
             let _ = g.release().await.unwrap();

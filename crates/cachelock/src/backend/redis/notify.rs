@@ -119,7 +119,11 @@ impl RedisNotify {
         let reader = tokio::spawn(async move {
             while let Some(msg) = stream.next().await {
                 if let Some(key) = msg.get_channel_name().strip_prefix(prefix.as_str()) {
-                    notifier.notify(key);
+                    // The payload names the waiter the lock was handed to
+                    // (empty: none, the lock is free).
+                    let next = msg.get_payload_bytes();
+                    let next = (!next.is_empty()).then(|| bytes::Bytes::copy_from_slice(next));
+                    notifier.notify_handed(key, next);
                 }
             }
             tracing::debug!(

@@ -209,6 +209,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_hand_off_names_the_next_waiter() {
+        let n = Notifier::default();
+        let mut w = ReleaseWatch::notified(n.watch("k"), None);
+        assert!(!w.handed_to_other(b"me"));
+        n.notify_handed("k", Some(Bytes::from_static(b"other")));
+        w.released().await;
+        assert!(w.handed_to_other(b"me"));
+        assert!(!w.handed_to_other(b"other"));
+        // A plain release names no one.
+        n.notify("k");
+        w.released().await;
+        assert!(!w.handed_to_other(b"me"));
+    }
+
+    #[tokio::test]
     async fn idle_keys_are_dropped() {
         let n = Notifier::default();
         for i in 0..(MAX_IDLE_KEYS + 10) {

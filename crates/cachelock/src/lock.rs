@@ -537,11 +537,16 @@ impl CacheLock {
         let mut attempts: u32 = 0;
         let mut failures: u32 = 0;
         let mut held: u32 = 0;
-        // Armed before every attempt but the first (see `wait_for_release`).
-        let mut watch: Option<ReleaseWatch> = None;
         // A waiter (not a single try) waits in line where the backend keeps
         // a queue; it leaves the line if it stops waiting without the lock.
         let queued = matches!(until, Until::Deadline(_));
+        // Armed before every attempt; before the first only where that
+        // costs no I/O (see `wait_for_release`).
+        let mut watch: Option<ReleaseWatch> = if queued {
+            self.backend.watch_release_now(&self.key)
+        } else {
+            None
+        };
         let mut in_line = InLine::default();
         if let Until::Deadline(deadline) = until {
             self.handoff_grace(deadline).await;
@@ -619,8 +624,8 @@ impl CacheLock {
                 }
             };
             match watch.as_mut() {
-                // The first attempt failed: arm, then try again at once, so
-                // that a release before the arm is not waited out.
+                // The first attempt failed unarmed: arm, then try again at
+                // once, so that a release before the arm is not waited out.
                 None => {}
                 Some(armed) => wait_for_release(armed, pause, token.as_bytes()).await,
             }
@@ -713,7 +718,9 @@ impl CacheLock {
     async fn try_add(&self, token: &str, lease: Duration, queued: bool) -> Result<bool> {
         let mut pending = PendingAdd::new(self, token, lease);
         let result = if queued {
-            self.backend.add_queued(&self.key, token.as_bytes(), lease).await
+            self.backend
+                .add_queued(&self.key, token.as_bytes(), lease)
+                .await
         } else {
             self.backend.add(&self.key, token.as_bytes(), lease).await
         };

@@ -939,7 +939,14 @@ async fn retried_add_whose_first_attempt_landed_is_ours() {
 async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
     use cachelock::{CacheLock, LockOptions};
     let server = PrivateRedis::start(&[
-        "--user", "noscript", "on", ">pw", "~*", "&*", "+@all", "-@scripting",
+        "--user",
+        "noscript",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-@scripting",
     ]);
     let url = format!("redis://noscript:pw@127.0.0.1:{}", server.port);
     let backend: SharedBackend = Arc::new(RedisBackend::connect(&url).await.unwrap());
@@ -947,7 +954,10 @@ async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
     let lock = CacheLock::new(backend.clone(), key.as_str(), LockOptions::new()).unwrap();
 
     let err = lock.acquire().await.unwrap_err();
-    assert!(!err.is_unavailable(), "a permission error is not 'retry later': {err:?}");
+    assert!(
+        !err.is_unavailable(),
+        "a permission error is not 'retry later': {err:?}"
+    );
     assert!(err.to_string().to_lowercase().contains("evalsha"), "{err}");
 
     let guard = lock.try_acquire().await.unwrap();

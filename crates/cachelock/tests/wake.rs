@@ -206,12 +206,22 @@ mod redis {
     #[ignore = "needs the test servers: scripts/test"]
     async fn redis_waiters_get_the_lock_in_the_order_they_came() {
         let key = common::unique_key("fifo");
-        let holder = lock(&standalone().await, &key, Duration::from_secs(30), SLOW_POLL);
+        let holder = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
         let guard = holder.acquire().await.unwrap();
         let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let mut waiters = Vec::new();
         for i in 0..4 {
-            let l = lock(&standalone().await, &key, Duration::from_secs(30), SLOW_POLL);
+            let l = lock(
+                &standalone().await,
+                &key,
+                Duration::from_secs(30),
+                SLOW_POLL,
+            );
             let order = order.clone();
             waiters.push(tokio::spawn(async move {
                 let g = l.acquire().await.unwrap();
@@ -241,15 +251,30 @@ mod redis {
     #[ignore = "needs the test servers: scripts/test"]
     async fn redis_a_waiter_that_gave_up_is_not_handed_the_lock() {
         let key = common::unique_key("gaveup");
-        let holder = lock(&standalone().await, &key, Duration::from_secs(30), SLOW_POLL);
+        let holder = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
         let guard = holder.acquire().await.unwrap();
-        let quitter = lock(&standalone().await, &key, Duration::from_secs(30), SLOW_POLL);
+        let quitter = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
         let err = quitter
             .acquire_timeout(Duration::from_millis(100))
             .await
             .unwrap_err();
         assert!(err.is_timed_out(), "{err}");
-        let next = lock(&standalone().await, &key, Duration::from_secs(30), SLOW_POLL);
+        let next = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
         let waiter = tokio::spawn(async move {
             let g = next.acquire().await.unwrap();
             let at = Instant::now();

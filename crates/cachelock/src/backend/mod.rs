@@ -223,6 +223,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         ReleaseWatch::polling()
     }
 
+    /// A wake-up for the next release of `key` if one can be armed without
+    /// I/O (Redis: this backend's subscriber already listens for `key`),
+    /// else `None` (the default). A waiter arms it before its first attempt,
+    /// which saves the second attempt it otherwise sends right after arming
+    /// [`watch_release`](Backend::watch_release).
+    fn watch_release_now(&self, key: &str) -> Option<ReleaseWatch> {
+        let _ = key;
+        None
+    }
+
     /// When this process last released `key` while others were waiting
     /// for it, if the backend can tell (the default: `None`). The lock
     /// gives those woken waiters a short grace before it lets this process

@@ -138,7 +138,8 @@ use self::errors::{
 use self::link::{ClusterNode, Conn, Link, cluster_connect_timeout_at_least, open_single};
 use self::notify::RedisNotify;
 use self::scripts::{
-    ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
+    ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info,
+    token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{Backend, ReleaseWatch, TokenCheck, check_value_size, queue_key};
@@ -663,7 +664,8 @@ impl Backend for RedisBackend {
                 if message.to_ascii_lowercase().contains("unknown") =>
             {
                 tracing::debug!(error = %message, "Redis cannot run the wait-queue script; waiters race");
-                self.queue.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.queue
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 self.add(key, value, ttl).await
             }
             Err(e) => Err(e),
@@ -803,6 +805,13 @@ impl Backend for RedisBackend {
         match (&self.notify, &self.link) {
             (Some(notify), Link::Single(single)) => notify.watch(single, key).await,
             _ => ReleaseWatch::polling(),
+        }
+    }
+
+    fn watch_release_now(&self, key: &str) -> Option<ReleaseWatch> {
+        match (&self.notify, &self.link) {
+            (Some(notify), Link::Single(_)) => notify.watch_subscribed(key),
+            _ => None,
         }
     }
 

@@ -87,6 +87,15 @@ impl RedisNotify {
         }
     }
 
+    /// A watch on `key` if it is already subscribed (no I/O), else `None`.
+    pub(super) fn watch_subscribed(&self, key: &str) -> Option<ReleaseWatch> {
+        let rx = self.notifier.watch(key);
+        self.subscribed
+            .lock()
+            .contains(key)
+            .then(|| ReleaseWatch::notified(rx, None))
+    }
+
     async fn subscribe(&self, link: &SingleLink, key: &str) -> ::redis::RedisResult<bool> {
         let mut slot = self.sink.lock().await;
         let closed = slot

@@ -261,6 +261,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `CACHELOCK_BENCH_ONLY=memory-hits`: the embedded 1 KB hits alone (for
+    // profiling).
+    let only_hits = std::env::var("CACHELOCK_BENCH_ONLY").is_ok_and(|v| v == "memory-hits");
     rt.block_on(async {
         let b: SharedBackend = Arc::new(MemoryBackend::new());
         println!("backend: MemoryBackend (embedded)");
@@ -281,6 +284,9 @@ fn main() {
             2_000,
         )
         .await;
+        if only_hits {
+            return;
+        }
         read_10mb(Cache::builder(b.clone()), "default", 21, 5).await;
         lz4_figures().await;
         match std::env::var("CACHELOCK_TEST_MEMCACHED_URLS") {

@@ -309,7 +309,7 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
                 let (c, fc) = (computes.clone(), fail_computes.clone());
                 let sent = Instant::now();
                 let in_window = failing && sent >= fail_from && sent < fail_to;
-                let run = || async move {
+                let run = move || async move {
                     c.fetch_add(1, Ordering::Relaxed);
                     let now = Instant::now();
                     let fails = failing && now >= fail_from && now < fail_to;

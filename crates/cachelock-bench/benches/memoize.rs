@@ -129,6 +129,25 @@ async fn hit_1kb(o: CacheBuilder, label: &str, goal: f64, rounds: usize, per: us
         },
     )
     .await;
+    // What a hit asks the backend for: the value, its version key and the
+    // namespace generation key, in one get_many.
+    let three = [
+        raw_key.clone(),
+        format!("{raw_key}:#v"),
+        format!("{raw_key}:#gen"),
+    ];
+    let three: Vec<&str> = three.iter().map(String::as_str).collect();
+    let (raw_again, raw_three) = median_pair(
+        rounds,
+        per,
+        || async {
+            std::hint::black_box(b.get(&raw_key).await.unwrap());
+        },
+        || async {
+            std::hint::black_box(b.get_many(&three).await.unwrap());
+        },
+    )
+    .await;
     let raw_decode = median_ns(rounds, per, || async {
         let bytes = b.get(&raw_key).await.unwrap().unwrap();
         // What any cache client must do at least: decode the value.
@@ -145,9 +164,12 @@ async fn hit_1kb(o: CacheBuilder, label: &str, goal: f64, rounds: usize, per: us
     })
     .await;
     println!(
-        "  [{label}] parts: full key {} | Cache::get {}",
+        "  [{label}] parts: full key {} | Cache::get {} | raw get {} vs raw get_many of 3 keys {} ({:.2}x)",
         fmt_ns(key_ns),
-        fmt_ns(get_ns)
+        fmt_ns(get_ns),
+        fmt_ns(raw_again),
+        fmt_ns(raw_three),
+        raw_three / raw_again
     );
     println!(
         "hit 1 KB [{label}] ({} stored bytes): raw get {} | raw get + decode {} | get_with {} | ratio get_with/raw get = {:.2}x (goal <= {goal}x), vs raw get + decode = {:.2}x",
@@ -261,9 +283,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `CACHELOCK_BENCH_ONLY=memory-hit`: the embedded default 1 KB hit
+    // alone, few rounds (for callgrind).
+    let only_hit = std::env::var("CACHELOCK_BENCH_ONLY").is_ok_and(|v| v == "memory-hit");
     rt.block_on(async {
         let b: SharedBackend = Arc::new(MemoryBackend::new());
         println!("backend: MemoryBackend (embedded)");
+        if only_hit {
+            hit_1kb(Cache::builder(b.clone()), "default", 2.5, 11, 2_000).await;
+            return;
+        }
         hit_1kb(Cache::builder(b.clone()), "default", 2.5, 101, 2_000).await;
         hit_1kb(
             Cache::builder(b.clone()).compression(false),

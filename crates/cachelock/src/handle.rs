@@ -266,6 +266,46 @@ impl Cache {
         self.entry(key).or_try_insert_with(compute).await
     }
 
+    /// As [`try_get_with`](Self::try_get_with), but a stale value (within
+    /// its [`stale_while_revalidate`](Expiration::stale_while_revalidate)
+    /// window) or an [`early_refresh`](Expiration::early_refresh) hit is
+    /// returned **at once** to every caller, the one that starts the
+    /// refresh included: the refresh runs in the background, on the tokio
+    /// runtime of the call. It is still one refresh per key in this handle
+    /// (single flight) and one across processes (a non-blocking lock
+    /// attempt); its lease is kept alive while it computes, and
+    /// [`close`](Self::close) waits for it. Misses behave as in
+    /// [`try_get_with`](Self::try_get_with): the caller computes (or waits)
+    /// in the call. Outside a tokio runtime the refresh runs in the call.
+    ///
+    /// `compute` (and its future) must be `Send + 'static`, because it may
+    /// outlive the call: that is why this is a method of its own rather
+    /// than a setting. A failed background refresh is logged, shared as a
+    /// failure record if the handle shares failures, and the stale value
+    /// stays.
+    ///
+    /// # Errors
+    ///
+    /// As for [`try_get_with`](Self::try_get_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`get_with`](Self::get_with); a refresh already started goes
+    /// on in the background.
+    pub async fn try_get_with_background<T, E, F, Fut>(
+        &self,
+        key: impl Into<CacheKey>,
+        compute: F,
+    ) -> std::result::Result<T, MemoizeError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+    {
+        self.entry(key).or_try_insert_with_background(compute).await
+    }
+
     /// Memoizes the items of `producer` under `key` (the seed's
     /// `cache_memoize_iter`).
     ///
@@ -403,8 +443,10 @@ impl Cache {
     }
 
     /// Waits (at most [`CLOSE_TIMEOUT`], 5 s) for the handle's background
-    /// work: releases of guards dropped without release, and the clean-up
-    /// of acquires interrupted while their add was in flight. Call it before
+    /// work: releases of guards dropped without release, the clean-up of
+    /// acquires interrupted while their add was in flight, and background
+    /// refreshes ([`try_get_with_background`](Self::try_get_with_background)).
+    /// Call it before
     /// the process exits, so no lock is left behind for a whole lease.
     /// Returns whether all of it finished. The handle stays usable.
     ///
@@ -500,6 +542,33 @@ impl Entry<'_> {
     {
         self.call.validate().map_err(MemoizeError::Config)?;
         memoize::run(&self.cache.inner, &self.key, &self.call, compute)
+            .await
+            .map_err(Failure::into_memoize_error)
+    }
+
+    /// As [`Cache::try_get_with_background`], with this entry's settings: a
+    /// stale or early-refresh hit is returned at once and refreshed in the
+    /// background.
+    ///
+    /// # Errors
+    ///
+    /// As for [`or_try_insert_with`](Self::or_try_insert_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`Cache::try_get_with_background`].
+    pub async fn or_try_insert_with_background<T, E, F, Fut>(
+        self,
+        compute: F,
+    ) -> std::result::Result<T, MemoizeError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+    {
+        self.call.validate().map_err(MemoizeError::Config)?;
+        memoize::run_background(&self.cache.inner, &self.key, &self.call, compute)
             .await
             .map_err(Failure::into_memoize_error)
     }

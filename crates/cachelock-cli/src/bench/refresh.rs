@@ -9,9 +9,13 @@
 //! * `plain`: today's single TTL with the lock (the baseline);
 //! * `swr`: stale-while-revalidate (one refresher, in its caller);
 //! * `early`: XFetch early refresh (β = 1) paired with a try-lock;
-//! * with `--fail-for D`, `failing`: stale-while-revalidate plus
-//!   stale-if-error and shared failure records; the compute fails for D
-//!   starting 2 s into the run.
+//! * `swr-bg`, `early-bg`: the same, through `try_get_with_background` (the
+//!   refresh runs in the background; every caller gets the old value);
+//! * with `--fail-for D`, `failing` and `failing-bg`: stale-while-revalidate
+//!   plus stale-if-error and shared failure records; the compute fails for
+//!   D starting 2 s into the run.
+//!
+//! `--modes` picks some of them (`hit` always runs first, for the ratio).
 //!
 //! A request "waited for a compute" when it took longer than half the
 //! compute time.
@@ -58,6 +62,9 @@ pub struct RefreshArgs {
     /// Also run the failing-compute mode: the compute fails for this long.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub fail_for: Option<Duration>,
+    /// The modes to run, comma-separated (default: all; `hit` always runs).
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
     /// With `--fail-for`: computes allowed per failure window after the first.
     #[arg(long, default_value_t = 1)]
     pub retries: u32,
@@ -124,9 +131,18 @@ pub async fn run(global: &Global, args: RefreshArgs) -> Result<u8, Fail> {
         ));
     }
     let Connected { url, backend, .. } = global.connect(None).await?;
-    let mut modes = vec!["hit", "plain", "swr", "early"];
+    let mut modes = vec!["hit", "plain", "swr", "early", "swr-bg", "early-bg"];
     if args.fail_for.is_some() {
-        modes.push("failing");
+        modes.extend(["failing", "failing-bg"]);
+    }
+    if let Some(bad) = args.modes.iter().find(|m| !modes.contains(&m.as_str())) {
+        return Err(Fail::error(format!(
+            "unknown mode {bad} (modes: {}; failing ones need --fail-for)",
+            modes.join(", ")
+        )));
+    }
+    if !args.modes.is_empty() {
+        modes.retain(|m| *m == "hit" || args.modes.iter().any(|a| a == m));
     }
     let callers = (args.procs * args.tasks) as u64;
     let interval_us = (1_000_000 * callers / args.rate).max(1);
@@ -200,9 +216,10 @@ pub async fn run(global: &Global, args: RefreshArgs) -> Result<u8, Fail> {
                     p99_vs_hit: hit_p99.map_or(0.0, |h| if h > 0.0 { p99 / h } else { 0.0 }),
                     waited: lat.iter().filter(|l| **l > half).count() as u64,
                     errors: sum(|r| r.errors),
-                    fail_computes_per_key: (*mode == "failing")
+                    fail_computes_per_key: mode
+                        .starts_with("failing")
                         .then(|| sum(|r| r.fail_computes) as f64 / args.keys as f64),
-                    fail_served: (*mode == "failing").then(|| sum(|r| r.fail_served)),
+                    fail_served: mode.starts_with("failing").then(|| sum(|r| r.fail_served)),
                 },
             )?;
         }
@@ -220,7 +237,8 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
         serde_json::from_str(&args.spec).map_err(|e| Fail::error(format!("bad --spec: {e}")))?;
     let fresh = Duration::from_millis(spec.fresh_ms);
     let window = fresh * 10;
-    let policy = match spec.mode.as_str() {
+    let background = spec.mode.ends_with("-bg");
+    let policy = match spec.mode.trim_end_matches("-bg") {
         "hit" => Expiration::fresh(Duration::from_secs(3600)),
         "plain" => Expiration::fresh(fresh),
         "swr" => Expiration::fresh(fresh).stale_while_revalidate(window),
@@ -234,7 +252,8 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
         .namespace(args.key.clone())
         .expiration(policy)
         .lock(LockOptions::new().lease(Duration::from_secs(30)));
-    if spec.mode == "failing" {
+    let failing = spec.mode.starts_with("failing");
+    if failing {
         builder = builder
             .share_failures(Duration::from_millis(spec.fail_ms.max(1)))
             .failure_retries(spec.retries);
@@ -271,7 +290,6 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
     let end = start + Duration::from_millis(spec.duration_ms);
     let fail_from = start + Duration::from_millis(spec.fail_start_ms);
     let fail_to = fail_from + Duration::from_millis(spec.fail_ms);
-    let failing = spec.mode == "failing";
     let mut tasks = Vec::with_capacity(args.tasks);
     for t in 0..args.tasks {
         let cache = cache.clone();
@@ -291,18 +309,21 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
                 let (c, fc) = (computes.clone(), fail_computes.clone());
                 let sent = Instant::now();
                 let in_window = failing && sent >= fail_from && sent < fail_to;
-                let got: Result<u64, _> = cache
-                    .try_get_with(key.as_str(), || async move {
-                        c.fetch_add(1, Ordering::Relaxed);
-                        let now = Instant::now();
-                        let fails = failing && now >= fail_from && now < fail_to;
-                        if fails {
-                            fc.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tokio::time::sleep(compute).await;
-                        if fails { Err(Failed) } else { Ok(1) }
-                    })
-                    .await;
+                let run = move || async move {
+                    c.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    let fails = failing && now >= fail_from && now < fail_to;
+                    if fails {
+                        fc.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(compute).await;
+                    if fails { Err(Failed) } else { Ok(1) }
+                };
+                let got: Result<u64, _> = if background {
+                    cache.try_get_with_background(key.as_str(), run).await
+                } else {
+                    cache.try_get_with(key.as_str(), run).await
+                };
                 lat.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
                 match got {
                     Ok(_) if in_window => served += 1,

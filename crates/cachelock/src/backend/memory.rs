@@ -68,6 +68,17 @@ impl State {
         self.map.get_mut(key)
     }
 
+    /// The value of the live entry under `key` (one lookup when it is
+    /// live); an expired one is removed.
+    fn read(&mut self, key: &str, now: Instant) -> Option<Bytes> {
+        let e = self.map.get(key)?;
+        if e.live(now) {
+            return Some(e.value.clone());
+        }
+        self.remove(key);
+        None
+    }
+
     fn remove(&mut self, key: &str) -> Option<Entry> {
         let e = self.map.remove(key)?;
         self.used -= Entry::size(key, &e.value);
@@ -239,16 +250,13 @@ fn deadline(now: Instant, ttl: Duration) -> Instant {
 impl Backend for MemoryBackend {
     async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
         let now = Instant::now();
-        Ok(self.state.lock().live(key, now).map(|e| e.value.clone()))
+        Ok(self.state.lock().read(key, now))
     }
 
     async fn get_many(&self, keys: &[&str]) -> BackendResult<Vec<Option<Bytes>>> {
         let now = Instant::now();
         let mut state = self.state.lock();
-        Ok(keys
-            .iter()
-            .map(|k| state.live(k, now).map(|e| e.value.clone()))
-            .collect())
+        Ok(keys.iter().map(|k| state.read(k, now)).collect())
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {

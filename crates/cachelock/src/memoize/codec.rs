@@ -564,17 +564,26 @@ pub(crate) fn new_write_id() -> u64 {
 /// The key of chunk `index` of write `write_id` of the value under `key`.
 /// At most 230 bytes and Memcached-safe when `key` is.
 pub(crate) fn chunk_key(key: &str, write_id: u64, index: u32) -> String {
-    const KEEP: usize = 200;
-    if key.len() <= KEEP {
+    if key.len() <= CHUNK_KEY_KEEP {
         format!("{key}:#{write_id:016x}:{index}")
     } else {
-        let mut cut = KEEP - 65;
-        while !key.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let digest = hex::encode(Sha256::digest(key.as_bytes()));
-        format!("{}{digest}:#{write_id:016x}:{index}", &key[..cut])
+        format!("{}:#{write_id:016x}:{index}", long_key_stem(key))
     }
+}
+
+/// Keys up to this long are kept whole in chunk and side keys.
+pub(crate) const CHUNK_KEY_KEEP: usize = 200;
+
+/// The stem of a derived key for a key longer than [`CHUNK_KEY_KEEP`]: its
+/// first 135 bytes (cut back to a character boundary), then the hex
+/// SHA-256 of the whole key.
+pub(crate) fn long_key_stem(key: &str) -> String {
+    let mut cut = CHUNK_KEY_KEEP - 65;
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{}{digest}", &key[..cut])
 }
 
 /// An incremental XXH3-64 over the plaintext, for the manifest checksum.

@@ -64,8 +64,12 @@ impl Expiration {
 
     /// For `d` after the fresh time a caller gets the old value at once,
     /// while one caller across all processes recomputes it (it takes the
-    /// lock with one non-blocking attempt; the others do not wait). The
-    /// refresh runs **in that caller**, which returns the new value.
+    /// lock with one non-blocking attempt; the others do not wait). With
+    /// [`try_get_with`](crate::Cache::try_get_with) the refresh runs **in
+    /// that caller**, which returns the new value; with
+    /// [`try_get_with_background`](crate::Cache::try_get_with_background)
+    /// it runs in the background and that caller gets the old value at once
+    /// too.
     #[must_use]
     pub const fn stale_while_revalidate(mut self, d: Duration) -> Self {
         self.stale_while_revalidate = d;
@@ -351,7 +355,19 @@ pub(crate) struct FailureRecord {
 /// A key derived from a value's full key: `{key}:#{suffix}` (at most 230
 /// bytes, Memcached-safe when `key` is).
 pub(crate) fn side_key(key: &str, suffix: &str) -> String {
-    super::codec::chunk_key(key, 0, 0).replace(":#0000000000000000:0", &format!(":#{suffix}"))
+    // The chunk keys' rule (`codec::chunk_key`): a long key keeps a prefix
+    // and the SHA-256 of the whole; built in one allocation (this is on
+    // every memoize hit).
+    let mut out = if key.len() <= super::codec::CHUNK_KEY_KEEP {
+        let mut out = String::with_capacity(key.len() + 2 + suffix.len());
+        out.push_str(key);
+        out
+    } else {
+        super::codec::long_key_stem(key)
+    };
+    out.push_str(":#");
+    out.push_str(suffix);
+    out
 }
 
 /// Memoize metric names (`metrics` facade counters and histograms).
@@ -460,5 +476,12 @@ mod tests {
         let long = "x".repeat(400);
         assert!(side_key(&long, "v").len() <= 230);
         assert!(side_key(&long, "v").ends_with(":#v"));
+        // The same keys as the chunk-key form they were first derived from
+        // (stored side keys stay valid).
+        for key in ["ns:k".to_owned(), long, "é".repeat(150)] {
+            let chunk = crate::memoize::codec::chunk_key(&key, 0, 0);
+            let stem = chunk.strip_suffix(":#0000000000000000:0").unwrap();
+            assert_eq!(side_key(&key, "gen"), format!("{stem}:#gen"));
+        }
     }
 }

@@ -67,6 +67,7 @@ mod stream;
 mod wait;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -266,7 +267,8 @@ enum Polled<T> {
 }
 
 /// Returns the value cached under `key`, or computes it with `compute`,
-/// stores it and returns it. See the [module docs](self) for the flow.
+/// stores it and returns it. See the [module docs](self) for the flow. A
+/// stale (or early-refresh) hit refreshes in this call.
 pub(crate) async fn run<T, E, F, Fut>(
     inner: &Inner,
     key: &CacheKey,
@@ -279,32 +281,138 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let ctx = Ctx::new(inner, call, inner.config.keys.build_key(key));
-    let mut old = None;
-    if !call.force_overwrite {
-        // The hit path: one read, nothing shared.
-        match first_read::<T>(&ctx).await {
-            ReadOutcome::Hit(v, _) => {
-                metric::inc(metric::HIT);
-                return Ok(v);
-            }
-            ReadOutcome::Stale(value, found) => match found.state {
-                State::Early | State::Stale => {
-                    metric::inc(if found.state == State::Early {
-                        metric::HIT
-                    } else {
-                        metric::STALE_HIT
-                    });
-                    let old = Old { value, found };
-                    return Box::pin(refresh(inner, &ctx, key, call, compute, old)).await;
-                }
-                _ => old = Some(Old { value, found }),
-            },
-            _ => {}
+    let old = match first(&ctx).await {
+        First::Hit(v) => return Ok(v),
+        First::Refresh(old) => {
+            return Box::pin(refresh(inner, &ctx, key, compute, old)).await;
         }
-    }
-    metric::inc(metric::MISS);
+        First::Miss(old) => old,
+    };
     // The miss path is boxed, so the hit path's future stays small.
     Box::pin(miss(inner, &ctx, key, call, compute, old)).await
+}
+
+/// As [`run`], but a stale (or early-refresh) hit returns the old value at
+/// once and the refresh runs in the background on the current tokio
+/// runtime, counted in the handle's [`Tasks`] (so
+/// [`Cache::close`](crate::Cache::close) waits for it). Outside a runtime
+/// it refreshes in this call, as [`run`].
+pub(crate) async fn run_background<T, E, F, Fut>(
+    inner: &Arc<Inner>,
+    key: &CacheKey,
+    call: &Call,
+    compute: F,
+) -> Result<T, Failure<E, F>>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    E: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+{
+    let ctx = Ctx::new(inner, call, inner.config.keys.build_key(key));
+    let old = match first(&ctx).await {
+        First::Hit(v) => return Ok(v),
+        First::Refresh(old) => {
+            let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                return Box::pin(refresh(inner, &ctx, key, compute, old)).await;
+            };
+            metric::inc(metric::REFRESH_STARTED);
+            let Some(flight) = refresh_flight::<T>(inner, &ctx) else {
+                metric::inc(metric::REFRESH_LOST);
+                return Ok(old.value);
+            };
+            let task = BackgroundRefresh {
+                inner: inner.clone(),
+                key: key.clone(),
+                call: call.clone(),
+                full_key: ctx.key.clone(),
+                seen: ctx.seen(),
+                found: old.found,
+            };
+            inner
+                .tasks
+                .spawn(&handle, task.run::<T, E, F, Fut>(compute, flight));
+            return Ok(old.value);
+        }
+        First::Miss(old) => old,
+    };
+    Box::pin(miss(inner, &ctx, key, call, compute, old)).await
+}
+
+/// What the first read of a call decided.
+enum First<T> {
+    /// A fresh value: return it.
+    Hit(T),
+    /// A value to serve while one caller refreshes it.
+    Refresh(Old<T>),
+    /// A miss (perhaps with an old value kept for stale-if-error and
+    /// [`OnLockFailure::ServeStale`]).
+    Miss(Option<Old<T>>),
+}
+
+/// The hit path: one read, nothing shared. Counts the hit or miss.
+async fn first<T: DeserializeOwned>(ctx: &Ctx<'_>) -> First<T> {
+    if ctx.call.force_overwrite {
+        metric::inc(metric::MISS);
+        return First::Miss(None);
+    }
+    let old = match first_read::<T>(ctx).await {
+        ReadOutcome::Hit(v, _) => {
+            metric::inc(metric::HIT);
+            return First::Hit(v);
+        }
+        ReadOutcome::Stale(value, found) => match found.state {
+            State::Early | State::Stale => {
+                metric::inc(if found.state == State::Early {
+                    metric::HIT
+                } else {
+                    metric::STALE_HIT
+                });
+                return First::Refresh(Old { value, found });
+            }
+            _ => Some(Old { value, found }),
+        },
+        _ => None,
+    };
+    metric::inc(metric::MISS);
+    First::Miss(old)
+}
+
+/// The in-process part of a refresh: the flight to lead, or `None` if
+/// another call of this handle is already refreshing the key (with single
+/// flight off, a flight of nobody's).
+fn refresh_flight<T: 'static>(inner: &Inner, ctx: &Ctx<'_>) -> Option<Option<Flight>> {
+    if !inner.config.single_flight {
+        return Some(None);
+    }
+    match inner.flights.join::<T>(&ctx.key) {
+        Joined::Leader(f) => Some(Some(f)),
+        Joined::Follower(_) => None,
+    }
+}
+
+/// A refresh that runs on its own, after its caller got the old value.
+struct BackgroundRefresh {
+    inner: Arc<Inner>,
+    key: CacheKey,
+    call: Call,
+    full_key: String,
+    seen: Fence,
+    found: Found,
+}
+
+impl BackgroundRefresh {
+    async fn run<T, E, F, Fut>(self, compute: F, flight: Option<Flight>)
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let ctx = Ctx::new(&self.inner, &self.call, self.full_key);
+        ctx.see(self.seen);
+        let _: Option<T> = refresh_locked(&ctx, &self.key, compute, flight, self.found).await;
+    }
 }
 
 /// A stale (or early-refresh) hit: one refresher per process (single
@@ -314,7 +422,6 @@ async fn refresh<T, E, F, Fut>(
     inner: &Inner,
     ctx: &Ctx<'_>,
     key: &CacheKey,
-    call: &Call,
     compute: F,
     old: Old<T>,
 ) -> Result<T, Failure<E, F>>
@@ -324,22 +431,38 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     metric::inc(metric::REFRESH_STARTED);
-    let flight = if inner.config.single_flight {
-        match inner.flights.join::<T>(&ctx.key) {
-            Joined::Leader(f) => Some(f),
-            Joined::Follower(_) => {
-                metric::inc(metric::REFRESH_LOST);
-                return Ok(old.value);
-            }
-        }
-    } else {
-        None
+    let Some(flight) = refresh_flight::<T>(inner, ctx) else {
+        metric::inc(metric::REFRESH_LOST);
+        return Ok(old.value);
     };
+    match refresh_locked(ctx, key, compute, flight, old.found).await {
+        Some(v) => Ok(v),
+        None => Ok(old.value),
+    }
+}
+
+/// The cross-process part of a refresh, for the leader of its flight: one
+/// non-blocking lock attempt; the winner checks again (another process
+/// may have refreshed), respects the retry budget, computes and stores
+/// (keeping the lease alive meanwhile). Returns the new value, or `None`
+/// when the old one is to be served.
+async fn refresh_locked<T, E, F, Fut>(
+    ctx: &Ctx<'_>,
+    key: &CacheKey,
+    compute: F,
+    flight: Option<Flight>,
+    found: Found,
+) -> Option<T>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let mut guard = None;
     if let Some(lock_options) = ctx.config.lock.as_ref() {
         let lock = CacheLock::from_parts(
             ctx.cache.clone(),
-            ctx.config.lock_key(key, call),
+            ctx.config.lock_key(key, ctx.call),
             lock_options.clone(),
             ctx.tasks.clone(),
         );
@@ -350,17 +473,17 @@ where
                     tracing::warn!(key = %ctx.key, error = %e, "could not try the refresh lock; serving the stale value");
                 }
                 metric::inc(metric::REFRESH_LOST);
-                return Ok(old.value);
+                return None;
             }
         }
-        if old.found.state == State::Stale
+        if found.state == State::Stale
             && let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx).await
         {
             // Another process refreshed it meanwhile.
             release(guard, &ctx.key).await;
             Flight::finish(flight, FlightOutcome::Done(plain));
             metric::inc(metric::REFRESH_LOST);
-            return Ok(v);
+            return Some(v);
         }
     }
     let prior = read_failure(ctx).await;
@@ -370,15 +493,20 @@ where
     {
         release(guard, &ctx.key).await;
         metric::inc(metric::FAILURE_SERVED);
-        return Ok(old.value);
+        return None;
     }
     metric::inc(metric::REFRESH_WON);
-    let delta = Some(old.found.env.delta_ms);
+    if let Some(g) = &guard {
+        // Renewed while the compute runs, so a compute longer than the
+        // lease is still one refresh.
+        g.keep_alive();
+    }
+    let delta = Some(found.env.delta_ms);
     match compute_store(ctx, compute, guard, flight, delta, prior.is_some()).await {
-        Ok(v) => Ok(v),
+        Ok(v) => Some(v),
         Err(_) => {
             tracing::warn!(key = %ctx.key, "refreshing a stale value failed; serving the stale value");
-            Ok(old.value)
+            None
         }
     }
 }

@@ -26,7 +26,7 @@ macro_rules! freshness_tests {
             failure_record_reaches_other_processes, retry_budget_per_failure_window,
             stale_if_error_serves_the_old_value, soft_invalidation_serves_stale_then_refreshes,
             invalidate_all_misses_everywhere, fenced_write_back_never_serves_old_as_fresh,
-            default_policy_is_a_single_ttl);
+            default_policy_is_a_single_ttl, background_refresh_returns_at_once);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -106,6 +106,74 @@ pub async fn stale_served_while_one_refreshes(b: SharedBackend) {
     assert_eq!(refresher.await.unwrap(), 2);
     let r = runs.clone();
     assert_eq!(p2.get_with("k", || async move { r.bump() }).await, 2);
+    assert_eq!(runs.get(), 2);
+}
+
+/// `try_get_with_background`: the caller that starts the refresh gets the
+/// old value at once too; the refresh runs in the background, once across
+/// processes, its lease kept alive past its length, and `close` waits for
+/// it.
+pub async fn background_refresh_returns_at_once(b: SharedBackend) {
+    const LEASE: Duration = Duration::from_millis(600);
+    let ns = unique_key("bg-refresh");
+    let make = || {
+        Cache::builder(b.clone())
+            .namespace(&ns)
+            .expiration(swr())
+            .lock(
+                LockOptions::new()
+                    .lease(LEASE)
+                    .max_wait(Duration::from_secs(10)),
+            )
+            .build()
+            .unwrap()
+    };
+    let (p1, p2) = (make(), make());
+    let runs = Runs::default();
+    let r = runs.clone();
+    let v = p1
+        .try_get_with_background("k", || async move { Ok::<_, Boom>(r.bump()) })
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    tokio::time::sleep(FRESH + Duration::from_millis(100)).await;
+    let started = Arc::new(Notify::new());
+    let go = Arc::new(Notify::new());
+    let (s, g, r) = (started.clone(), go.clone(), runs.clone());
+    // Its compute cannot finish before we let it go, so getting the old
+    // value back proves the call did not wait for it.
+    let v = p1
+        .try_get_with_background("k", || async move {
+            s.notify_one();
+            g.notified().await;
+            Ok::<_, Boom>(r.bump())
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 1, "the refresher's caller got the old value");
+    started.notified().await;
+    let others = |cache: &Cache| {
+        let (cache, r) = (cache.clone(), runs.clone());
+        async move {
+            cache
+                .try_get_with_background("k", || async move { Ok::<_, Boom>(r.bump()) })
+                .await
+                .unwrap()
+        }
+    };
+    for cache in [&p1, &p2, &p1, &p2] {
+        assert_eq!(others(cache).await, 1);
+    }
+    // Past the lease: kept alive, so the other process still cannot take
+    // the refresh over.
+    tokio::time::sleep(LEASE + LEASE / 2).await;
+    assert_eq!(others(&p2).await, 1);
+    assert!(p2.close().await);
+    assert_eq!(runs.get(), 1, "one refresh across processes");
+    go.notify_one();
+    assert!(p1.close().await, "close waits for the background refresh");
+    assert_eq!(runs.get(), 2);
+    assert_eq!(others(&p2).await, 2);
     assert_eq!(runs.get(), 2);
 }
 

@@ -394,6 +394,12 @@ pub fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// A cache value shown safely: lossy UTF-8, escaped, at most 80 characters.
+pub fn printable(v: &[u8]) -> String {
+    let s: String = String::from_utf8_lossy(v).chars().take(80).collect();
+    s.escape_debug().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,10 +437,4 @@ mod tests {
             assert_eq!(show_duration(d), want);
         }
     }
-}
-
-/// A cache value shown safely: lossy UTF-8, escaped, at most 80 characters.
-pub fn printable(v: &[u8]) -> String {
-    let s: String = String::from_utf8_lossy(v).chars().take(80).collect();
-    s.escape_debug().to_string()
 }

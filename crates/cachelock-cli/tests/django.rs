@@ -315,3 +315,33 @@ fn djblets_release_never_deletes_a_cachelock_lock_on_redis() {
 fn djblets_release_never_deletes_a_cachelock_lock_on_memcached() {
     foreign_release(&memcached());
 }
+
+/// The key in Django mode: Django's `PREFIX:VERSION:`, then djblets' part
+/// (`--namespace`, none by default), from the options or the environment.
+#[test]
+fn django_mode_builds_djangos_keys() {
+    let env = Env::new();
+    let out = env.run(&["--django", "status", "nightly"]);
+    assert_eq!(stdout(&out).trim(), ":1:nightly: free", "{}", stderr(&out));
+    let out = env.run(&[
+        "--django",
+        "--django-prefix",
+        "app",
+        "--django-version",
+        "3",
+        "--namespace",
+        "example.com",
+        "status",
+        "nightly",
+    ]);
+    assert_eq!(stdout(&out).trim(), "app:3:example.com:nightly: free");
+    let out = env
+        .cmd()
+        .env("CACHELOCK_COMPAT", "django")
+        .args(["status", "nightly"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), ":1:nightly: free");
+    let out = env.run(&["status", "nightly"]);
+    assert_eq!(stdout(&out).trim(), "cachelock:nightly: free");
+}

@@ -64,7 +64,7 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::SqliteBackend;
-pub use backend::url::{BackendUrl, connect};
+pub use backend::url::{BackendUrl, SentinelUrl, connect};
 pub use backend::{Backend, SharedBackend, TokenCheck, ValueFormat};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};

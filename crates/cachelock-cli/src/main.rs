@@ -39,6 +39,8 @@ Backend URLs (--backend or CACHELOCK_BACKEND; empty means the default):
                                 $XDG_CACHE_HOME/cachelock/locks.sqlite3, i.e. ~/.cache/...)
   redis://host:port[/db]  rediss://... (--tls-ca FILE for a private CA)  redis+unix:///socket
   redis+cluster://h1:p1,h2:p2   memcached://h1:p1,h2:p2   memory://   (in-process; bench only)
+  redis+sentinel://[user:pass@]h1:p1,h2:p2/service[/db]   (the master, found through Redis Sentinel;
+                                a failover can lose a lock: it is then reported lost, exit 3)
 
 Keys: KEY is put under the namespace (--namespace, default \"cachelock\"): the lock lives in the
 cache under \"cachelock:KEY\". Use --namespace '' to use KEY as the full cache key.

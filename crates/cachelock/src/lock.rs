@@ -54,22 +54,32 @@
 //! backoff (an eighth of the retry interval, doubling up to it). A release
 //! that is never announced (the holder died and its key expired) costs at
 //! most one retry interval, less where the backend knows the holder's
-//! expiry. With notification, a waiter sends one attempt per wake-up and
-//! at most one per retry interval otherwise.
+//! expiry. With notification, a waiter sends one attempt when the lock is
+//! handed to it and at most one per retry interval otherwise.
 //!
-//! # Fairness: a grace for woken waiters
+//! # Fairness: first come, first served on Redis; a grace elsewhere
 //!
 //! A holder that releases and at once asks for the lock again would win
-//! nearly every time (it needs no wake-up), starving the waiters already
-//! queued. So a process that released a lock while others waited for it
-//! stays out of that lock for [`HANDOFF_GRACE`] after the release; the
-//! woken waiters race for it meanwhile, each with the same chance. We chose
-//! this over a FIFO queue in the cache: it needs no extra keys, no extra
-//! commands and nothing to clean up when a queued waiter dies, costs a
-//! releaser that is alone nothing (no one waited, no grace), and under
-//! contention gives every worker about the same share (the goal is a
-//! min/max share of at least 0.5, not strict order). Its limit: the order
-//! among waiters is random, not first come first served.
+//! nearly every time (it needs no wake-up), and among woken waiters the
+//! first one the server notifies would win (Redis delivers a message to its
+//! subscribers in the order they subscribed), starving the others. On a
+//! standalone Redis the lock therefore keeps a **wait queue** beside the
+//! key: a waiter whose attempt finds the lock held joins the end of the
+//! line in the same script (no extra command), and a release does not free
+//! the lock but reserves it for the first waiter in line (for 50 ms) and
+//! names that waiter in its notice. Only the named waiter tries; the others
+//! go on waiting without sending anything. The reservation is what makes
+//! the order hold against the releaser and against newcomers, and it also
+//! bounds the cost of a waiter that died in line: its reservation lapses
+//! after 50 ms and the others find the lock free at their next poll. A
+//! waiter that stops waiting (timeout, error, cancellation) leaves the line
+//! in the background. A waiter in line that also polls keeps its place.
+//!
+//! Where there is no queue (Redis Cluster, a Redis with a native
+//! compare-and-delete, the embedded backend), a process that released a
+//! lock while others waited for it stays out of that lock for
+//! [`HANDOFF_GRACE`] after the release, and the woken waiters race for it
+//! meanwhile; Memcached and SQLite waiters poll with jitter.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -571,8 +581,20 @@ impl CacheLock {
         let mut attempts: u32 = 0;
         let mut failures: u32 = 0;
         let mut held: u32 = 0;
-        // Armed before every attempt but the first (see `wait_for_release`).
-        let mut watch: Option<ReleaseWatch> = None;
+        // A waiter (not a single try) waits in line where the backend keeps
+        // a queue; it leaves the line if it stops waiting without the lock.
+        // Not in Django mode: djblets does not wait in line, and a lock
+        // reserved for the next in line holds a value Django cannot read.
+        let waiting = matches!(until, Until::Deadline(_));
+        let queued = waiting && self.options.compat == Compat::Native;
+        // Armed before every attempt; before the first only where that
+        // costs no I/O (see `wait_for_release`).
+        let mut watch: Option<ReleaseWatch> = if waiting {
+            self.backend.watch_release_now(&self.key)
+        } else {
+            None
+        };
+        let mut in_line = InLine::default();
         if let Until::Deadline(deadline) = until {
             self.handoff_grace(deadline).await;
         }
@@ -585,9 +607,11 @@ impl CacheLock {
             let sent = Instant::now();
             attempts = attempts.saturating_add(1);
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
-            let outcome = self.try_add(&value, lease).await;
+            let outcome = self.try_add(&value, lease, queued).await;
             let pause = match outcome {
                 Ok(true) => {
+                    // The add took us out of the line.
+                    in_line.disarm();
                     self.held.store(true, Ordering::Release);
                     let guard = LockGuard::new(self, token, value, sent);
                     tracing::debug!(
@@ -600,6 +624,9 @@ impl CacheLock {
                     return Ok(guard);
                 }
                 Ok(false) => {
+                    if queued {
+                        in_line.join(self, &token);
+                    }
                     failures = 0;
                     held = held.saturating_add(1);
                     self.poll_pause(held, watch.as_ref().is_some_and(ReleaseWatch::is_notified))
@@ -644,10 +671,10 @@ impl CacheLock {
                 }
             };
             match watch.as_mut() {
-                // The first attempt failed: arm, then try again at once, so
-                // that a release before the arm is not waited out.
+                // The first attempt failed unarmed: arm, then try again at
+                // once, so that a release before the arm is not waited out.
                 None => {}
-                Some(armed) => wait_for_release(armed, pause).await,
+                Some(armed) => wait_for_release(armed, pause, token.as_bytes()).await,
             }
             watch = Some(self.backend.watch_release(&self.key).await);
         }
@@ -740,16 +767,19 @@ impl CacheLock {
             .encode_lock_value(token, self.options.compat.value_format())
     }
 
-    /// One atomic add of `value` (the token, encoded). A lost reply is
-    /// resolved by reading the key back; an add that may have gone through
-    /// is cleaned up in the background if this future is dropped or the
-    /// read-back fails.
-    async fn try_add(&self, value: &Bytes, lease: Duration) -> Result<bool> {
+    /// One atomic add of `value` (`token`, encoded), in line if `queued`. A
+    /// lost reply is resolved by reading the key back; an add that may have
+    /// gone through is cleaned up in the background if this future is
+    /// dropped or the read-back fails.
+    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<bool> {
         let mut pending = PendingAdd::new(self, value, lease);
-        let result = self
-            .backend
-            .add_lock_value(&self.key, value, lease, self.options.compat.value_format())
-            .await;
+        let result = if queued {
+            self.backend.add_queued(&self.key, value, lease).await
+        } else {
+            self.backend
+                .add_lock_value(&self.key, value, lease, self.options.compat.value_format())
+                .await
+        };
         let added = match result {
             Ok(added) => added,
             // The add may or may not have happened: read the key back. Ours:
@@ -800,10 +830,62 @@ pub const HANDOFF_GRACE: Duration = Duration::from_millis(3);
 /// so a release in between completes it at once (no lost wake-up); a
 /// release that is never announced costs at most `pause`, or less where the
 /// watch knows when the holder's lease runs out.
-async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration) {
-    tokio::select! {
-        () = watch.released() => {}
-        () = tokio::time::sleep(pause) => {}
+///
+/// A release that handed the lock to another waiter in line (the backend's
+/// queue, see [`Backend::add_queued`](crate::backend::Backend::add_queued))
+/// is not a reason to try: the lock is reserved for that waiter, so this one
+/// waits on, and sends nothing.
+async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration, ours: &[u8]) {
+    let until = Instant::now() + pause;
+    loop {
+        tokio::select! {
+            () = watch.released() => {
+                if !watch.handed_to_other(ours) {
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
+/// Takes a waiter out of its lock's wait queue when its acquire ends
+/// without the lock (timed out, failed, or dropped), in the background, so
+/// that no release hands the lock to a waiter that is gone.
+#[derive(Default)]
+struct InLine {
+    leave: Option<(SharedBackend, String, String, Tasks)>,
+}
+
+impl InLine {
+    fn join(&mut self, lock: &CacheLock, token: &str) {
+        if self.leave.is_none() {
+            self.leave = Some((
+                lock.backend.clone(),
+                lock.key.clone(),
+                token.to_owned(),
+                lock.tasks.clone(),
+            ));
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.leave = None;
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        let Some((backend, key, token, tasks)) = self.leave.take() else {
+            return;
+        };
+        if let Ok(handle) = Handle::try_current() {
+            tasks.spawn(&handle, async move {
+                if let Err(e) = backend.leave_queue(&key, token.as_bytes()).await {
+                    tracing::debug!(%key, error = %e, "could not leave the lock's wait queue");
+                }
+            });
+        }
     }
 }
 

@@ -927,3 +927,43 @@ async fn retried_add_whose_first_attempt_landed_is_ours() {
     );
     assert!(direct.delete(&k).await.unwrap());
 }
+
+/// A Redis user that may not run scripts (`-@scripting` in its ACL): the
+/// lock's owner-checked release needs `EVALSHA` on a server without a
+/// native compare-and-delete (Redis before 8.4), so it fails with the
+/// server's error naming the command, and nothing is deleted unchecked.
+/// Waiting in line needs a script too: a waiter's acquire fails the same
+/// way, a single try (`SET NX`) works.
+#[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
+async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
+    use cachelock::{CacheLock, LockOptions};
+    let server = PrivateRedis::start(&[
+        "--user",
+        "noscript",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-@scripting",
+    ]);
+    let url = format!("redis://noscript:pw@127.0.0.1:{}", server.port);
+    let backend: SharedBackend = Arc::new(RedisBackend::connect(&url).await.unwrap());
+    let key = common::unique_key("noscript");
+    let lock = CacheLock::new(backend.clone(), key.as_str(), LockOptions::new()).unwrap();
+
+    let err = lock.acquire().await.unwrap_err();
+    assert!(
+        !err.is_unavailable(),
+        "a permission error is not 'retry later': {err:?}"
+    );
+    assert!(err.to_string().to_lowercase().contains("evalsha"), "{err}");
+
+    let guard = lock.try_acquire().await.unwrap();
+    let err = guard.release().await.unwrap_err();
+    assert!(!err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().to_lowercase().contains("evalsha"), "{err}");
+    // The lock is still there (nothing deleted without the owner check).
+    assert!(backend.get(&key).await.unwrap().is_some());
+}

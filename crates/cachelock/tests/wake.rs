@@ -2,7 +2,8 @@
 //! before each attempt, so none is lost), a release that is never announced
 //! costs at most one poll interval capped by the holder's lease, and a
 //! releasing holder does not starve a waiter that is already queued. On the
-//! embedded backend (paused time) and on the real Redis.
+//! embedded backend (paused time) and on the real Redis, where waiters get
+//! the lock in the order they came (the wait queue).
 #![allow(clippy::unwrap_used)]
 mod common;
 
@@ -195,6 +196,141 @@ mod redis {
         assert!(
             waited <= lease + poll + Duration::from_millis(150),
             "{waited:?}"
+        );
+    }
+
+    /// Four waiters (each its own backend, as four processes) queue up one
+    /// after the other behind a holder, which releases and at once asks
+    /// again: the lock goes round in arrival order, the releaser last.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_waiters_get_the_lock_in_the_order_they_came() {
+        let key = common::unique_key("fifo");
+        let holder = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
+        let guard = holder.acquire().await.unwrap();
+        let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..4 {
+            let l = lock(
+                &standalone().await,
+                &key,
+                Duration::from_secs(30),
+                SLOW_POLL,
+            );
+            let order = order.clone();
+            waiters.push(tokio::spawn(async move {
+                let g = l.acquire().await.unwrap();
+                order.lock().push(i);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = g.release().await.unwrap();
+            }));
+            // Time for its first attempt (which puts it in line).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = guard.release().await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(10), holder.acquire())
+            .await
+            .expect("the releaser never got the lock back")
+            .unwrap();
+        order.lock().push(4);
+        let _ = again.release().await.unwrap();
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock(), vec![0, 1, 2, 3, 4]);
+    }
+
+    /// A waiter that gave up (timed out) left the line: the release hands the
+    /// lock to the next one at once, though that one polls only every 100 s.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_a_waiter_that_gave_up_is_not_handed_the_lock() {
+        let key = common::unique_key("gaveup");
+        let holder = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
+        let guard = holder.acquire().await.unwrap();
+        let quitter = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
+        let err = quitter
+            .acquire_timeout(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.is_timed_out(), "{err}");
+        let next = lock(
+            &standalone().await,
+            &key,
+            Duration::from_secs(30),
+            SLOW_POLL,
+        );
+        let waiter = tokio::spawn(async move {
+            let g = next.acquire().await.unwrap();
+            let at = Instant::now();
+            let _ = g.release().await.unwrap();
+            at
+        });
+        // The quitter leaves the line in the background; the next waiter
+        // queues behind where it was.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let released = Instant::now();
+        let _ = guard.release().await.unwrap();
+        let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the lock was handed to the waiter that gave up")
+            .unwrap();
+        let took = acquired.saturating_duration_since(released);
+        assert!(took < Duration::from_millis(45), "hand-off took {took:?}");
+    }
+
+    /// A waiter that died in line (its future leaked: it never leaves) costs
+    /// the next waiter at most the reservation (50 ms) and one poll interval.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_a_waiter_that_died_in_line_costs_at_most_one_poll() {
+        let key = common::unique_key("diedinline");
+        let poll = Duration::from_millis(300);
+        let holder = lock(&standalone().await, &key, Duration::from_secs(30), poll);
+        let guard = holder.acquire().await.unwrap();
+        let dead = lock(&standalone().await, &key, Duration::from_secs(30), poll);
+        let mut dying = Box::pin(dead.acquire());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut dying)
+                .await
+                .is_err()
+        );
+        // Never polled or dropped again: it stays in line, as a crashed
+        // process's waiter does.
+        std::mem::forget(dying);
+        let next = lock(&standalone().await, &key, Duration::from_secs(30), poll);
+        let waiter = tokio::spawn(async move {
+            let g = next.acquire().await.unwrap();
+            let at = Instant::now();
+            let _ = g.release().await.unwrap();
+            at
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let released = Instant::now();
+        let _ = guard.release().await.unwrap();
+        let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter behind a dead one never got the lock")
+            .unwrap();
+        let took = acquired.saturating_duration_since(released);
+        assert!(
+            took <= poll + Duration::from_millis(50 + 150),
+            "hand-off past a dead waiter took {took:?}"
         );
     }
 }

@@ -111,6 +111,12 @@ pub enum ValueFormat {
     DjangoStr,
 }
 
+/// The key of the wait queue of lock `key`. `\q` ends no key the key
+/// builder makes (it writes every backslash as `\x5c`).
+pub(crate) fn queue_key(key: &str) -> String {
+    format!("{key}\\q")
+}
+
 /// An async cache: the storage contract the lock and memoize are built on.
 ///
 /// Use it as `Arc<dyn Backend>` (see [`SharedBackend`]); all methods take
@@ -134,6 +140,23 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Stores a value only if the key is absent. Returns whether it was
     /// stored. **Atomic**: the lock relies on it.
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool>;
+
+    /// The add of a waiter that will wait for `key` if it is held: as
+    /// [`add`](Backend::add), and where the backend keeps a wait queue (a
+    /// standalone Redis), a failed add puts the waiter (by `value`) at the
+    /// end of the queue, and a release then hands the lock to the first in
+    /// line (it is reserved for that waiter, and the release notice names
+    /// it; see [`ReleaseWatch::handed_to_other`]). The default is `add`.
+    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        self.add(key, value, ttl).await
+    }
+
+    /// Takes the waiter `value` out of `key`'s wait queue (it stopped
+    /// waiting). The default does nothing.
+    async fn leave_queue(&self, key: &str, value: &[u8]) -> BackendResult<()> {
+        let _ = (key, value);
+        Ok(())
+    }
 
     /// Sets a new TTL on an existing key. Returns `false` if the key is absent.
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool>;
@@ -215,6 +238,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     async fn watch_release(&self, key: &str) -> ReleaseWatch {
         let _ = key;
         ReleaseWatch::polling()
+    }
+
+    /// A wake-up for the next release of `key` if one can be armed without
+    /// I/O (Redis: this backend's subscriber already listens for `key`),
+    /// else `None` (the default). A waiter arms it before its first attempt,
+    /// which saves the second attempt it otherwise sends right after arming
+    /// [`watch_release`](Backend::watch_release).
+    fn watch_release_now(&self, key: &str) -> Option<ReleaseWatch> {
+        let _ = key;
+        None
     }
 
     /// When this process last released `key` while others were waiting

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::future::pending;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -27,9 +28,20 @@ const MAX_IDLE_KEYS: usize = 1024;
 /// it never completes, and waiters poll.
 #[derive(Debug)]
 pub struct ReleaseWatch {
-    rx: Option<watch::Receiver<u64>>,
+    rx: Option<watch::Receiver<Notice>>,
     /// When the holder's lease runs out, where the backend knows it.
     expires: Option<Instant>,
+    /// The waiter the last release seen handed the lock to, if it named one.
+    next: Option<Bytes>,
+}
+
+/// What a release announced: a sequence number that changes with every
+/// release, and the waiter the lock was handed to (its stored value), for a
+/// backend that hands off in queue order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Notice {
+    seq: u64,
+    next: Option<Bytes>,
 }
 
 impl ReleaseWatch {
@@ -38,14 +50,23 @@ impl ReleaseWatch {
         Self {
             rx: None,
             expires: None,
+            next: None,
         }
     }
 
-    pub(crate) fn notified(rx: watch::Receiver<u64>, expires: Option<Instant>) -> Self {
+    pub(crate) fn notified(rx: watch::Receiver<Notice>, expires: Option<Instant>) -> Self {
         Self {
             rx: Some(rx),
             expires,
+            next: None,
         }
+    }
+
+    /// Whether the last release this watch saw handed the lock to another
+    /// waiter than the one whose stored value is `ours` (a queue hand-off:
+    /// that waiter has it reserved, so trying now would only be refused).
+    pub fn handed_to_other(&self, ours: &[u8]) -> bool {
+        self.next.as_ref().is_some_and(|next| next.as_ref() != ours)
     }
 
     /// Whether a release will complete this watch (false: poll only).
@@ -75,14 +96,15 @@ impl ReleaseWatch {
                         // The notifier is gone: nothing will come.
                         pending::<()>().await;
                     }
+                    rx.borrow_and_update().next.clone()
                 }
                 None => pending().await,
             }
         };
-        tokio::select! {
-            () = expiry => {}
-            () = signal => {}
-        }
+        self.next = tokio::select! {
+            () = expiry => None,
+            next = signal => next,
+        };
     }
 }
 
@@ -97,14 +119,14 @@ pub(crate) struct Notifier {
 
 #[derive(Debug, Default)]
 struct State {
-    keys: HashMap<String, watch::Sender<u64>>,
+    keys: HashMap<String, watch::Sender<Notice>>,
     /// When this process last released a key while others waited for it.
     handoffs: HashMap<String, Instant>,
 }
 
 impl Notifier {
     /// Arms a watch on `key`: it sees every later [`notify`](Self::notify).
-    pub(crate) fn watch(&self, key: &str) -> watch::Receiver<u64> {
+    pub(crate) fn watch(&self, key: &str) -> watch::Receiver<Notice> {
         let mut state = self.state.lock();
         if let Some(tx) = state.keys.get(key) {
             return tx.subscribe();
@@ -112,7 +134,7 @@ impl Notifier {
         if state.keys.len() >= MAX_IDLE_KEYS {
             state.keys.retain(|_, tx| tx.receiver_count() > 0);
         }
-        let (tx, rx) = watch::channel(0);
+        let (tx, rx) = watch::channel(Notice::default());
         state.keys.insert(key.to_owned(), tx);
         rx
     }
@@ -120,6 +142,12 @@ impl Notifier {
     /// Wakes the waiters of `key` in this process; returns how many there
     /// were.
     pub(crate) fn notify(&self, key: &str) -> usize {
+        self.notify_handed(key, None)
+    }
+
+    /// As [`notify`](Self::notify), telling the waiters that the lock was
+    /// handed to the waiter whose stored value is `next` (if any).
+    pub(crate) fn notify_handed(&self, key: &str, next: Option<Bytes>) -> usize {
         let mut state = self.state.lock();
         let Some(tx) = state.keys.get(key) else {
             return 0;
@@ -128,7 +156,10 @@ impl Notifier {
         if waiters == 0 {
             state.keys.remove(key);
         } else {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+            tx.send_modify(|n| {
+                n.seq = n.seq.wrapping_add(1);
+                n.next = next;
+            });
         }
         waiters
     }
@@ -175,6 +206,21 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_millis(100), w.released())
             .await
             .expect("the release before the wait was lost");
+    }
+
+    #[tokio::test]
+    async fn a_hand_off_names_the_next_waiter() {
+        let n = Notifier::default();
+        let mut w = ReleaseWatch::notified(n.watch("k"), None);
+        assert!(!w.handed_to_other(b"me"));
+        n.notify_handed("k", Some(Bytes::from_static(b"other")));
+        w.released().await;
+        assert!(w.handed_to_other(b"me"));
+        assert!(!w.handed_to_other(b"other"));
+        // A plain release names no one.
+        n.notify("k");
+        w.released().await;
+        assert!(!w.handed_to_other(b"me"));
     }
 
     #[tokio::test]

@@ -46,6 +46,10 @@ where
     let start = Instant::now();
     let deadline = lock_options.max_wait.and_then(|w| start.checked_add(w));
     let timed_out = |now: Instant| deadline.is_some_and(|d| now >= d);
+    // A release of the lock (the leader wrote the value, or gave up) wakes
+    // the poll at once where the backend notifies; polling stays the safety
+    // net. Armed before the first try only where that costs no I/O.
+    let mut watch = ctx.cache.watch_release_now(lock.key());
     loop {
         let err = match lock.try_acquire().await {
             Ok(guard) => return LockWait::Acquired(guard),
@@ -76,6 +80,13 @@ where
         // every few polls (it frees up without a value only when the
         // holder failed or vanished), to halve the load of waiting.
         let polls = if force { 1 } else { POLLS_PER_LOCK_TRY };
+        if watch.is_none() {
+            watch = Some(ctx.cache.watch_release(lock.key()).await);
+            // A release between the try and the arm is not waited out.
+            if !force && let Some(v) = poll().await {
+                return LockWait::Value(v);
+            }
+        }
         for _ in 0..polls {
             let mut pause = ctx.config.poll_pause();
             if let Some(d) = deadline {
@@ -85,7 +96,15 @@ where
                 }
                 pause = pause.min(left);
             }
-            tokio::time::sleep(pause).await;
+            match watch.as_mut() {
+                Some(w) => {
+                    tokio::select! {
+                        () = w.released() => {}
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+                None => tokio::time::sleep(pause).await,
+            }
             if !force && let Some(v) = poll().await {
                 return LockWait::Value(v);
             }

@@ -140,10 +140,11 @@ use self::link::{
 };
 use self::notify::RedisNotify;
 use self::scripts::{
-    DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
+    ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info,
+    token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
-use super::{Backend, ReleaseWatch, TokenCheck, check_value_size};
+use super::{Backend, ReleaseWatch, TokenCheck, check_value_size, queue_key};
 use crate::backend::url::SentinelUrl;
 use crate::error::{BackendError, BackendResult};
 
@@ -188,7 +189,24 @@ pub struct RedisBackend {
     set_nx_get: std::sync::atomic::AtomicBool,
     /// Release notices over pub/sub (standalone only).
     notify: Option<RedisNotify>,
+    /// Cleared when the server cannot run the wait-queue script (no `LPOS`,
+    /// before Redis 6.0.6): waiters then race for a released lock.
+    queue: std::sync::atomic::AtomicBool,
 }
+
+/// How long a released lock stays reserved for the first waiter in line
+/// (see the module docs): long enough for the notice to reach it and its
+/// add to come back, with scheduling slack; a waiter that died in line
+/// costs at most this (and then one poll interval of the others).
+const HANDOFF_RESERVE: Duration = Duration::from_millis(50);
+
+/// The most waiters in one lock's queue; later ones race as without one.
+const MAX_QUEUED: usize = 1024;
+
+/// What a reserved lock holds before the value of the waiter it is
+/// reserved for. It starts with a NUL byte, so no holder's value (text)
+/// equals a reservation.
+const RESERVED: &[u8] = b"\0cachelock-reserved:";
 
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -312,6 +330,7 @@ impl RedisBackend {
             native_delete: None,
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
             notify,
+            queue: std::sync::atomic::AtomicBool::new(true),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -387,6 +406,7 @@ impl RedisBackend {
             native_delete: None,
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
             notify: None,
+            queue: std::sync::atomic::AtomicBool::new(false),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -409,6 +429,15 @@ impl RedisBackend {
         if let Some(n) = &self.notify {
             n.released(key, usize::try_from(subscribers).unwrap_or(0));
         }
+    }
+
+    /// Whether releases hand the lock to the first waiter in line: a
+    /// standalone server whose releases go through the script (not a native
+    /// compare-and-delete) and that can run the queue script.
+    fn queues(&self) -> bool {
+        self.notify.is_some()
+            && self.native_delete.is_none()
+            && self.queue.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether this backend talks to a Redis Cluster.
@@ -666,6 +695,51 @@ impl Backend for RedisBackend {
         }
     }
 
+    /// On a standalone server, one script: the add, or a place at the end
+    /// of the lock's wait queue (see [`ADD_QUEUED`]).
+    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
+        if !self.queues() {
+            return self.add(key, value, ttl).await;
+        }
+        check_value_size(key, value, self.max_value_size())?;
+        let queue = queue_key(key);
+        let mut invocation = ADD_QUEUED.prepare_invoke();
+        invocation
+            .key(key)
+            .key(&queue)
+            .arg(value)
+            .arg(ttl_ms(ttl))
+            .arg(RESERVED)
+            .arg(MAX_QUEUED);
+        let invocation = &invocation;
+        let result = self
+            .retrying(key, Instant::now(), move |mut conn: Conn| async move {
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await;
+        match result {
+            Ok(code) => Ok(code == 1),
+            Err(BackendError::Protocol { message, .. })
+                if message.to_ascii_lowercase().contains("unknown") =>
+            {
+                tracing::debug!(error = %message, "Redis cannot run the wait-queue script; waiters race");
+                self.queue
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.add(key, value, ttl).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn leave_queue(&self, key: &str, value: &[u8]) -> BackendResult<()> {
+        if !self.queues() {
+            return Ok(());
+        }
+        let mut cmd = ::redis::cmd("LREM");
+        cmd.arg(queue_key(key)).arg(1).arg(value);
+        self.query::<i64>(key, &cmd).await.map(drop)
+    }
+
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         let mut cmd = ::redis::cmd("PEXPIRE");
         cmd.arg(key).arg(ttl_ms(ttl));
@@ -703,10 +777,15 @@ impl Backend for RedisBackend {
     ) -> BackendResult<TokenCheck> {
         let Some(native) = self.native_delete else {
             let mut invocation = DELETE_IF_EQ.prepare_invoke();
+            invocation.key(key);
+            if self.queues() {
+                invocation.key(queue_key(key));
+            }
             invocation
-                .key(key)
                 .arg(expected)
-                .arg(self.release_channel(key));
+                .arg(self.release_channel(key))
+                .arg(RESERVED)
+                .arg(ttl_ms(HANDOFF_RESERVE));
             let invocation = &invocation;
             let code: i64 = self
                 .retrying(key, Instant::now(), move |mut conn: Conn| async move {
@@ -788,7 +867,20 @@ impl Backend for RedisBackend {
         }
     }
 
+    fn watch_release_now(&self, key: &str) -> Option<ReleaseWatch> {
+        match (&self.notify, &self.link) {
+            (Some(notify), Link::Single(_)) => notify.watch_subscribed(key),
+            _ => None,
+        }
+    }
+
+    /// With a wait queue the lock goes to the first waiter in line, and the
+    /// releaser needs no grace; otherwise (a native compare-and-delete) the
+    /// releaser stays out for the grace.
     fn handed_off_at(&self, key: &str) -> Option<Instant> {
+        if self.queues() {
+            return None;
+        }
         self.notify.as_ref()?.handed_off_at(key)
     }
 

@@ -87,6 +87,15 @@ impl RedisNotify {
         }
     }
 
+    /// A watch on `key` if it is already subscribed (no I/O), else `None`.
+    pub(super) fn watch_subscribed(&self, key: &str) -> Option<ReleaseWatch> {
+        let rx = self.notifier.watch(key);
+        self.subscribed
+            .lock()
+            .contains(key)
+            .then(|| ReleaseWatch::notified(rx, None))
+    }
+
     async fn subscribe(&self, link: &SingleLink, key: &str) -> ::redis::RedisResult<bool> {
         let mut slot = self.sink.lock().await;
         let closed = slot
@@ -119,7 +128,11 @@ impl RedisNotify {
         let reader = tokio::spawn(async move {
             while let Some(msg) = stream.next().await {
                 if let Some(key) = msg.get_channel_name().strip_prefix(prefix.as_str()) {
-                    notifier.notify(key);
+                    // The payload names the waiter the lock was handed to
+                    // (empty: none, the lock is free).
+                    let next = msg.get_payload_bytes();
+                    let next = (!next.is_empty()).then(|| bytes::Bytes::copy_from_slice(next));
+                    notifier.notify_handed(key, next);
                 }
             }
             tracing::debug!(

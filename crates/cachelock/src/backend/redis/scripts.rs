@@ -21,14 +21,54 @@ pub(super) enum NativeDelete {
 /// ARGV[2] (in the same script, so atomic with the delete).
 /// 1 + n: deleted, the notice reached n subscribers; 0: another value;
 /// -1: absent.
+///
+/// With a wait queue (KEYS[2], see [`ADD_QUEUED`]) whose head is a waiter,
+/// the lock is not deleted but reserved for that waiter for ARGV[4] ms
+/// (the value ARGV[3] followed by the waiter's value, which no one else's
+/// add matches), and the notice names it.
 pub(super) static DELETE_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r"
 local v = redis.call('GET', KEYS[1])
 if v == false then return -1 end
 if v ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1 + redis.call('PUBLISH', ARGV[2], '')
+local nxt = false
+if KEYS[2] then nxt = redis.call('LPOP', KEYS[2]) end
+if nxt then
+  redis.call('SET', KEYS[1], ARGV[3] .. nxt, 'PX', ARGV[4])
+else
+  redis.call('DEL', KEYS[1])
+  nxt = ''
+end
+return 1 + redis.call('PUBLISH', ARGV[2], nxt)
+",
+    )
+});
+
+/// The add of a waiter that waits in line: stores ARGV[1] under KEYS[1]
+/// with a TTL of ARGV[2] ms if the key is absent or reserved for this
+/// waiter (it holds ARGV[3] followed by ARGV[1], see [`DELETE_IF_EQ`]), and
+/// then leaves the wait queue KEYS[2]. Otherwise it joins the end of the
+/// queue (once; at most ARGV[4] waiters) and keeps the queue ARGV[2] ms.
+/// 1: added; 0: held.
+pub(super) static ADD_QUEUED: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+local added = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+if not added and redis.call('GET', KEYS[1]) == ARGV[3] .. ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  added = true
+end
+if added then
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  return 1
+end
+if not redis.call('LPOS', KEYS[2], ARGV[1])
+    and redis.call('LLEN', KEYS[2]) < tonumber(ARGV[4]) then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 0
 ",
     )
 });

@@ -43,7 +43,7 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
         Some(_) => backend.ttl(&key).await.map_err(fail)?,
         None => None,
     };
-    let token = value.map(|v| printable(&v));
+    let token = value.map(|v| global.show_lock_value(&backend, &v));
     if args.json {
         let obj = serde_json::json!({
             "key": key,
@@ -76,7 +76,11 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<u8, Fail> {
     let fail = |e: cachelock::BackendError| Fail::error(format!("cannot release {key:?}: {e}"));
     if let Some(token) = &args.token {
         return match backend
-            .delete_if_eq(&key, token.as_bytes(), Duration::from_secs(5))
+            .delete_if_eq(
+                &key,
+                &global.lock_value(&backend, token),
+                Duration::from_secs(5),
+            )
             .await
             .map_err(fail)?
         {
@@ -96,17 +100,16 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<u8, Fail> {
     }
     let holder = backend.get(&key).await.map_err(fail)?;
     if backend.delete(&key).await.map_err(fail)? {
-        let by = holder.map(|v| format!(" (was held by token {})", printable(&v)));
+        let by = holder.map(|v| {
+            format!(
+                " (was held by token {})",
+                global.show_lock_value(&backend, &v)
+            )
+        });
         println!("{key}: force-released{}", by.unwrap_or_default());
         Ok(0)
     } else {
         eprintln!("cachelock: {key} is not held; nothing released");
         Ok(1)
     }
-}
-
-/// A cache value shown safely: lossy UTF-8, escaped, at most 80 characters.
-fn printable(v: &[u8]) -> String {
-    let s: String = String::from_utf8_lossy(v).chars().take(80).collect();
-    s.escape_debug().to_string()
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachelock::{BackendUrl, KeyBuilder, SharedBackend};
+use cachelock::{BackendUrl, Compat, KeyBuilder, SharedBackend};
 
 /// The exit code for usage errors, bad URLs and backend failures.
 pub const EXIT_ERROR: u8 = 2;
@@ -50,15 +50,45 @@ pub struct Global {
     /// empty value means the default too].
     #[arg(long, env = "CACHELOCK_BACKEND", global = true, value_name = "URL")]
     pub backend: Option<String>,
-    /// Namespace put before KEY in the cache key ("" for none).
+    /// Namespace put before KEY in the cache key ("" for none) [default:
+    /// "cachelock"; with --django "", and there it is djblets' site part:
+    /// the Site domain if the Django project has the sites app].
+    #[arg(long, env = "CACHELOCK_NAMESPACE", global = true, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Share locks with djblets' CacheLock on the same Django cache: Django's
+    /// keys ("PREFIX:VERSION:KEY") and values (a pickled str on Redis, text
+    /// with flags 16 on Memcached). Same as --compat django.
+    #[arg(long, global = true)]
+    pub django: bool,
+    /// Whose locks to share: native (cachelock's own format) or django
+    /// (see --django).
     #[arg(
         long,
-        env = "CACHELOCK_NAMESPACE",
+        env = "CACHELOCK_COMPAT",
         global = true,
-        default_value = "cachelock",
-        value_name = "NS"
+        value_enum,
+        default_value_t = CompatArg::Native,
+        value_name = "MODE"
     )]
-    pub namespace: String,
+    pub compat: CompatArg,
+    /// With --django: Django's KEY_PREFIX setting of that cache.
+    #[arg(
+        long,
+        env = "CACHELOCK_DJANGO_PREFIX",
+        global = true,
+        default_value = "",
+        value_name = "PREFIX"
+    )]
+    pub django_prefix: String,
+    /// With --django: Django's VERSION setting of that cache.
+    #[arg(
+        long,
+        env = "CACHELOCK_DJANGO_VERSION",
+        global = true,
+        default_value_t = 1,
+        value_name = "N"
+    )]
+    pub django_version: u32,
     /// PEM file of the CA that signed a rediss:// server's certificate, used
     /// instead of the system's roots (a private CA). No effect without TLS.
     #[arg(long, env = "CACHELOCK_TLS_CA", global = true, value_name = "FILE")]
@@ -67,6 +97,15 @@ pub struct Global {
     /// released), like flock --verbose; -vv and -vvv add the library's logs.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// The values of `--compat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompatArg {
+    /// cachelock's own keys and values.
+    Native,
+    /// djblets' `CacheLock` on a Django cache.
+    Django,
 }
 
 /// A backend connection and what was asked for.
@@ -206,12 +245,58 @@ impl Global {
         self.connect(None).await
     }
 
-    /// The full cache key for the user's `key`.
+    /// The compatibility mode: `--django` or `--compat`.
+    pub fn compat(&self) -> Compat {
+        if self.django || self.compat == CompatArg::Django {
+            Compat::Django
+        } else {
+            Compat::Native
+        }
+    }
+
+    /// The namespace: `--namespace`, or the mode's default.
+    pub fn namespace(&self) -> &str {
+        match (&self.namespace, self.compat()) {
+            (Some(ns), _) => ns,
+            (None, Compat::Django) => "",
+            (None, _) => cachelock::DEFAULT_NAMESPACE,
+        }
+    }
+
+    /// The full cache key for the user's `key`: `NS:KEY`, and with
+    /// `--django` Django's `PREFIX:VERSION:NS:KEY`.
     pub fn cache_key(&self, key: &str) -> Result<String, Fail> {
         if key.is_empty() {
             return Err(Fail::error("the KEY must not be empty"));
         }
-        Ok(KeyBuilder::new(self.namespace.clone()).build(key))
+        Ok(match self.compat() {
+            Compat::Django => {
+                let ns = self.namespace();
+                let inner = if ns.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{ns}:{key}")
+                };
+                KeyBuilder::django(&self.django_prefix, self.django_version).build(inner)
+            }
+            _ => KeyBuilder::new(self.namespace()).build(key),
+        })
+    }
+
+    /// What a lock stores for `token` on `backend` in this mode.
+    pub fn lock_value(&self, backend: &SharedBackend, token: &str) -> Vec<u8> {
+        backend
+            .encode_lock_value(token, self.compat().value_format())
+            .to_vec()
+    }
+
+    /// The token in a lock value read back: decoded in this mode, else
+    /// shown escaped as it is.
+    pub fn show_lock_value(&self, backend: &SharedBackend, value: &[u8]) -> String {
+        match backend.decode_lock_value(value, self.compat().value_format()) {
+            Some(token) => printable(token.as_bytes()),
+            None => printable(value),
+        }
     }
 }
 
@@ -307,6 +392,12 @@ pub fn init_tracing(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(colour())
         .try_init();
+}
+
+/// A cache value shown safely: lossy UTF-8, escaped, at most 80 characters.
+pub fn printable(v: &[u8]) -> String {
+    let s: String = String::from_utf8_lossy(v).chars().take(80).collect();
+    s.escape_debug().to_string()
 }
 
 #[cfg(test)]

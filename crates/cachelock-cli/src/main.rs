@@ -39,9 +39,15 @@ Backend URLs (--backend or CACHELOCK_BACKEND; empty means the default):
                                 $XDG_CACHE_HOME/cachelock/locks.sqlite3, i.e. ~/.cache/...)
   redis://host:port[/db]  rediss://... (--tls-ca FILE for a private CA)  redis+unix:///socket
   redis+cluster://h1:p1,h2:p2   memcached://h1:p1,h2:p2   memory://   (in-process; bench only)
+  redis+sentinel://[user:pass@]h1:p1,h2:p2/service[/db]   (the master, found through Redis Sentinel;
+                                a failover can lose a lock: it is then reported lost, exit 3)
 
 Keys: KEY is put under the namespace (--namespace, default \"cachelock\"): the lock lives in the
-cache under \"cachelock:KEY\". Use --namespace '' to use KEY as the full cache key.";
+cache under \"cachelock:KEY\". Use --namespace '' to use KEY as the full cache key.
+With --django (CACHELOCK_COMPAT=django), locks are shared with djblets' CacheLock on a Django cache:
+the key is Django's \":1:KEY\" (--django-prefix, --django-version; --namespace is djblets' site
+part, default none) and the token is stored as Django stores a str (pickled on Redis, text with
+flags 16 on Memcached).";
 
 /// How long `cachelock` may wait, after its work is done, for clean-ups it
 /// started (removing the token of an add whose answer was lost) before it

@@ -335,6 +335,14 @@ fn mutual_exclusion_on_redis_cluster() {
     mutual_exclusion(&env, 8);
 }
 
+/// `redis+sentinel://`: the command finds the master through the Sentinels
+/// (the failover itself is tested in the library's tests/sentinel.rs).
+#[test]
+#[ignore = "needs the test servers: scripts/test"]
+fn mutual_exclusion_on_redis_sentinel() {
+    mutual_exclusion(&server_env("CACHELOCK_TEST_REDIS_SENTINEL_URL"), 8);
+}
+
 #[test]
 #[ignore = "needs the test servers: scripts/test"]
 fn mutual_exclusion_on_memcached() {

@@ -133,12 +133,15 @@ tuple_keys!(A, B, C, D, E, F, G, H);
 /// Builds full cache keys: namespace, escaping, length limit and optional
 /// HMAC.
 ///
-/// Every key it builds is valid for Memcached: at most [`MAX_KEY_LEN`] bytes,
-/// no byte at or below `0x20`, and no `0x7f`.
+/// Every key it builds is valid for Memcached: at most [`MAX_KEY_LEN`] bytes
+/// (plus Django's prefix with [`KeyBuilder::django`]), no byte at or below
+/// `0x20`, and no `0x7f`.
 #[derive(Clone, Default)]
 pub struct KeyBuilder {
     namespace: Vec<String>,
     secret: Option<Vec<u8>>,
+    /// Django's `"{KEY_PREFIX}:{VERSION}:"`, put before the finished key.
+    django: Option<String>,
 }
 
 impl std::fmt::Debug for KeyBuilder {
@@ -146,6 +149,7 @@ impl std::fmt::Debug for KeyBuilder {
         f.debug_struct("KeyBuilder")
             .field("namespace", &self.namespace)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("django", &self.django)
             .finish()
     }
 }
@@ -158,6 +162,7 @@ impl KeyBuilder {
         Self {
             namespace: if ns.is_empty() { Vec::new() } else { vec![ns] },
             secret: None,
+            django: None,
         }
     }
 
@@ -171,6 +176,33 @@ impl KeyBuilder {
         Self {
             namespace: segments.into_iter().map(Into::into).collect(),
             secret: None,
+            django: None,
+        }
+    }
+
+    /// Keys as Django's cache names them, for locks shared with djblets'
+    /// `CacheLock` (with [`Compat::Django`](crate::Compat::Django)):
+    /// `"{key_prefix}:{version}:{key}"`, Django's default `make_key` with
+    /// its `KEY_PREFIX` and `VERSION` settings (defaults `""` and `1`).
+    ///
+    /// `{key}` is what djblets' `make_cache_key` makes of the lock's key:
+    /// the key itself where the Django project has no sites app, else
+    /// `"{site domain}:{key}"` (give the domain as part of the key). The
+    /// escaping, length limit and [`secret`](Self::secret) apply to that
+    /// part only, as in djblets; keys stay the same as djblets' while that
+    /// part is at most [`MAX_KEY_LEN`] bytes of printable ASCII.
+    ///
+    /// ```
+    /// use cachelock::KeyBuilder;
+    ///
+    /// assert_eq!(KeyBuilder::django("", 1).build("nightly"), ":1:nightly");
+    /// assert_eq!(KeyBuilder::django("app", 3).build("example.com:k"), "app:3:example.com:k");
+    /// ```
+    pub fn django(key_prefix: &str, version: u32) -> Self {
+        Self {
+            namespace: Vec::new(),
+            secret: None,
+            django: Some(format!("{key_prefix}:{version}:")),
         }
     }
 
@@ -224,9 +256,13 @@ impl KeyBuilder {
                 }
             }
         }
-        match &self.secret {
+        let finished = match &self.secret {
             Some(secret) => hmac_hex(secret, full.as_bytes()),
             None => limit_length(escape_invalid(full)),
+        };
+        match &self.django {
+            Some(prefix) => format!("{prefix}{finished}"),
+            None => finished,
         }
     }
 

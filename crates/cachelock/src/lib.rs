@@ -64,12 +64,12 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::SqliteBackend;
-pub use backend::url::{BackendUrl, connect};
-pub use backend::{Backend, SharedBackend, TokenCheck};
+pub use backend::url::{BackendUrl, SentinelUrl, connect};
+pub use backend::{Backend, SharedBackend, TokenCheck, ValueFormat};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
 pub use key::{CacheKey, KeyBuilder};
-pub use lock::{CacheLock, LockGuard, LockOptions, Lost, MAX_DURATION, Outcome, Released};
+pub use lock::{CacheLock, Compat, LockGuard, LockOptions, Lost, MAX_DURATION, Outcome, Released};
 pub use memoize::{
     Compression, ENVELOPE_OVERHEAD, Expiration, MemoizeError, MemoizeStream, OnLockFailure, xfetch,
 };

@@ -86,6 +86,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use rand::RngExt;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
@@ -93,7 +94,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{ReleaseWatch, SharedBackend, TokenCheck};
+use crate::backend::{ReleaseWatch, SharedBackend, TokenCheck, ValueFormat};
 use crate::error::{BackendError, Error, Result};
 
 /// The longest duration any cachelock setting accepts (lease, wait, retry
@@ -125,6 +126,33 @@ fn wall_clock_in(d: Duration) -> Option<SystemTime> {
     SystemTime::now().checked_add(d)
 }
 
+/// Which other lock implementation a lock is shared with, on the same
+/// server and key. Only the stored value changes; build the key to match
+/// as well (for Django, [`KeyBuilder::django`](crate::KeyBuilder::django)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Compat {
+    /// cachelock's own format: the token's bytes.
+    #[default]
+    Native,
+    /// djblets' `CacheLock` on a Django cache: the token is stored as
+    /// Django stores a `str` ([`ValueFormat::DjangoStr`]: pickled on Redis,
+    /// text with flags 16 on Memcached), so that `cache.get` in Django reads
+    /// it and each side's owner-checked release leaves the other's lock
+    /// alone.
+    Django,
+}
+
+impl Compat {
+    /// The value format the backend is asked for.
+    pub fn value_format(self) -> ValueFormat {
+        match self {
+            Compat::Native => ValueFormat::Raw,
+            Compat::Django => ValueFormat::DjangoStr,
+        }
+    }
+}
+
 /// Settings of a [`CacheLock`]: a builder whose setters consume it; the
 /// lock's getters ([`CacheLock::lease`], ...) read them back. The defaults
 /// are those of the original Djblets `CacheLock`, waiting without limit.
@@ -137,6 +165,7 @@ pub struct LockOptions {
     pub(crate) fail_fast: bool,
     pub(crate) safety_margin: Option<Duration>,
     pub(crate) max_hold: Option<Duration>,
+    pub(crate) compat: Compat,
 }
 
 impl Default for LockOptions {
@@ -149,6 +178,7 @@ impl Default for LockOptions {
             fail_fast: false,
             safety_margin: None,
             max_hold: None,
+            compat: Compat::Native,
         }
     }
 }
@@ -157,6 +187,19 @@ impl LockOptions {
     /// The default settings.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whose locks this one must exclude, which decides how the token is
+    /// stored (see [`Compat`]). Defaults to [`Compat::Native`].
+    #[must_use]
+    pub fn compat(mut self, compat: Compat) -> Self {
+        self.compat = compat;
+        self
+    }
+
+    /// The [`Compat`] mode.
+    pub fn compat_mode(&self) -> Compat {
+        self.compat
     }
 
     /// How long a lock lasts unless extended (the key's TTL). Defaults to
@@ -533,16 +576,20 @@ impl CacheLock {
 
     async fn acquire_loop(&self, until: Until, start: Instant) -> Result<LockGuard> {
         let token = new_token();
+        let value = self.lock_value(&token);
         let lease = self.options.lease;
         let mut attempts: u32 = 0;
         let mut failures: u32 = 0;
         let mut held: u32 = 0;
         // A waiter (not a single try) waits in line where the backend keeps
         // a queue; it leaves the line if it stops waiting without the lock.
-        let queued = matches!(until, Until::Deadline(_));
+        // Not in Django mode: djblets does not wait in line, and a lock
+        // reserved for the next in line holds a value Django cannot read.
+        let waiting = matches!(until, Until::Deadline(_));
+        let queued = waiting && self.options.compat == Compat::Native;
         // Armed before every attempt; before the first only where that
         // costs no I/O (see `wait_for_release`).
-        let mut watch: Option<ReleaseWatch> = if queued {
+        let mut watch: Option<ReleaseWatch> = if waiting {
             self.backend.watch_release_now(&self.key)
         } else {
             None
@@ -560,13 +607,13 @@ impl CacheLock {
             let sent = Instant::now();
             attempts = attempts.saturating_add(1);
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
-            let outcome = self.try_add(&token, lease, queued).await;
+            let outcome = self.try_add(&value, lease, queued).await;
             let pause = match outcome {
                 Ok(true) => {
                     // The add took us out of the line.
                     in_line.disarm();
                     self.held.store(true, Ordering::Release);
-                    let guard = LockGuard::new(self, token, sent);
+                    let guard = LockGuard::new(self, token, value, sent);
                     tracing::debug!(
                         key = %self.key,
                         token = %guard.token(),
@@ -712,17 +759,26 @@ impl CacheLock {
         self.tasks.wait(CLOSE_TIMEOUT).await
     }
 
-    /// One atomic add of `token`. A lost reply is resolved by reading the
-    /// key back; an add that may have gone through is cleaned up in the
-    /// background if this future is dropped or the read-back fails.
-    async fn try_add(&self, token: &str, lease: Duration, queued: bool) -> Result<bool> {
-        let mut pending = PendingAdd::new(self, token, lease);
+    /// The bytes stored under the key for `token`: the value-encoding hook
+    /// of the [`Compat`] mode (the backend says what the format is on its
+    /// server).
+    fn lock_value(&self, token: &str) -> Bytes {
+        self.backend
+            .encode_lock_value(token, self.options.compat.value_format())
+    }
+
+    /// One atomic add of `value` (`token`, encoded), in line if `queued`. A
+    /// lost reply is resolved by reading the key back; an add that may have
+    /// gone through is cleaned up in the background if this future is
+    /// dropped or the read-back fails.
+    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<bool> {
+        let mut pending = PendingAdd::new(self, value, lease);
         let result = if queued {
-            self.backend
-                .add_queued(&self.key, token.as_bytes(), lease)
-                .await
+            self.backend.add_queued(&self.key, value, lease).await
         } else {
-            self.backend.add(&self.key, token.as_bytes(), lease).await
+            self.backend
+                .add_lock_value(&self.key, value, lease, self.options.compat.value_format())
+                .await
         };
         let added = match result {
             Ok(added) => added,
@@ -731,7 +787,7 @@ impl CacheLock {
             // did not happen (or our lock is already gone), so the failure
             // is the backend's, not "held".
             Err(e) if e.is_unavailable() => match self.backend.get(&self.key).await {
-                Ok(Some(v)) if v.as_ref() == token.as_bytes() => true,
+                Ok(Some(v)) if v == *value => true,
                 Ok(Some(_)) => false,
                 Ok(None) | Err(_) => return Err(e.into()),
             },
@@ -841,16 +897,16 @@ fn new_token() -> String {
 /// Cleans up an add whose outcome we never learned (the future was dropped
 /// mid-flight, or its reply was lost and could not be read back).
 struct PendingAdd {
-    cleanup: Option<(SharedBackend, String, String, Duration, Tasks)>,
+    cleanup: Option<(SharedBackend, String, Bytes, Duration, Tasks)>,
 }
 
 impl PendingAdd {
-    fn new(lock: &CacheLock, token: &str, lease: Duration) -> Self {
+    fn new(lock: &CacheLock, value: &Bytes, lease: Duration) -> Self {
         Self {
             cleanup: Some((
                 lock.backend.clone(),
                 lock.key.clone(),
-                token.to_owned(),
+                value.clone(),
                 lease,
                 lock.tasks.clone(),
             )),
@@ -864,14 +920,12 @@ impl PendingAdd {
 
 impl Drop for PendingAdd {
     fn drop(&mut self) {
-        let Some((backend, key, token, lease, tasks)) = self.cleanup.take() else {
+        let Some((backend, key, value, lease, tasks)) = self.cleanup.take() else {
             return;
         };
         if let Ok(handle) = Handle::try_current() {
             tasks.spawn(&handle, async move {
-                if let Ok(TokenCheck::Matched) =
-                    backend.delete_if_eq(&key, token.as_bytes(), lease).await
-                {
+                if let Ok(TokenCheck::Matched) = backend.delete_if_eq(&key, &value, lease).await {
                     tracing::debug!(%key, "removed the lock taken by an interrupted acquire");
                 }
             });
@@ -1145,6 +1199,9 @@ pub struct LockGuard {
     backend: SharedBackend,
     key: String,
     token: String,
+    /// What is stored under the key: the token in the lock's
+    /// [`ValueFormat`].
+    value: Bytes,
     lease: Duration,
     /// The lock's safety margin setting (`None`: the default).
     margin: Option<Duration>,
@@ -1168,12 +1225,13 @@ fn valid_until(margin: Option<Duration>, sent: Instant, lease: Duration) -> Opti
 }
 
 impl LockGuard {
-    fn new(lock: &CacheLock, token: String, sent: Instant) -> Self {
+    fn new(lock: &CacheLock, token: String, value: Bytes, sent: Instant) -> Self {
         let lease = lock.options.lease;
         Self {
             backend: lock.backend.clone(),
             key: lock.key.clone(),
             token,
+            value,
             lease,
             margin: lock.options.safety_margin,
             stop_at: lock.options.max_hold.and_then(|h| later(sent, h)),
@@ -1252,6 +1310,7 @@ impl LockGuard {
             backend: self.backend.clone(),
             key: self.key.clone(),
             token: self.token.clone(),
+            value: self.value.clone(),
             lease: self.lease,
             margin: self.margin,
             shared: self.shared.clone(),
@@ -1295,7 +1354,7 @@ impl LockGuard {
         let sent = Instant::now();
         let check = self
             .backend
-            .extend_if_eq(&self.key, self.token.as_bytes(), lease)
+            .extend_if_eq(&self.key, &self.value, lease)
             .await;
         match check {
             Ok(TokenCheck::Matched) => {
@@ -1352,6 +1411,7 @@ impl LockGuard {
             &self.backend,
             &self.key,
             &self.token,
+            &self.value,
             self.lease,
             &self.shared,
         )
@@ -1389,6 +1449,7 @@ struct Renewer {
     backend: SharedBackend,
     key: String,
     token: String,
+    value: Bytes,
     lease: Duration,
     margin: Option<Duration>,
     shared: Arc<Lease>,
@@ -1427,7 +1488,7 @@ impl Renewer {
             let sent = Instant::now();
             let check = self
                 .backend
-                .extend_if_eq(&self.key, self.token.as_bytes(), self.lease)
+                .extend_if_eq(&self.key, &self.value, self.lease)
                 .await;
             match check {
                 // Lost is sticky: a reply after the deadline does not revive it.
@@ -1468,12 +1529,13 @@ async fn release_now(
     backend: &SharedBackend,
     key: &str,
     token: &str,
+    value: &[u8],
     lease: Duration,
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
     // Waits for a renewal in flight; none starts after (`stopped` is set).
     let _ops = shared.ops.lock().await;
-    let outcome = release_locked(backend, key, token, lease, shared).await;
+    let outcome = release_locked(backend, key, token, value, lease, shared).await;
     let label = match &outcome {
         Ok(Released::Released) => "released",
         Ok(Released::Expired) => "expired",
@@ -1488,6 +1550,7 @@ async fn release_locked(
     backend: &SharedBackend,
     key: &str,
     token: &str,
+    value: &[u8],
     lease: Duration,
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
@@ -1505,7 +1568,7 @@ async fn release_locked(
         tracing::warn!(%key, "cache lock lease was lost before release; nothing was deleted");
         return Ok(Released::Lost);
     }
-    match backend.delete_if_eq(key, token.as_bytes(), lease).await? {
+    match backend.delete_if_eq(key, value, lease).await? {
         TokenCheck::Matched => {
             tracing::debug!(%key, %token, "released cache lock");
             Ok(Released::Released)
@@ -1535,6 +1598,7 @@ impl Drop for LockGuard {
                 let backend = self.backend.clone();
                 let key = std::mem::take(&mut self.key);
                 let token = std::mem::take(&mut self.token);
+                let value = std::mem::take(&mut self.value);
                 let lease = self.lease;
                 let shared = self.shared.clone();
                 let span = tracing::debug_span!("cachelock.release", key = %key);
@@ -1542,7 +1606,7 @@ impl Drop for LockGuard {
                 self.tasks.spawn(
                     &handle,
                     async move {
-                        if let Err(e) = release_now(&backend, &key, &token, lease, &shared).await {
+                        if let Err(e) = release_now(&backend, &key, &token, &value, lease, &shared).await {
                             tracing::error!(%key, error = %e, "background release of cache lock failed");
                         }
                         shared.mark_gone();

@@ -396,3 +396,68 @@ async fn server_restart_between_ops_is_not_noticed() {
     assert!(b.add(&k, b"after", LONG).await.unwrap());
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"after"[..]));
 }
+
+/// The item's client flags and value, read with a raw `mg KEY f v`.
+#[allow(clippy::unwrap_used)]
+async fn raw_flags(addr: &str, key: &str) -> Option<(u32, Vec<u8>)> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("mg {key} f v\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("EN") => return None,
+        Some("VA") => {}
+        other => panic!("unexpected reply {other:?} in {line:?}"),
+    }
+    let len: usize = words.next().unwrap().parse().unwrap();
+    let flags = words
+        .find_map(|w| w.strip_prefix('f'))
+        .map_or(0, |f| f.parse().unwrap());
+    let mut value = vec![0; len + 2];
+    reader.read_exact(&mut value).await.unwrap();
+    value.truncate(len);
+    Some((flags, value))
+}
+
+/// `Compat::Django` on Memcached: the token is stored as text with client
+/// flags 16 (how Django's `PyMemcacheCache` stores a `str`), and a renewal,
+/// which stores the value again, keeps those flags (else Django would read
+/// the lock back as `bytes`). A native lock keeps flags 0.
+#[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
+#[allow(clippy::unwrap_used)]
+async fn django_compat_lock_values_are_text_with_flags_16() {
+    use cachelock::{CacheLock, Compat, KeyBuilder, LockOptions};
+
+    let addr = addrs()[0].clone();
+    let b = one_server().await;
+    let key = KeyBuilder::django("", 1).build(unique_key("django-flags"));
+    let opts = LockOptions::default().lease(Duration::from_secs(30));
+    let lock = CacheLock::new(b.clone(), key.clone(), opts.clone().compat(Compat::Django)).unwrap();
+    let mut guard = lock.try_acquire().await.unwrap();
+    let want = Some((16, guard.token().as_bytes().to_vec()));
+    assert_eq!(raw_flags(&addr, &key).await, want);
+    guard.extend(Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(raw_flags(&addr, &key).await, want, "after a renewal");
+    assert_eq!(
+        guard.release().await.unwrap(),
+        cachelock::Released::Released
+    );
+    assert_eq!(raw_flags(&addr, &key).await, None);
+
+    let native = CacheLock::new(b.clone(), key.clone(), opts).unwrap();
+    let mut guard = native.try_acquire().await.unwrap();
+    guard.extend(None).await.unwrap();
+    assert_eq!(
+        raw_flags(&addr, &key).await,
+        Some((0, guard.token().as_bytes().to_vec()))
+    );
+    assert_eq!(
+        guard.release().await.unwrap(),
+        cachelock::Released::Released
+    );
+}

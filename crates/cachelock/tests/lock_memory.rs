@@ -233,3 +233,49 @@ async fn an_add_whose_reply_was_lost_is_resolved_by_reading_back() {
     assert!(l.try_acquire().await.unwrap_err().is_held());
     let _ = other.release().await.unwrap();
 }
+
+/// `Compat::Django`: the key holds the token as a pickled `str` (what
+/// Django's caches store for djblets' token) through acquire, extend and
+/// keep-alive, and the owner-checked release compares that value.
+#[tokio::test(start_paused = true)]
+async fn django_compat_stores_the_token_as_a_pickled_str() {
+    use cachelock::backend::django::{pickle_str, unpickle_str};
+    use cachelock::{Compat, KeyBuilder, Released, ValueFormat};
+
+    let b = memory();
+    let key = KeyBuilder::django("", 1).build("nightly");
+    assert_eq!(key, ":1:nightly");
+    let opts = LockOptions::default()
+        .compat(Compat::Django)
+        .lease(Duration::from_secs(3));
+    let lock = CacheLock::new(b.clone(), key.clone(), opts).unwrap();
+    let mut guard = lock.try_acquire().await.unwrap();
+    let stored = b.get(&key).await.unwrap().unwrap();
+    assert_eq!(stored.as_ref(), pickle_str(guard.token()).as_slice());
+    assert_eq!(unpickle_str(&stored).as_deref(), Some(guard.token()));
+    assert_eq!(
+        b.decode_lock_value(&stored, ValueFormat::DjangoStr)
+            .as_deref(),
+        Some(guard.token())
+    );
+    guard.extend(None).await.unwrap();
+    guard.keep_alive();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!guard.is_lost(), "renewals compare the pickled value");
+    assert_eq!(
+        b.get(&key).await.unwrap().unwrap().as_ref(),
+        pickle_str(guard.token()).as_slice()
+    );
+    // A native lock on the same key is excluded; its raw-token release
+    // would not match a pickled value.
+    let native = CacheLock::new(b.clone(), key.clone(), LockOptions::default()).unwrap();
+    assert!(native.try_acquire().await.unwrap_err().is_held());
+    assert_eq!(
+        b.delete_if_eq(&key, guard.token().as_bytes(), Duration::from_secs(1))
+            .await
+            .unwrap(),
+        cachelock::TokenCheck::Mismatch
+    );
+    assert_eq!(guard.release().await.unwrap(), Released::Released);
+    assert_eq!(b.get(&key).await.unwrap(), None);
+}

@@ -136,7 +136,7 @@ where
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(args.argv())
             .env("CACHELOCK_BACKEND", worker_url(global, url))
-            .env("CACHELOCK_NAMESPACE", &global.namespace)
+            .env("CACHELOCK_NAMESPACE", global.namespace())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

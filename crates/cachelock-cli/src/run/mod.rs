@@ -132,6 +132,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
         },
     };
     let options = LockOptions::new()
+        .compat(global.compat())
         .lease(args.lease)
         .retry_interval(args.retry_interval);
     global.refuse_memory()?;

@@ -51,6 +51,7 @@ use bytes::Bytes;
 use crate::error::BackendResult;
 pub use notify::ReleaseWatch;
 
+pub mod django;
 #[cfg(feature = "memcached")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memcached")))]
 pub mod memcached;
@@ -92,6 +93,22 @@ pub enum TokenCheck {
     /// The key is absent (expired, evicted, deleted, or the server lost it).
     /// Nothing was changed.
     Missing,
+}
+
+/// How a lock's token is stored, chosen by the lock's
+/// [`Compat`](crate::Compat) mode. Each backend decides what the format
+/// means on its server ([`Backend::encode_lock_value`],
+/// [`Backend::add_lock_value`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum ValueFormat {
+    /// The token's bytes as they are (cachelock's own format).
+    #[default]
+    Raw,
+    /// As Django's cache stores a Python `str`, so that djblets'
+    /// `CacheLock` can read it: pickled (see [`django`]) by default, on
+    /// Memcached UTF-8 text with client flags 16 (`PyMemcacheCache`).
+    DjangoStr,
 }
 
 /// The key of the wait queue of lock `key`. `\q` ends no key the key
@@ -240,6 +257,42 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn handed_off_at(&self, key: &str) -> Option<tokio::time::Instant> {
         let _ = key;
         None
+    }
+
+    /// The bytes a lock stores for its token `text` in `format`. The
+    /// default writes [`ValueFormat::DjangoStr`] as a pickled `str` (Django's
+    /// Redis, database and local-memory caches pickle every value).
+    fn encode_lock_value(&self, text: &str, format: ValueFormat) -> Bytes {
+        match format {
+            ValueFormat::Raw => Bytes::copy_from_slice(text.as_bytes()),
+            ValueFormat::DjangoStr => Bytes::from(django::pickle_str(text)),
+        }
+    }
+
+    /// The token in a lock value read back, if it has the shape `format`
+    /// writes (for any holder: a djblets token is read the same way). The
+    /// inverse of [`encode_lock_value`](Backend::encode_lock_value);
+    /// `None` for anything else. Never unpickles anything but one `str`.
+    fn decode_lock_value(&self, value: &[u8], format: ValueFormat) -> Option<String> {
+        match format {
+            ValueFormat::Raw => String::from_utf8(value.to_vec()).ok(),
+            ValueFormat::DjangoStr => django::unpickle_str(value),
+        }
+    }
+
+    /// The lock's atomic [`add`](Backend::add) of a value made by
+    /// [`encode_lock_value`](Backend::encode_lock_value) in `format`. The
+    /// default is `add`; Memcached sets client flags 16 for
+    /// [`ValueFormat::DjangoStr`].
+    async fn add_lock_value(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        format: ValueFormat,
+    ) -> BackendResult<bool> {
+        let _ = format;
+        self.add(key, value, ttl).await
     }
 
     /// Whether [`delete_if_eq`](Backend::delete_if_eq) and

@@ -12,6 +12,7 @@
 //! | `redis://[user:pass@]host[:port][/db]`, `rediss://…` (TLS) | one Redis server (feature `redis`) |
 //! | `redis+unix:///path/to/socket` | one Redis server on a Unix socket (feature `redis`) |
 //! | `redis+cluster://[user:pass@]h1:p1,h2:p2`, `rediss+cluster://…` | a Redis Cluster, from seed nodes (feature `redis`) |
+//! | `redis+sentinel://[user:pass@]h1:p1,h2:p2/service[/db]` | the master of `service`, found through Redis Sentinels (feature `redis`; no TLS) |
 //! | `memcached://h1:p1,h2:p2` | one or more Memcached servers (feature `memcached`) |
 //!
 //! Schemes are case-insensitive (`REDIS://` is `redis://`). The SQLite path
@@ -47,7 +48,7 @@ use crate::error::BackendError;
 
 /// The schemes [`BackendUrl::parse`] knows, as shown in error messages.
 pub const SCHEMES: &str = "memory://, sqlite://PATH, redis://, rediss://, redis+unix://, \
-                           redis+cluster://, rediss+cluster://, memcached://";
+                           redis+cluster://, rediss+cluster://, redis+sentinel://, memcached://";
 
 /// A parsed, validated backend URL: which backend, and where.
 ///
@@ -65,9 +66,140 @@ pub enum BackendUrl {
     /// `redis+cluster://h1:p1,h2:p2`: a Redis Cluster. Holds one
     /// `redis://` (or `rediss://`) URL per seed node.
     RedisCluster(Vec<String>),
+    /// `redis+sentinel://h1:p1,h2:p2/service`: the master of a service
+    /// watched by Redis Sentinel.
+    RedisSentinel(SentinelUrl),
     /// `memcached://h1:p1,h2:p2`: Memcached servers. Holds the URL with
     /// each server as `host:port` (port 11211 when left out).
     Memcached(String),
+}
+
+/// A parsed `redis+sentinel://[user:pass@]h1:p1,h2:p2/service[/db]` URL:
+/// the Sentinels to ask (port 26379 when left out), the service (master)
+/// name, and the credentials and database used on the master (the
+/// Sentinels themselves are asked without credentials).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelUrl {
+    sentinels: Vec<(String, u16)>,
+    service: String,
+    /// `redis://[user:pass@]SENTINEL1[/db]`: the master's settings, with a
+    /// Sentinel's address standing in for the master's until it is known.
+    master: String,
+}
+
+impl SentinelUrl {
+    /// The default port of a Sentinel.
+    pub const DEFAULT_PORT: u16 = 26379;
+
+    /// The Sentinels, as `(host, port)`.
+    pub fn sentinels(&self) -> &[(String, u16)] {
+        &self.sentinels
+    }
+
+    /// The service (master) name the Sentinels know.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// A `redis://` URL with the master's credentials and database (its
+    /// host is a Sentinel's, replaced by the master's when connecting).
+    pub fn master_settings_url(&self) -> &str {
+        &self.master
+    }
+
+    fn parse(url: &str, rest: &str) -> Result<Self, BackendError> {
+        let bad = |reason: String| BackendError::InvalidUrl {
+            url: redact(url),
+            reason,
+        };
+        let (userinfo, hosts, tail) = split_authority(rest);
+        if hosts.is_empty() {
+            return Err(bad(
+                "redis+sentinel:// needs at least one Sentinel host:port".into(),
+            ));
+        }
+        let mut sentinels = Vec::new();
+        for node in hosts.split(',') {
+            if node.trim().is_empty() {
+                return Err(bad(
+                    "empty host between commas (check for a stray comma)".into()
+                ));
+            }
+            sentinels.push(host_port(node, Self::DEFAULT_PORT).map_err(bad)?);
+        }
+        if tail.contains(['?', '#']) {
+            return Err(bad("redis+sentinel:// takes no query or fragment".into()));
+        }
+        let mut path = tail.trim_start_matches('/').split('/');
+        let service = path.next().unwrap_or_default();
+        if service.is_empty() {
+            return Err(bad(
+                "redis+sentinel:// needs the service (master) name, as in \
+                 redis+sentinel://h1:26379,h2:26379/mymaster"
+                    .into(),
+            ));
+        }
+        if !service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(bad(format!(
+                "the service name {service:?} may hold only letters, digits, '-', '_' and '.'"
+            )));
+        }
+        let db = match (path.next(), path.next()) {
+            (None | Some(""), None) => String::new(),
+            (Some(db), None) => format!("/{db}"),
+            _ => {
+                return Err(bad(
+                    "expected /service or /service/db after the hosts".into()
+                ));
+            }
+        };
+        let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+        let (host, port) = &sentinels[0];
+        let master = format!("redis://{auth}{host}:{port}{db}");
+        #[cfg(feature = "redis")]
+        if let Err(e) = crate::backend::redis::check_url(&master) {
+            return Err(match e {
+                BackendError::InvalidUrl { reason, .. } => bad(reason),
+                other => other,
+            });
+        }
+        Ok(Self {
+            sentinels,
+            service: service.to_owned(),
+            master,
+        })
+    }
+}
+
+impl fmt::Display for SentinelUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect();
+        let db = self
+            .master
+            .split_once("://")
+            .map(|(_, r)| split_authority(r).2)
+            .unwrap_or_default();
+        write!(
+            f,
+            "redis+sentinel://{}/{}{db}",
+            hosts.join(","),
+            self.service
+        )
+    }
+}
+
+/// Shows the URL without its password.
+impl fmt::Debug for SentinelUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SentinelUrl({self})")
+    }
 }
 
 impl BackendUrl {
@@ -167,6 +299,7 @@ impl BackendUrl {
                 }
                 Ok(Self::RedisCluster(nodes))
             }
+            "redis+sentinel" => Ok(Self::RedisSentinel(SentinelUrl::parse(url, rest)?)),
             "memcached" | "memcache" => {
                 let (userinfo, hosts, tail) = split_authority(rest);
                 if userinfo.is_some() {
@@ -203,13 +336,15 @@ impl BackendUrl {
     }
 
     /// The backend's name, as used in messages and benchmark output:
-    /// `memory`, `sqlite`, `redis`, `redis-cluster` or `memcached`.
+    /// `memory`, `sqlite`, `redis`, `redis-cluster`, `redis-sentinel` or
+    /// `memcached`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory => "memory",
             Self::Sqlite(_) => "sqlite",
             Self::Redis(_) => "redis",
             Self::RedisCluster(_) => "redis-cluster",
+            Self::RedisSentinel(_) => "redis-sentinel",
             Self::Memcached(_) => "memcached",
         }
     }
@@ -253,8 +388,14 @@ impl BackendUrl {
                     crate::RedisBackend::connect_cluster(&nodes).await?,
                 ))
             }
+            #[cfg(feature = "redis")]
+            Self::RedisSentinel(target) => Ok(Arc::new(
+                crate::RedisBackend::connect_sentinel(target).await?,
+            )),
             #[cfg(not(feature = "redis"))]
-            Self::Redis(_) | Self::RedisCluster(_) => Err(self.unsupported("redis")),
+            Self::Redis(_) | Self::RedisCluster(_) | Self::RedisSentinel(_) => {
+                Err(self.unsupported("redis"))
+            }
             #[cfg(feature = "memcached")]
             Self::Memcached(url) => Ok(Arc::new(crate::MemcachedBackend::connect(url).await?)),
             #[cfg(not(feature = "memcached"))]
@@ -335,6 +476,7 @@ impl fmt::Debug for BackendUrl {
                 .debug_tuple("RedisCluster")
                 .field(&nodes.iter().map(|n| redact(n)).collect::<Vec<_>>())
                 .finish(),
+            Self::RedisSentinel(t) => fmt::Debug::fmt(t, f),
             Self::Memcached(u) => f.debug_tuple("Memcached").field(&redact(u)).finish(),
         }
     }
@@ -347,6 +489,7 @@ impl fmt::Display for BackendUrl {
             Self::Memory => f.write_str("memory://"),
             Self::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
             Self::Redis(u) | Self::Memcached(u) => f.write_str(&redact(u)),
+            Self::RedisSentinel(t) => t.fmt(f),
             Self::RedisCluster(nodes) => {
                 let hosts: Vec<String> = nodes
                     .iter()

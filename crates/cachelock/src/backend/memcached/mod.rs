@@ -101,7 +101,7 @@ use futures_util::future::join_all;
 use self::pool::{Pool, Until};
 use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
 use self::ring::Ring;
-use super::{Backend, TokenCheck, check_value_size};
+use super::{Backend, TokenCheck, ValueFormat, check_value_size};
 use crate::error::{BackendError, BackendResult};
 
 /// The default connect timeout: 1 second.
@@ -129,6 +129,10 @@ const COUNTER_VALUE: usize = 20;
 /// between the read and the guarded write (a concurrent touch-less update
 /// of the same value, in practice never).
 const CAS_RETRIES: usize = 3;
+
+/// The client flags pymemcache (and so Django's `PyMemcacheCache`) gives a
+/// `str` stored as UTF-8 text.
+const PYMEMCACHE_FLAG_TEXT: u32 = 16;
 
 /// Settings for [`MemcachedBackend::connect_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,12 +373,18 @@ impl MemcachedBackend {
         }
     }
 
-    /// `mg <key> v c`: the value and its CAS token, if present.
-    async fn get_with_cas(&self, key: &str, wire: &WireKey) -> BackendResult<Option<(Bytes, u64)>> {
+    /// `mg <key> v c f`: the value, its CAS token and its client flags
+    /// (0 if the server sent none), if present.
+    async fn get_with_cas(
+        &self,
+        key: &str,
+        wire: &WireKey,
+    ) -> BackendResult<Option<(Bytes, u64, u32)>> {
         let mut req = Vec::new();
         let flags = GetFlags {
             value: true,
             cas: true,
+            client_flags: true,
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, wire, &flags);
@@ -385,10 +395,45 @@ impl MemcachedBackend {
             } => Ok(None),
             Response::Meta {
                 status: Status::Value,
-                flags: proto::ReplyFlags { cas: Some(cas), .. },
+                flags:
+                    proto::ReplyFlags {
+                        cas: Some(cas),
+                        client_flags,
+                        ..
+                    },
                 value: Some(value),
-            } => Ok(Some((value, cas))),
+            } => Ok(Some((value, cas, client_flags.unwrap_or(0)))),
             other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    /// `ms <key> <len> ME T<ttl> [F<flags>]`: the add, with the given client
+    /// flags.
+    async fn add_flagged(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        client_flags: Option<u32>,
+    ) -> BackendResult<bool> {
+        check_value_size(key, value, self.max_value_size())?;
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            mode: SetMode::Add,
+            ttl: exptime(ttl),
+            client_flags,
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        match self.one(key, &req, false, NO_VALUE).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(true),
+            Response::Meta {
+                status: Status::NotStored,
+                ..
+            } => Ok(false),
+            other => Err(self.unexpected(key, value.len(), other)),
         }
     }
 
@@ -543,24 +588,36 @@ impl Backend for MemcachedBackend {
     }
 
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        check_value_size(key, value, self.max_value_size())?;
-        let mut req = Vec::new();
-        let flags = SetFlags {
-            mode: SetMode::Add,
-            ttl: exptime(ttl),
-            ..SetFlags::default()
-        };
-        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        match self.one(key, &req, false, NO_VALUE).await? {
-            Response::Meta {
-                status: Status::Ok, ..
-            } => Ok(true),
-            Response::Meta {
-                status: Status::NotStored,
-                ..
-            } => Ok(false),
-            other => Err(self.unexpected(key, value.len(), other)),
+        self.add_flagged(key, value, ttl, None).await
+    }
+
+    /// Django's `PyMemcacheCache` stores a `str` as its UTF-8 bytes with
+    /// client flags 16 (pymemcache's `FLAG_TEXT`), and reads it back as a
+    /// `str` only with those flags.
+    fn encode_lock_value(&self, text: &str, format: ValueFormat) -> Bytes {
+        match format {
+            ValueFormat::Raw | ValueFormat::DjangoStr => Bytes::copy_from_slice(text.as_bytes()),
         }
+    }
+
+    fn decode_lock_value(&self, value: &[u8], format: ValueFormat) -> Option<String> {
+        match format {
+            ValueFormat::Raw | ValueFormat::DjangoStr => String::from_utf8(value.to_vec()).ok(),
+        }
+    }
+
+    async fn add_lock_value(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        format: ValueFormat,
+    ) -> BackendResult<bool> {
+        let client_flags = match format {
+            ValueFormat::Raw => None,
+            ValueFormat::DjangoStr => Some(PYMEMCACHE_FLAG_TEXT),
+        };
+        self.add_flagged(key, value, ttl, client_flags).await
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
@@ -644,7 +701,7 @@ impl Backend for MemcachedBackend {
     ) -> BackendResult<TokenCheck> {
         let wire = WireKey::new(key);
         for _ in 0..CAS_RETRIES {
-            let Some((value, cas)) = self.get_with_cas(key, &wire).await? else {
+            let Some((value, cas, _)) = self.get_with_cas(key, &wire).await? else {
                 return Ok(TokenCheck::Missing);
             };
             if value.as_ref() != expected {
@@ -679,16 +736,19 @@ impl Backend for MemcachedBackend {
     ) -> BackendResult<TokenCheck> {
         let wire = WireKey::new(key);
         for _ in 0..CAS_RETRIES {
-            let Some((value, cas)) = self.get_with_cas(key, &wire).await? else {
+            let Some((value, cas, client_flags)) = self.get_with_cas(key, &wire).await? else {
                 return Ok(TokenCheck::Missing);
             };
             if value.as_ref() != expected {
                 return Ok(TokenCheck::Mismatch);
             }
             let mut req = Vec::new();
+            // The value is stored again: keep its client flags (a Django-
+            // compatible lock's 16), or Django would read it back as bytes.
             let flags = SetFlags {
                 ttl: exptime(ttl),
                 compare_cas: Some(cas),
+                client_flags: (client_flags != 0).then_some(client_flags),
                 ..SetFlags::default()
             };
             proto::encode_set(&mut req, &wire, expected, &flags);

@@ -127,6 +127,8 @@ pub struct GetFlags {
     pub ttl: bool,
     /// `T<secs>`: set a new TTL if the item exists (a touch).
     pub touch: Option<i64>,
+    /// `f`: return the item's client flags.
+    pub client_flags: bool,
     /// `q`: no reply on a miss (use with [`encode_noop`]).
     pub quiet: bool,
     /// `O<n>`: an opaque number echoed in the reply.
@@ -142,6 +144,9 @@ pub struct SetFlags {
     pub ttl: i64,
     /// `C<cas>`: store only if the item's CAS token is this one.
     pub compare_cas: Option<u64>,
+    /// `F<n>`: the item's client flags (`None`: 0). Django's
+    /// `PyMemcacheCache` stores a `str` as UTF-8 with flags 16.
+    pub client_flags: Option<u32>,
     /// `q`: no reply on success.
     pub quiet: bool,
     /// `O<n>`: an opaque number echoed in the reply.
@@ -197,6 +202,9 @@ pub fn encode_get(buf: &mut Vec<u8>, key: &WireKey, flags: &GetFlags) {
     if flags.ttl {
         push_bare(buf, b't');
     }
+    if flags.client_flags {
+        push_bare(buf, b'f');
+    }
     if let Some(t) = flags.touch {
         push_flag(buf, 'T', t);
     }
@@ -217,6 +225,9 @@ pub fn encode_set(buf: &mut Vec<u8>, key: &WireKey, value: &[u8], flags: &SetFla
     }
     if let Some(cas) = flags.compare_cas {
         push_flag(buf, 'C', cas);
+    }
+    if let Some(client_flags) = flags.client_flags {
+        push_flag(buf, 'F', client_flags);
     }
     push_common(buf, key, flags.quiet, flags.opaque);
     buf.extend_from_slice(b"\r\n");
@@ -292,6 +303,8 @@ pub struct ReplyFlags {
     pub cas: Option<u64>,
     /// `t<secs>`: remaining TTL, `-1` for none.
     pub ttl: Option<i64>,
+    /// `f<n>`: the item's client flags.
+    pub client_flags: Option<u32>,
     /// `O<n>`: the opaque number sent with the request.
     pub opaque: Option<u32>,
     /// `W`: this client won the right to recache.
@@ -406,6 +419,7 @@ fn parse_flags<'a>(tokens: impl Iterator<Item = &'a [u8]>) -> Result<ReplyFlags,
         match flag {
             b'c' => flags.cas = Some(parse_num(rest, "CAS token")?),
             b't' => flags.ttl = Some(parse_num(rest, "TTL")?),
+            b'f' => flags.client_flags = Some(parse_num(rest, "client flags")?),
             b'O' => flags.opaque = Some(parse_num(rest, "opaque")?),
             b'W' => flags.won = true,
             b'X' => flags.stale = true,

@@ -92,9 +92,20 @@ pub(super) struct SingleLink {
     current: RwLock<(u64, LazyConn)>,
 }
 
-/// Opens connections to one server.
+/// Where the master of a Sentinel-watched service is looked up.
+pub(super) struct Sentinels {
+    /// The Sentinels, asked in this order.
+    pub(super) addrs: Vec<(String, u16)>,
+    /// The service (master) name.
+    pub(super) service: String,
+}
+
+/// Opens connections to one server: the one in `info`, or, with
+/// `sentinel`, the master the Sentinels name at each connect (and only if
+/// it says it is a master).
 struct Dialer {
     info: ConnectionInfo,
+    sentinel: Option<Sentinels>,
     tls: Option<tokio_rustls::TlsConnector>,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -106,9 +117,86 @@ trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin> Stream for S {}
 
 impl Dialer {
+    /// A stream to the server: for Sentinel, to the master named now.
     async fn stream(&self) -> io::Result<Pin<Box<dyn Stream>>> {
+        match &self.sentinel {
+            Some(sentinel) => {
+                let (host, port) = self.master_addr(sentinel).await?;
+                self.stream_to(&ConnectionAddr::Tcp(host, port)).await
+            }
+            None => self.stream_to(self.info.addr()).await,
+        }
+    }
+
+    /// Asks each Sentinel in turn (`SENTINEL get-master-addr-by-name`) for
+    /// the master's address; the first answer wins.
+    async fn master_addr(&self, sentinel: &Sentinels) -> io::Result<(String, u16)> {
+        let mut last = io::Error::other("no Sentinel was asked");
+        for (host, port) in &sentinel.addrs {
+            match self.ask_sentinel(host, *port, &sentinel.service).await {
+                Ok(Some(addr)) => return Ok(addr),
+                Ok(None) => {
+                    last = io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "Sentinel {host}:{port} knows no master named {:?}",
+                            sentinel.service
+                        ),
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(sentinel = %format!("{host}:{port}"), error = %e, "Redis Sentinel did not answer");
+                    last = io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("Sentinel {host}:{port}: {e}"),
+                    );
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// One Sentinel's answer, bounded by the connect and response timeouts.
+    async fn ask_sentinel(
+        &self,
+        host: &str,
+        port: u16,
+        service: &str,
+    ) -> RedisResult<Option<(String, u16)>> {
+        let timed_out =
+            |what: &str| RedisError::from(io::Error::new(io::ErrorKind::TimedOut, what.to_owned()));
+        let addr = ConnectionAddr::Tcp(host.to_owned(), port);
+        let stream = tokio::time::timeout(self.connect_timeout, self.stream_to(&addr))
+            .await
+            .map_err(|_| timed_out("connect to the Sentinel timed out"))??;
+        let settings = ::redis::RedisConnectionInfo::default().set_protocol(ProtocolVersion::RESP2);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let ask = async {
+            let (mut conn, driver) =
+                MultiplexedConnection::new_with_config(&settings, stream, config).await?;
+            let driver = tokio::spawn(driver);
+            let reply = ::redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(service)
+                .query_async::<Option<(String, u16)>>(&mut conn)
+                .await;
+            drop(conn);
+            driver.abort();
+            reply
+        };
+        tokio::time::timeout(
+            self.connect_timeout.saturating_add(self.response_timeout),
+            ask,
+        )
+        .await
+        .map_err(|_| timed_out("no answer from the Sentinel"))?
+    }
+
+    async fn stream_to(&self, addr: &ConnectionAddr) -> io::Result<Pin<Box<dyn Stream>>> {
         let limited = |s| Box::pin(Limited::new(s, self.max_bulk));
-        match self.info.addr() {
+        match addr {
             ConnectionAddr::Tcp(host, port) => {
                 let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 tcp.set_nodelay(true)?;
@@ -159,7 +247,31 @@ impl Dialer {
         .await
         .map_err(|_| timed_out("no answer to the connection handshake"))??;
         tokio::spawn(driver);
+        if self.sentinel.is_some() {
+            self.check_master(conn.clone()).await?;
+        }
         Ok(conn)
+    }
+
+    /// `ROLE` says `master`: a Sentinel may still name a master that a
+    /// failover has just turned into a replica.
+    async fn check_master(&self, mut conn: MultiplexedConnection) -> RedisResult<()> {
+        let role = tokio::time::timeout(
+            self.response_timeout,
+            ::redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn),
+        )
+        .await
+        .map_err(|_| {
+            RedisError::from(io::Error::new(io::ErrorKind::TimedOut, "no answer to ROLE"))
+        })??;
+        match role.first() {
+            Some(Value::BulkString(b)) if b.as_slice() == b"master" => Ok(()),
+            Some(Value::SimpleString(s)) if s == "master" => Ok(()),
+            _ => Err(RedisError::from(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "the server the Sentinels named is not a master (a failover is under way)",
+            ))),
+        }
     }
 }
 
@@ -208,6 +320,7 @@ impl Connect for ClusterNode {
             };
             let dialer = Dialer {
                 info,
+                sentinel: None,
                 tls: None,
                 connect_timeout,
                 // Not used here: the crate's `config` carries it.
@@ -431,6 +544,7 @@ fn tls_connector(pem: Option<&[u8]>) -> Result<tokio_rustls::TlsConnector, Strin
 pub(super) async fn open_single(
     url: &str,
     info: ConnectionInfo,
+    sentinel: Option<Sentinels>,
     options: &RedisOptions,
 ) -> Result<SingleLink, Result<RedisError, BackendError>> {
     let tls = match info.addr() {
@@ -446,6 +560,7 @@ pub(super) async fn open_single(
     };
     let dialer = Arc::new(Dialer {
         info,
+        sentinel,
         tls,
         connect_timeout: options.connect_timeout,
         response_timeout: options.response_timeout,

@@ -135,7 +135,9 @@ use tokio::time::Instant;
 use self::errors::{
     connect_error, connect_failed, finish_connect_error, is_limit_error, lacks_resp3, map_error,
 };
-use self::link::{ClusterNode, Conn, Link, cluster_connect_timeout_at_least, open_single};
+use self::link::{
+    ClusterNode, Conn, Link, Sentinels, cluster_connect_timeout_at_least, open_single,
+};
 use self::notify::RedisNotify;
 use self::scripts::{
     ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info,
@@ -143,6 +145,7 @@ use self::scripts::{
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{Backend, ReleaseWatch, TokenCheck, check_value_size, queue_key};
+use crate::backend::url::SentinelUrl;
 use crate::error::{BackendError, BackendResult};
 
 mod errors;
@@ -239,11 +242,62 @@ impl RedisBackend {
     pub async fn connect_with(url: &str, options: RedisOptions) -> BackendResult<Self> {
         options.validate()?;
         let info = prepare(parse_url(url)?);
+        Self::connect_single(url, url, info, None, options).await
+    }
+
+    /// Connects to the master of a service watched by Redis Sentinel
+    /// (`redis+sentinel://` URLs), with the default [`RedisOptions`].
+    ///
+    /// Each connection, the first and every one after a failure, asks the
+    /// Sentinels in turn for the master's address and checks with `ROLE`
+    /// that the server is a master, so after a failover the backend moves to
+    /// the new master at its next operation. Sentinels are asked without
+    /// credentials and without TLS; the URL's credentials and database are
+    /// the master's.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect`](Self::connect): [`BackendError::Connect`] also if
+    /// no Sentinel answers, none knows the service, or the server named is
+    /// not a master.
+    pub async fn connect_sentinel(target: &SentinelUrl) -> BackendResult<Self> {
+        Self::connect_sentinel_with(target, RedisOptions::default()).await
+    }
+
+    /// Connects through Redis Sentinel with the given options.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect_sentinel`](Self::connect_sentinel).
+    pub async fn connect_sentinel_with(
+        target: &SentinelUrl,
+        options: RedisOptions,
+    ) -> BackendResult<Self> {
+        options.validate()?;
+        let shown = target.to_string();
+        let settings_url = target.master_settings_url();
+        let info = prepare(parse_url(settings_url)?);
+        let sentinel = Sentinels {
+            addrs: target.sentinels().to_vec(),
+            service: target.service().to_owned(),
+        };
+        Self::connect_single(&shown, settings_url, info, Some(sentinel), options).await
+    }
+
+    /// Connects one standalone link (`shown` names it in messages, `url` is
+    /// what it was parsed from).
+    async fn connect_single(
+        shown: &str,
+        url: &str,
+        info: ::redis::ConnectionInfo,
+        sentinel: Option<Sentinels>,
+        options: RedisOptions,
+    ) -> BackendResult<Self> {
         let started = Instant::now();
         let manager = if protocol_in_url(url) {
-            open_single(url, info, &options)
+            open_single(shown, info, sentinel, &options)
                 .await
-                .map_err(|e| finish_connect_error(url, e, started))?
+                .map_err(|e| finish_connect_error(shown, e, started))?
         } else {
             // RESP3 lets the manager see a dropped connection at once, even
             // while idle, and reconnect before the next operation; without
@@ -253,16 +307,21 @@ impl RedisBackend {
             let resp3 = info
                 .clone()
                 .set_redis_settings(settings.clone().set_protocol(ProtocolVersion::RESP3));
-            match open_single(url, resp3, &options).await {
+            let again = sentinel.as_ref().map(|s| Sentinels {
+                addrs: s.addrs.clone(),
+                service: s.service.clone(),
+            });
+            match open_single(shown, resp3, sentinel, &options).await {
                 Err(Ok(e)) if lacks_resp3(&e) => {
-                    tracing::debug!(url = %redact(url), error = %e, "Redis has no RESP3; using RESP2");
+                    tracing::debug!(url = %redact(shown), error = %e, "Redis has no RESP3; using RESP2");
                     let resp2 = info.set_redis_settings(settings.set_protocol(ProtocolVersion::RESP2));
-                    open_single(url, resp2, &options).await
+                    open_single(shown, resp2, again, &options).await
                 }
                 other => other,
             }
-            .map_err(|e| finish_connect_error(url, e, started))?
+            .map_err(|e| finish_connect_error(shown, e, started))?
         };
+        let url = shown;
         let notify = Some(RedisNotify::new(manager.db()));
         let mut backend = Self {
             link: Link::Single(Box::new(manager)),

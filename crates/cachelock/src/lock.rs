@@ -83,7 +83,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{ReleaseWatch, SharedBackend, TokenCheck};
+use crate::backend::{Grant, ReleaseWatch, SharedBackend, TokenCheck};
 use crate::error::{BackendError, Error, Result};
 
 /// The longest duration any cachelock setting accepts (lease, wait, retry
@@ -543,19 +543,20 @@ impl CacheLock {
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
             let outcome = self.try_add(&token, lease).await;
             let pause = match outcome {
-                Ok(true) => {
+                Ok(Some(grant)) => {
                     self.held.store(true, Ordering::Release);
-                    let guard = LockGuard::new(self, token, sent);
+                    let guard = LockGuard::new(self, token, sent, grant);
                     tracing::debug!(
                         key = %self.key,
                         token = %guard.token(),
+                        fence = guard.fence(),
                         lease = ?lease,
                         estimated_expiry = ?wall_clock_in(lease),
                         "acquired cache lock"
                     );
                     return Ok(guard);
                 }
-                Ok(false) => {
+                Ok(None) => {
                     failures = 0;
                     held = held.saturating_add(1);
                     self.poll_pause(held, watch.as_ref().is_some_and(ReleaseWatch::is_notified))
@@ -688,27 +689,40 @@ impl CacheLock {
         self.tasks.wait(CLOSE_TIMEOUT).await
     }
 
-    /// One atomic add of `token`. A lost reply is resolved by reading the
-    /// key back; an add that may have gone through is cleaned up in the
-    /// background if this future is dropped or the read-back fails.
-    async fn try_add(&self, token: &str, lease: Duration) -> Result<bool> {
-        let mut pending = PendingAdd::new(self, token, lease);
-        let result = self.backend.add(&self.key, token.as_bytes(), lease).await;
-        let added = match result {
-            Ok(added) => added,
+    /// One atomic add of `value`, numbered with a fence. A lost reply is
+    /// resolved by reading the key back (ours: the lock is ours, with the
+    /// fence the counter holds now, which no earlier grant had and every
+    /// later one exceeds); an add that may have gone through is cleaned up
+    /// in the background if this future is dropped or the read-back fails.
+    async fn try_add(&self, value: &str, lease: Duration) -> Result<Option<Grant>> {
+        let mut pending = PendingAdd::new(self, value, lease);
+        let result = self
+            .backend
+            .add_fenced(&self.key, value.as_bytes(), lease)
+            .await;
+        let granted = match result {
+            Ok(granted) => granted,
             // The add may or may not have happened: read the key back. Ours:
             // the lock is ours. Someone else's: it is held. Absent: the add
             // did not happen (or our lock is already gone), so the failure
             // is the backend's, not "held".
             Err(e) if e.is_unavailable() => match self.backend.get(&self.key).await {
-                Ok(Some(v)) if v.as_ref() == token.as_bytes() => true,
-                Ok(Some(_)) => false,
+                Ok(Some(v)) if v.as_ref() == value.as_bytes() => {
+                    match self.backend.fence(&self.key).await {
+                        Ok(Some(fence)) => Some(Grant {
+                            fence,
+                            version: None,
+                        }),
+                        _ => return Err(e.into()),
+                    }
+                }
+                Ok(Some(_)) => None,
                 Ok(None) | Err(_) => return Err(e.into()),
             },
             Err(e) => return Err(e.into()),
         };
         pending.disarm();
-        Ok(added)
+        Ok(granted)
     }
 
     fn retry_pause(&self) -> Duration {
@@ -874,8 +888,10 @@ struct Lease {
     /// Wakes the keep-alive task when `stopped` is set.
     stop: Notify,
     /// Held across each renewal and across the release, so that a renewal
-    /// is never sent after the release started (Redisson #7272).
-    ops: tokio::sync::Mutex<()>,
+    /// is never sent after the release started (Redisson #7272). Holds the
+    /// backend's version of our value (`Grant::version`), which each
+    /// renewal may change.
+    ops: tokio::sync::Mutex<Option<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -888,7 +904,7 @@ struct LeaseState {
 }
 
 impl Lease {
-    fn new(valid_until: Option<Instant>) -> Arc<Self> {
+    fn new(valid_until: Option<Instant>, version: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
             state: watch::Sender::new(LeaseState {
                 valid_until,
@@ -896,7 +912,7 @@ impl Lease {
             }),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
-            ops: tokio::sync::Mutex::new(()),
+            ops: tokio::sync::Mutex::new(version),
         })
     }
 
@@ -1073,6 +1089,7 @@ pub struct LockGuard {
     keeping_alive: AtomicBool,
     armed: bool,
     tasks: Tasks,
+    fence: u64,
 }
 
 /// The set margin, or 1 % of the lease; never more than the lease.
@@ -1086,16 +1103,20 @@ fn valid_until(margin: Option<Duration>, sent: Instant, lease: Duration) -> Opti
 }
 
 impl LockGuard {
-    fn new(lock: &CacheLock, token: String, sent: Instant) -> Self {
+    fn new(lock: &CacheLock, token: String, sent: Instant, grant: Grant) -> Self {
         let lease = lock.options.lease;
         Self {
+            fence: grant.fence,
             backend: lock.backend.clone(),
             key: lock.key.clone(),
             token,
             lease,
             margin: lock.options.safety_margin,
             stop_at: lock.options.max_hold.and_then(|h| later(sent, h)),
-            shared: Lease::new(valid_until(lock.options.safety_margin, sent, lease)),
+            shared: Lease::new(
+                valid_until(lock.options.safety_margin, sent, lease),
+                grant.version,
+            ),
             held: lock.held.clone(),
             keeping_alive: AtomicBool::new(false),
             armed: true,
@@ -1111,6 +1132,14 @@ impl LockGuard {
     /// The random token stored under the key while we hold the lock.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The fencing number of this grant: larger than that of every earlier
+    /// grant of this lock, so a resource that remembers the largest fence it
+    /// has seen can refuse a late writer whose lease ran out. Best effort:
+    /// see the README's "Fencing" section.
+    pub fn fence(&self) -> u64 {
+        self.fence
     }
 
     /// Until when the holder trusts its lease by the local clock: the lease
@@ -1199,7 +1228,7 @@ impl LockGuard {
     pub async fn extend(&mut self, lease: Option<Duration>) -> Result<()> {
         let lease = lease.unwrap_or(self.lease);
         check_duration("lock lease", lease, false)?;
-        let _ops = self.shared.ops.lock().await;
+        let mut ops = self.shared.ops.lock().await;
         if self.shared.past_deadline() || self.shared.snapshot().lost {
             self.shared.mark_lost();
             tracing::warn!(
@@ -1213,10 +1242,11 @@ impl LockGuard {
         let sent = Instant::now();
         let check = self
             .backend
-            .extend_if_eq(&self.key, self.token.as_bytes(), lease)
+            .extend_if_version(&self.key, self.token.as_bytes(), *ops, lease)
             .await;
         match check {
-            Ok(TokenCheck::Matched) => {
+            Ok((TokenCheck::Matched, version)) => {
+                *ops = version;
                 metrics::counter!(metrics_names::RENEWALS, "outcome" => "ok").increment(1);
                 self.shared.renewed(valid_until(self.margin, sent, lease));
                 tracing::debug!(
@@ -1228,7 +1258,7 @@ impl LockGuard {
                 );
                 Ok(())
             }
-            Ok(TokenCheck::Mismatch | TokenCheck::Missing) => {
+            Ok((TokenCheck::Mismatch | TokenCheck::Missing, _)) => {
                 metrics::counter!(metrics_names::RENEWALS, "outcome" => "lost").increment(1);
                 self.shared.mark_lost();
                 tracing::warn!(
@@ -1334,7 +1364,7 @@ impl Renewer {
                 tracing::debug!(key = %self.key, "max hold reached; cache lock lease no longer renewed");
                 return;
             }
-            let _ops = self.shared.ops.lock().await;
+            let mut ops = self.shared.ops.lock().await;
             if self.shared.is_stopped() || self.shared.snapshot().lost {
                 return;
             }
@@ -1345,8 +1375,14 @@ impl Renewer {
             let sent = Instant::now();
             let check = self
                 .backend
-                .extend_if_eq(&self.key, self.token.as_bytes(), self.lease)
-                .await;
+                .extend_if_version(&self.key, self.token.as_bytes(), *ops, self.lease)
+                .await
+                .map(|(check, version)| {
+                    if check == TokenCheck::Matched {
+                        *ops = version;
+                    }
+                    check
+                });
             match check {
                 // Lost is sticky: a reply after the deadline does not revive it.
                 Ok(TokenCheck::Matched) if !self.shared.past_deadline() => {
@@ -1390,8 +1426,8 @@ async fn release_now(
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
     // Waits for a renewal in flight; none starts after (`stopped` is set).
-    let _ops = shared.ops.lock().await;
-    let outcome = release_locked(backend, key, token, lease, shared).await;
+    let ops = shared.ops.lock().await;
+    let outcome = release_locked(backend, key, token, *ops, lease, shared).await;
     let label = match &outcome {
         Ok(Released::Released) => "released",
         Ok(Released::Expired) => "expired",
@@ -1406,6 +1442,7 @@ async fn release_locked(
     backend: &SharedBackend,
     key: &str,
     token: &str,
+    version: Option<u64>,
     lease: Duration,
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
@@ -1423,7 +1460,10 @@ async fn release_locked(
         tracing::warn!(%key, "cache lock lease was lost before release; nothing was deleted");
         return Ok(Released::Lost);
     }
-    match backend.delete_if_eq(key, token.as_bytes(), lease).await? {
+    match backend
+        .delete_if_version(key, token.as_bytes(), version, lease)
+        .await?
+    {
         TokenCheck::Matched => {
             tracing::debug!(%key, %token, "released cache lock");
             Ok(Released::Released)

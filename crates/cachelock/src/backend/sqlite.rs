@@ -48,7 +48,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
-use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
+use super::{
+    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, TokenCheck, check_value_size, fence_floor,
+    fence_key, next_fence,
+};
 use crate::error::{BackendError, BackendResult};
 
 /// How long SQLite waits for another connection's write lock by default.
@@ -458,6 +461,46 @@ impl Backend for SqliteBackend {
             .await?;
         self.count_write();
         Ok(added)
+    }
+
+    /// The add and the increment in one immediate transaction.
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<Option<Grant>> {
+        check_value_size(key, value, self.max_value_size())?;
+        let (k, v, f) = (key.to_owned(), value.to_vec(), fence_key(key));
+        let floor = fence_floor(SystemTime::now());
+        let granted = self
+            .run(key, move |conn, now| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if get_live(&tx, &k, now)?.is_some() {
+                    return Ok(None);
+                }
+                let counter = get_live(&tx, &f, now)?
+                    .and_then(|c| std::str::from_utf8(&c).ok()?.parse::<u64>().ok())
+                    .map_or(0, |n| n.saturating_add(1));
+                let fence = next_fence(counter, floor);
+                put(&tx, &k, &v, Some(expires_at(now, ttl)))?;
+                put(
+                    &tx,
+                    &f,
+                    fence.to_string().as_bytes(),
+                    Some(expires_at(now, FENCE_TTL)),
+                )?;
+                tx.commit()?;
+                Ok(Some(fence))
+            })
+            .await?;
+        if granted.is_some() {
+            self.count_write();
+        }
+        Ok(granted.map(|fence| Grant {
+            fence,
+            version: None,
+        }))
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {

@@ -101,7 +101,7 @@ use futures_util::future::join_all;
 use self::pool::{Pool, Until};
 use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
 use self::ring::Ring;
-use super::{Backend, TokenCheck, check_value_size};
+use super::{Backend, FENCE_TTL, Grant, TokenCheck, check_value_size, fence_floor, fence_key};
 use crate::error::{BackendError, BackendResult};
 
 /// The default connect timeout: 1 second.
@@ -392,6 +392,70 @@ impl MemcachedBackend {
         }
     }
 
+    /// Parses a counter's value.
+    fn counter(&self, key: &str, value: &[u8]) -> BackendResult<u64> {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| BackendError::protocol(key, "memcached returned a non-numeric counter"))
+    }
+
+    /// One `md key C<cas>`: the version still matched (deleted), the key is
+    /// gone, or `None`: the CAS differs (someone else's, or changed).
+    async fn delete_by_cas(&self, key: &str, cas: u64) -> BackendResult<Option<TokenCheck>> {
+        let mut req = Vec::new();
+        proto::encode_delete(&mut req, &WireKey::new(key), Some(cas), false, None);
+        match self.one(key, &req, false, NO_VALUE).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(Some(TokenCheck::Matched)),
+            Response::Meta {
+                status: Status::NotFound,
+                ..
+            } => Ok(Some(TokenCheck::Missing)),
+            Response::Meta {
+                status: Status::Exists,
+                ..
+            } => Ok(None),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    /// One `ms key T<ttl> C<cas> c` of `value`: `Some((check, new CAS))`,
+    /// or `None` if the CAS differs.
+    async fn extend_by_cas(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: u64,
+        ttl: Duration,
+    ) -> BackendResult<Option<(TokenCheck, Option<u64>)>> {
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            ttl: exptime(ttl),
+            compare_cas: Some(cas),
+            return_cas: true,
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        match self.one(key, &req, false, NO_VALUE).await? {
+            Response::Meta {
+                status: Status::Ok,
+                flags,
+                ..
+            } => Ok(Some((TokenCheck::Matched, flags.cas))),
+            Response::Meta {
+                status: Status::NotFound,
+                ..
+            } => Ok(Some((TokenCheck::Missing, None))),
+            Response::Meta {
+                status: Status::Exists,
+                ..
+            } => Ok(None),
+            other => Err(self.unexpected(key, value.len(), other)),
+        }
+    }
+
     /// Groups item indices by server.
     fn by_server(&self, keys: impl Iterator<Item = (usize, impl AsRef<str>)>) -> Vec<Vec<usize>> {
         let mut groups = vec![Vec::new(); self.servers.len()];
@@ -561,6 +625,126 @@ impl Backend for MemcachedBackend {
             } => Ok(false),
             other => Err(self.unexpected(key, value.len(), other)),
         }
+    }
+
+    /// One round trip: `ms key … ME c` (the add, returning its CAS) and
+    /// `ma` of the fence counter, pipelined to the lock key's server. The
+    /// counter is also incremented by an add that finds the lock held;
+    /// the numbers still rise with each grant.
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<Option<Grant>> {
+        check_value_size(key, value, self.max_value_size())?;
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            mode: SetMode::Add,
+            ttl: exptime(ttl),
+            return_cas: true,
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        let counter_key = fence_key(key);
+        let floor = fence_floor(SystemTime::now());
+        proto::encode_fence(
+            &mut req,
+            &WireKey::new(&counter_key),
+            floor,
+            exptime(FENCE_TTL),
+        );
+        let mut replies = self
+            .server(self.ring.server_for(key), key)?
+            .request(key, &req, Until::Count(2), false, COUNTER_VALUE)
+            .await?
+            .into_iter();
+        let (Some(added), Some(fence)) = (replies.next(), replies.next()) else {
+            return Err(BackendError::protocol(key, "missing reply"));
+        };
+        let version = match added {
+            Response::Meta {
+                status: Status::Ok,
+                flags,
+                ..
+            } => flags.cas,
+            Response::Meta {
+                status: Status::NotStored,
+                ..
+            } => return Ok(None),
+            other => return Err(self.unexpected(key, value.len(), other)),
+        };
+        let fence = match fence {
+            Response::Meta {
+                status: Status::Value,
+                value: Some(v),
+                ..
+            } => self.counter(&counter_key, &v)?,
+            other => return Err(self.unexpected(&counter_key, 0, other)),
+        };
+        Ok(Some(Grant { fence, version }))
+    }
+
+    /// Read from the lock key's server, where `add_fenced` keeps it.
+    async fn fence(&self, key: &str) -> BackendResult<Option<u64>> {
+        let counter_key = fence_key(key);
+        let mut req = Vec::new();
+        let flags = GetFlags {
+            value: true,
+            ..GetFlags::default()
+        };
+        proto::encode_get(&mut req, &WireKey::new(&counter_key), &flags);
+        let mut replies = self
+            .server(self.ring.server_for(key), key)?
+            .request(key, &req, Until::Count(1), true, COUNTER_VALUE)
+            .await?;
+        match replies.pop() {
+            Some(Response::Meta {
+                status: Status::Value,
+                value: Some(v),
+                ..
+            }) => Ok(self.counter(&counter_key, &v).ok()),
+            Some(Response::Meta {
+                status: Status::Miss,
+                ..
+            }) => Ok(None),
+            Some(other) => Err(self.unexpected(&counter_key, 0, other)),
+            None => Err(BackendError::protocol(key, "no reply")),
+        }
+    }
+
+    /// One `md key C<cas>`; only if the CAS differs, the read-compare-delete
+    /// of [`delete_if_eq`](Backend::delete_if_eq) tells the cases apart.
+    async fn delete_if_version(
+        &self,
+        key: &str,
+        expected: &[u8],
+        version: Option<u64>,
+        hold: Duration,
+    ) -> BackendResult<TokenCheck> {
+        if let Some(cas) = version
+            && let Some(check) = self.delete_by_cas(key, cas).await?
+        {
+            return Ok(check);
+        }
+        self.delete_if_eq(key, expected, hold).await
+    }
+
+    /// One `ms key T<ttl> C<cas> c`, returning the new CAS; only if the CAS
+    /// differs, the read of [`extend_if_eq`](Backend::extend_if_eq).
+    async fn extend_if_version(
+        &self,
+        key: &str,
+        expected: &[u8],
+        version: Option<u64>,
+        ttl: Duration,
+    ) -> BackendResult<(TokenCheck, Option<u64>)> {
+        if let Some(cas) = version
+            && let Some(done) = self.extend_by_cas(key, expected, cas, ttl).await?
+        {
+            return Ok(done);
+        }
+        Ok((self.extend_if_eq(key, expected, ttl).await?, None))
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {

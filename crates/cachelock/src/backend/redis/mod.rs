@@ -138,10 +138,14 @@ use self::errors::{
 use self::link::{ClusterNode, Conn, Link, cluster_connect_timeout_at_least, open_single};
 use self::notify::RedisNotify;
 use self::scripts::{
-    DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info, token_check,
+    ADD_FENCED, DELETE_IF_EQ, EXTEND_IF_EQ, FENCE, NativeDelete, native_delete_from_command_info,
+    token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
-use super::{Backend, ReleaseWatch, TokenCheck, check_value_size};
+use super::{
+    Backend, FENCE_TTL, ReleaseWatch, Grant, TokenCheck, check_value_size, fence_key, fence_key_same_slot,
+    next_fence,
+};
 use crate::error::{BackendError, BackendResult};
 
 mod errors;
@@ -185,6 +189,9 @@ pub struct RedisBackend {
     set_nx_get: std::sync::atomic::AtomicBool,
     /// Release notices over pub/sub (standalone only).
     notify: Option<RedisNotify>,
+    /// Set when the server denied a script (`NOPERM`, an ACL without
+    /// `EVALSHA`): the lock's add then sends plain commands.
+    scripts_denied: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -253,6 +260,7 @@ impl RedisBackend {
             native_delete: None,
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
             notify,
+            scripts_denied: std::sync::atomic::AtomicBool::new(false),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -328,6 +336,7 @@ impl RedisBackend {
             native_delete: None,
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
             notify: None,
+            scripts_denied: std::sync::atomic::AtomicBool::new(false),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -451,6 +460,68 @@ impl RedisBackend {
             self.link.discard(generation);
         }
         Err(outcome)
+    }
+
+    /// Runs `script` with `keys` and `args`, returning its integer reply.
+    async fn script_i64(
+        &self,
+        key: &str,
+        script: &::redis::Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> BackendResult<i64> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(*k);
+        }
+        for a in args {
+            invocation.arg(*a);
+        }
+        let invocation = &invocation;
+        self.retrying(key, Instant::now(), move |mut conn: Conn| async move {
+            invocation.invoke_async::<i64>(&mut conn).await
+        })
+        .await
+    }
+
+    /// The add, then the fence as a second step: for a Cluster key whose
+    /// counter is in another slot, and where scripts are denied (then with
+    /// plain `INCR`, `TIME`, `SET`, `PEXPIRE`). The increment happens while
+    /// we hold the lock, so the numbers still rise in grant order.
+    async fn add_then_fence(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        counter_key: &str,
+    ) -> BackendResult<Option<Grant>> {
+        use std::sync::atomic::Ordering;
+        if !self.add(key, value, ttl).await? {
+            return Ok(None);
+        }
+        let fence_ttl = ttl_ms(FENCE_TTL).to_string();
+        let fence = if self.scripts_denied.load(Ordering::Relaxed) {
+            let counter = self.incr(counter_key, 1).await?;
+            let (secs, micros): (u64, u64) = self.query(key, &::redis::cmd("TIME")).await?;
+            let floor = secs.saturating_mul(1_000_000).saturating_add(micros);
+            let fence = next_fence(counter, floor);
+            if fence > counter {
+                let mut cmd = ::redis::cmd("SET");
+                cmd.arg(counter_key).arg(fence);
+                self.query::<()>(counter_key, &cmd).await?;
+            }
+            self.touch(counter_key, FENCE_TTL).await?;
+            fence
+        } else {
+            let n = self
+                .script_i64(counter_key, &FENCE, &[counter_key], &[fence_ttl.as_bytes()])
+                .await?;
+            fence_from_reply(key, n)?
+        };
+        Ok(Some(Grant {
+            fence,
+            version: None,
+        }))
     }
 
     /// Sends one pipeline of `SET key value PX ms` for `items`.
@@ -607,6 +678,51 @@ impl Backend for RedisBackend {
         }
     }
 
+    /// One script (`EVALSHA`): `SET NX PX`, then `INCR` of the fence
+    /// counter raised to the server's `TIME`. Where scripts are denied by
+    /// ACL, plain commands in several round trips.
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<Option<Grant>> {
+        use std::sync::atomic::Ordering;
+        check_value_size(key, value, self.max_value_size())?;
+        let counter_key = fence_key(key);
+        if self.scripts_denied.load(Ordering::Relaxed)
+            || (self.is_cluster() && !fence_key_same_slot(key))
+        {
+            return self.add_then_fence(key, value, ttl, &counter_key).await;
+        }
+        let (lease, fence_ttl) = (ttl_ms(ttl).to_string(), ttl_ms(FENCE_TTL).to_string());
+        let reply = self
+            .script_i64(
+                key,
+                &ADD_FENCED,
+                &[key, &counter_key],
+                &[value, lease.as_bytes(), fence_ttl.as_bytes()],
+            )
+            .await;
+        match reply {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(Grant {
+                fence: fence_from_reply(key, n)?,
+                version: None,
+            })),
+            Err(BackendError::Protocol { message, .. }) if is_noperm(&message) => {
+                tracing::warn!(
+                    error = %message,
+                    "Redis denies scripts (EVALSHA) to this user; the lock's add now takes \
+                     several round trips, and owner-checked release needs DELEX/DELIFEQ"
+                );
+                self.scripts_denied.store(true, Ordering::Relaxed);
+                self.add_then_fence(key, value, ttl, &counter_key).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         let mut cmd = ::redis::cmd("PEXPIRE");
         cmd.arg(key).arg(ttl_ms(ttl));
@@ -740,6 +856,19 @@ impl Backend for RedisBackend {
     fn max_value_size(&self) -> usize {
         self.options.max_value_size
     }
+}
+
+/// Whether an error reply says the ACL denies the command.
+fn is_noperm(message: &str) -> bool {
+    message.contains("NOPERM") || message.to_ascii_lowercase().contains("no permissions")
+}
+
+/// A fence from a script's reply (always positive).
+fn fence_from_reply(key: &str, n: i64) -> BackendResult<u64> {
+    u64::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| BackendError::protocol(key, format!("fence script replied {n}")))
 }
 
 #[cfg(test)]

@@ -47,6 +47,49 @@ return 1
     )
 });
 
+/// The lock's add and its fence in one step. Stores ARGV[1] under KEYS[1]
+/// with a TTL of ARGV[2] ms if the key is absent (or already holds ARGV[1]:
+/// a retried first attempt), then numbers the grant: INCR of the counter
+/// KEYS[2], raised to the floor (the server's `TIME` in microseconds) if it
+/// restarted below it, with a TTL of ARGV[3] ms. Returns the fence, or 0 if
+/// the key is held by someone else.
+pub(super) static ADD_FENCED: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+end
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = redis.call('INCR', KEYS[2])
+if n < floor then
+  n = floor
+  redis.call('SET', KEYS[2], string.format('%d', n))
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return n
+",
+    )
+});
+
+/// The fence alone (for a Cluster key whose counter is in another slot):
+/// as in [`ADD_FENCED`], on KEYS[1] with a TTL of ARGV[1] ms.
+pub(super) static FENCE: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = redis.call('INCR', KEYS[1])
+if n < floor then
+  n = floor
+  redis.call('SET', KEYS[1], string.format('%d', n))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+",
+    )
+});
+
 pub(super) fn token_check(key: &str, code: i64) -> BackendResult<TokenCheck> {
     match code {
         1 => Ok(TokenCheck::Matched),

@@ -396,3 +396,49 @@ async fn server_restart_between_ops_is_not_noticed() {
     assert!(b.add(&k, b"after", LONG).await.unwrap());
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"after"[..]));
 }
+
+/// Waits until the backend answers again (after a restart).
+async fn answers(b: &SharedBackend) {
+    let start = Instant::now();
+    while b.get("probe").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `flush_all` sent to one server.
+async fn flush_all(port: u16) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"flush_all\r\n").await.unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).await.unwrap();
+    assert_eq!(line, "OK\r\n");
+}
+
+/// 8 tasks × 200 grants per phase; between phases the counter is lost to a
+/// `flush_all` and then to a restart. The fences rise in grant order
+/// throughout: a lost counter restarts from the clock floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test servers: scripts/test"]
+async fn fences_rise_across_flush_all_and_restart() {
+    let port = closed_port();
+    let mut server = PrivateMemcached::start(port);
+    let b: SharedBackend = Arc::new(
+        MemcachedBackend::connect(&format!("memcached://127.0.0.1:{port}"))
+            .await
+            .unwrap(),
+    );
+    let k = unique_key("fence-resets");
+    let mut fences = common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await;
+    flush_all(port).await;
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    server.restart();
+    answers(&b).await;
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    assert_eq!(fences.len(), 600);
+    common::lock_cases::assert_strictly_increasing(&fences);
+}

@@ -927,3 +927,38 @@ async fn retried_add_whose_first_attempt_landed_is_ours() {
     );
     assert!(direct.delete(&k).await.unwrap());
 }
+
+/// Waits until the backend answers again (after a restart).
+async fn answers(b: &SharedBackend) {
+    let start = Instant::now();
+    while b.get("probe").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 8 tasks × 200 grants per phase; between phases the counter is lost to a
+/// FLUSHALL and then to a restart of the server. The fences rise in grant
+/// order throughout: a lost counter restarts from the server-time floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test servers: scripts/test"]
+async fn fences_rise_across_flushall_and_restart() {
+    let mut server = PrivateRedis::start(&[]);
+    let b: SharedBackend = Arc::new(RedisBackend::connect(&server.url()).await.unwrap());
+    let k = common::unique_key("fence-resets");
+    let mut fences = common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await;
+    let st = Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "FLUSHALL"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    server.restart();
+    answers(&b).await;
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    assert_eq!(fences.len(), 600);
+    common::lock_cases::assert_strictly_increasing(&fences);
+}

@@ -539,3 +539,58 @@ pub async fn lost_fires_when_the_key_is_deleted(b: SharedBackend) {
     );
     assert_eq!(guard.release().await.unwrap(), Released::Lost);
 }
+
+/// `tasks` tasks take turns on lock `key` until `rounds` grants were made,
+/// each noting its guard's fence while it holds the lock (so the notes are
+/// in grant order). Returns the fences in grant order.
+pub async fn fences_in_grant_order(
+    backend: SharedBackend,
+    key: &str,
+    tasks: usize,
+    rounds: usize,
+) -> Vec<u64> {
+    let notes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            // A CacheLock of its own: re-acquiring through the holder's is AlreadyHeld.
+            let lock = CacheLock::new(
+                backend.clone(),
+                key,
+                LockOptions::new()
+                    .lease(Duration::from_secs(10))
+                    .retry_interval(Duration::from_millis(1)),
+            )
+            .unwrap();
+            let notes = notes.clone();
+            tokio::spawn(async move {
+                loop {
+                    let guard = lock.acquire().await.unwrap();
+                    let done = {
+                        let mut notes = notes.lock().unwrap();
+                        if notes.len() >= rounds {
+                            true
+                        } else {
+                            notes.push(guard.fence());
+                            false
+                        }
+                    };
+                    assert_eq!(guard.release().await.unwrap(), Released::Released);
+                    if done {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    Arc::try_unwrap(notes).unwrap().into_inner().unwrap()
+}
+
+/// Fails unless every fence is above the one before.
+pub fn assert_strictly_increasing(fences: &[u64]) {
+    for (i, w) in fences.windows(2).enumerate() {
+        assert!(w[0] < w[1], "grant {}: fence {} after {}", i + 1, w[1], w[0]);
+    }
+}

@@ -43,6 +43,10 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
         Some(_) => backend.ttl(&key).await.map_err(fail)?,
         None => None,
     };
+    let fence = match value {
+        Some(_) => backend.fence(&key).await.map_err(fail)?,
+        None => None,
+    };
     let token = value.map(|v| printable(&v));
     if args.json {
         let obj = serde_json::json!({
@@ -50,17 +54,19 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
             "backend": url.to_string(),
             "held": token.is_some(),
             "token": token,
+            "fence": fence,
             "ttl_s": ttl.map(|t| t.as_secs_f64()),
         });
         println!("{obj}");
     } else {
         match &token {
             Some(t) => println!(
-                "{key}: held by token {t} ({})",
+                "{key}: held by token {t} ({}{})",
                 match ttl {
                     Some(t) => format!("expires in {}", show_duration(t)),
                     None => "expiry unknown".into(),
-                }
+                },
+                fence.map(|f| format!(", fence {f}")).unwrap_or_default()
             ),
             None => println!("{key}: free"),
         }

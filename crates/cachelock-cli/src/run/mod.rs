@@ -185,10 +185,15 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
     );
 
     let token = guard.token().to_owned();
+    let fence = guard.fence().to_string();
     let mut child = match child::spawn(
         &program,
         &program_args,
-        &[("CACHELOCK_KEY", &key), ("CACHELOCK_TOKEN", &token)],
+        &[
+            ("CACHELOCK_KEY", &key),
+            ("CACHELOCK_TOKEN", &token),
+            ("CACHELOCK_FENCE", &fence),
+        ],
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -304,7 +309,11 @@ async fn on_backend_error(
     let mut child = child::spawn(
         program,
         args,
-        &[("CACHELOCK_KEY", key), ("CACHELOCK_TOKEN", "")],
+        &[
+            ("CACHELOCK_KEY", key),
+            ("CACHELOCK_TOKEN", ""),
+            ("CACHELOCK_FENCE", ""),
+        ],
     )
     .map_err(|e| Fail {
         code: if e.kind() == std::io::ErrorKind::NotFound {

@@ -591,6 +591,12 @@ pub async fn fences_in_grant_order(
 /// Fails unless every fence is above the one before.
 pub fn assert_strictly_increasing(fences: &[u64]) {
     for (i, w) in fences.windows(2).enumerate() {
-        assert!(w[0] < w[1], "grant {}: fence {} after {}", i + 1, w[1], w[0]);
+        assert!(
+            w[0] < w[1],
+            "grant {}: fence {} after {}",
+            i + 1,
+            w[1],
+            w[0]
+        );
     }
 }

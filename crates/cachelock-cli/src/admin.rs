@@ -47,7 +47,21 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
         Some(_) => backend.fence(&key).await.map_err(fail)?,
         None => None,
     };
-    let token = value.map(|v| printable(&v));
+    let holder = value.as_deref().map(cachelock::Holder::parse);
+    let token = holder.as_ref().map(|h| printable(h.token.as_bytes()));
+    let since = |h: &cachelock::Holder| {
+        h.since
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+    };
+    let who = holder.as_ref().map(|h| {
+        serde_json::json!({
+            "host": h.host.as_deref().map(|s| printable(s.as_bytes())),
+            "pid": h.pid,
+            "command": h.command.as_deref().map(|s| printable(s.as_bytes())),
+            "since_unix_ms": since(h),
+        })
+    });
     if args.json {
         let obj = serde_json::json!({
             "key": key,
@@ -55,6 +69,7 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
             "held": token.is_some(),
             "token": token,
             "fence": fence,
+            "holder": who,
             "ttl_s": ttl.map(|t| t.as_secs_f64()),
         });
         println!("{obj}");
@@ -70,6 +85,27 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<u8, Fail> {
             ),
             None => println!("{key}: free"),
         }
+        if let Some(h) = &holder {
+            let mut parts = Vec::new();
+            if let Some(host) = &h.host {
+                parts.push(format!("host {}", printable(host.as_bytes())));
+            }
+            if let Some(pid) = h.pid {
+                parts.push(format!("pid {pid}"));
+            }
+            if let Some(age) = h
+                .since
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            {
+                parts.push(format!("since {} ago", show_duration(age)));
+            }
+            if let Some(cmd) = &h.command {
+                parts.push(format!("command {}", printable(cmd.as_bytes())));
+            }
+            if !parts.is_empty() {
+                println!("  holder: {}", parts.join(", "));
+            }
+        }
     }
     Ok(if token.is_some() { 0 } else { 1 })
 }
@@ -81,11 +117,18 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<u8, Fail> {
     let backend = global.connect_shared().await?.backend;
     let fail = |e: cachelock::BackendError| Fail::error(format!("cannot release {key:?}: {e}"));
     if let Some(token) = &args.token {
-        return match backend
-            .delete_if_eq(&key, token.as_bytes(), Duration::from_secs(5))
-            .await
-            .map_err(fail)?
-        {
+        // The stored value is the token followed by who holds it: compare
+        // the token, then delete that very value, owner-checked.
+        let stored = backend.get(&key).await.map_err(fail)?;
+        let check = match stored {
+            None => TokenCheck::Missing,
+            Some(v) if cachelock::Holder::parse(&v).token != *token => TokenCheck::Mismatch,
+            Some(v) => backend
+                .delete_if_eq(&key, &v, Duration::from_secs(5))
+                .await
+                .map_err(fail)?,
+        };
+        return match check {
             TokenCheck::Matched => {
                 println!("{key}: released");
                 Ok(0)

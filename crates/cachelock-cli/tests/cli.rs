@@ -460,6 +460,11 @@ fn status_and_release() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("held by token"), "{}", stdout(&out));
     assert!(stdout(&out).contains("expires in"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("pid {}", holder.id())) && text.contains("command sh -c"),
+        "{text}"
+    );
     let out = env.run(&["release", "--token", "not-the-token", &k]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -472,6 +477,11 @@ fn status_and_release() {
     let v: serde_json::Value = serde_json::from_str(stdout(&json).trim()).unwrap();
     let token = v["token"].as_str().unwrap().to_owned();
     assert!(v["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
+    assert_eq!(v["holder"]["pid"], holder.id(), "{v}");
+    assert!(v["holder"]["host"].is_string(), "{v}");
+    assert!(v["holder"]["since_unix_ms"].is_u64(), "{v}");
+    let cmd = v["holder"]["command"].as_str().unwrap();
+    assert!(cmd.starts_with("sh -c") && cmd.contains("sleep 5"), "{v}");
     Command::new("kill")
         .args(["-9", &holder.id().to_string()])
         .status()

@@ -50,6 +50,7 @@ pub mod backend;
 pub mod blocking;
 mod error;
 mod handle;
+mod holder;
 pub mod key;
 pub mod lock;
 pub mod memoize;
@@ -68,6 +69,7 @@ pub use backend::url::{BackendUrl, connect};
 pub use backend::{Backend, FENCE_TTL, Grant, SharedBackend, TokenCheck, fence_floor, fence_key};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
+pub use holder::Holder;
 pub use key::{CacheKey, KeyBuilder};
 pub use lock::{CacheLock, LockGuard, LockOptions, Lost, MAX_DURATION, Outcome, Released};
 pub use memoize::{

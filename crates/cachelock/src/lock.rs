@@ -85,6 +85,7 @@ use tracing::Instrument;
 
 use crate::backend::{Grant, ReleaseWatch, SharedBackend, TokenCheck};
 use crate::error::{BackendError, Error, Result};
+use crate::holder::{self, Holder};
 
 /// The longest duration any cachelock setting accepts (lease, wait, retry
 /// interval, expiration, poll interval): 365 days. Longer settings are
@@ -127,6 +128,7 @@ pub struct LockOptions {
     pub(crate) fail_fast: bool,
     pub(crate) safety_margin: Option<Duration>,
     pub(crate) max_hold: Option<Duration>,
+    pub(crate) command: Option<String>,
 }
 
 impl Default for LockOptions {
@@ -139,6 +141,7 @@ impl Default for LockOptions {
             fail_fast: false,
             safety_margin: None,
             max_hold: None,
+            command: None,
         }
     }
 }
@@ -218,6 +221,15 @@ impl LockOptions {
     #[must_use]
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
         self.max_hold = Some(max_hold);
+        self
+    }
+
+    /// The command the holder runs, written into the lock's value next to
+    /// the host, pid and start time (see [`Holder`]; cut to 256
+    /// characters). Defaults to none. `cachelock run` sets it.
+    #[must_use]
+    pub fn holder_command(mut self, command: impl Into<String>) -> Self {
+        self.command = Some(command.into());
         self
     }
 
@@ -508,6 +520,20 @@ impl CacheLock {
             .await
     }
 
+    /// Who holds the lock now, as its value says (`None`: free). The value
+    /// is read as untrusted input: see [`Holder`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if the backend failed.
+    pub async fn holder(&self) -> Result<Option<Holder>> {
+        Ok(self
+            .backend
+            .get(&self.key)
+            .await?
+            .map(|v| Holder::parse(&v)))
+    }
+
     async fn acquire_until(&self, until: Until) -> Result<LockGuard> {
         let span = tracing::debug_span!("cachelock.acquire", key = %self.key);
         let start = Instant::now();
@@ -523,6 +549,7 @@ impl CacheLock {
 
     async fn acquire_loop(&self, until: Until, start: Instant) -> Result<LockGuard> {
         let token = new_token();
+        let value = holder::encode(&token, self.options.command.as_deref());
         let lease = self.options.lease;
         let mut attempts: u32 = 0;
         let mut failures: u32 = 0;
@@ -541,11 +568,11 @@ impl CacheLock {
             let sent = Instant::now();
             attempts = attempts.saturating_add(1);
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
-            let outcome = self.try_add(&token, lease).await;
+            let outcome = self.try_add(&value, lease).await;
             let pause = match outcome {
                 Ok(Some(grant)) => {
                     self.held.store(true, Ordering::Release);
-                    let guard = LockGuard::new(self, token, sent, grant);
+                    let guard = LockGuard::new(self, token, value, sent, grant);
                     tracing::debug!(
                         key = %self.key,
                         token = %guard.token(),
@@ -1090,6 +1117,8 @@ pub struct LockGuard {
     armed: bool,
     tasks: Tasks,
     fence: u64,
+    /// What we stored: the token and who we are (see [`Holder`]).
+    value: String,
 }
 
 /// The set margin, or 1 % of the lease; never more than the lease.
@@ -1103,9 +1132,10 @@ fn valid_until(margin: Option<Duration>, sent: Instant, lease: Duration) -> Opti
 }
 
 impl LockGuard {
-    fn new(lock: &CacheLock, token: String, sent: Instant, grant: Grant) -> Self {
+    fn new(lock: &CacheLock, token: String, value: String, sent: Instant, grant: Grant) -> Self {
         let lease = lock.options.lease;
         Self {
+            value,
             fence: grant.fence,
             backend: lock.backend.clone(),
             key: lock.key.clone(),
@@ -1199,6 +1229,7 @@ impl LockGuard {
             backend: self.backend.clone(),
             key: self.key.clone(),
             token: self.token.clone(),
+            value: self.value.clone(),
             lease: self.lease,
             margin: self.margin,
             shared: self.shared.clone(),
@@ -1242,7 +1273,7 @@ impl LockGuard {
         let sent = Instant::now();
         let check = self
             .backend
-            .extend_if_version(&self.key, self.token.as_bytes(), *ops, lease)
+            .extend_if_version(&self.key, self.value.as_bytes(), *ops, lease)
             .await;
         match check {
             Ok((TokenCheck::Matched, version)) => {
@@ -1299,7 +1330,7 @@ impl LockGuard {
         let outcome = release_now(
             &self.backend,
             &self.key,
-            &self.token,
+            &self.value,
             self.lease,
             &self.shared,
         )
@@ -1337,6 +1368,8 @@ struct Renewer {
     backend: SharedBackend,
     key: String,
     token: String,
+    /// What the guard stored (token and holder): the owner check compares it.
+    value: String,
     lease: Duration,
     margin: Option<Duration>,
     shared: Arc<Lease>,
@@ -1375,7 +1408,7 @@ impl Renewer {
             let sent = Instant::now();
             let check = self
                 .backend
-                .extend_if_version(&self.key, self.token.as_bytes(), *ops, self.lease)
+                .extend_if_version(&self.key, self.value.as_bytes(), *ops, self.lease)
                 .await
                 .map(|(check, version)| {
                     if check == TokenCheck::Matched {
@@ -1492,7 +1525,7 @@ impl Drop for LockGuard {
             Ok(handle) => {
                 let backend = self.backend.clone();
                 let key = std::mem::take(&mut self.key);
-                let token = std::mem::take(&mut self.token);
+                let token = std::mem::take(&mut self.value);
                 let lease = self.lease;
                 let shared = self.shared.clone();
                 let span = tracing::debug_span!("cachelock.release", key = %key);

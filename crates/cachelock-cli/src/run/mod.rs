@@ -131,15 +131,16 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
             None => return Err(Fail::error("no command given")),
         },
     };
+    let shown = show_command(&program, &program_args);
     let options = LockOptions::new()
         .lease(args.lease)
-        .retry_interval(args.retry_interval);
+        .retry_interval(args.retry_interval)
+        .holder_command(shown.clone());
     global.refuse_memory()?;
     let verbose = global.verbose > 0;
     let url = global.backend_url()?;
     let tls_ca = global.tls_ca_pem()?;
     let mut signals = Signals::catch()?;
-    let shown = show_command(&program, &program_args);
     let busy = args.no_wait.then_some(NO_WAIT_BUSY_TIMEOUT);
     let connected = match global.open(url, tls_ca, busy).await {
         Ok(c) => c,

@@ -25,7 +25,8 @@ macro_rules! lock_tests {
             extend_after_key_lost_warns, extend_past_deadline_touches_nothing, with_lock_releases,
             with_lock_reports_an_overrun, dropped_guard_releases_in_background,
             reacquire_after_release_gets_new_token, contending_tasks_never_overlap,
-            keep_alive_outlives_the_lease, lost_fires_when_the_key_is_deleted);
+            keep_alive_outlives_the_lease, lost_fires_when_the_key_is_deleted,
+            holder_names_this_process);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -47,11 +48,12 @@ fn lock(b: &SharedBackend, key: &str, opts: LockOptions) -> CacheLock {
     CacheLock::new(b.clone(), key, opts).unwrap()
 }
 
+/// The token of the lock's holder (the stored value's first word).
 async fn held_by(b: &SharedBackend, key: &str) -> Option<String> {
     b.get(key)
         .await
         .unwrap()
-        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        .map(|v| cachelock::Holder::parse(&v).token)
 }
 
 fn is_uuid(token: &str) -> bool {
@@ -599,4 +601,28 @@ pub fn assert_strictly_increasing(fences: &[u64]) {
             w[0]
         );
     }
+}
+
+/// The stored value says who holds the lock: this host and process, since
+/// when, and the command given; the token stays the owner check.
+pub async fn holder_names_this_process(b: SharedBackend) {
+    let key = unique_key("holder");
+    let l = lock(
+        &b,
+        &key,
+        LockOptions::default().holder_command("nightly report --all"),
+    );
+    assert_eq!(l.holder().await.unwrap(), None);
+    let guard = l.acquire().await.unwrap();
+    let h = l.holder().await.unwrap().expect("held");
+    assert_eq!(h.token, guard.token());
+    assert_eq!(h.pid, Some(std::process::id()));
+    assert!(h.host.is_some_and(|h| !h.is_empty()));
+    assert_eq!(h.command.as_deref(), Some("nightly report --all"));
+    let age = std::time::SystemTime::now()
+        .duration_since(h.since.expect("since"))
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "{age:?}");
+    assert_eq!(guard.release().await.unwrap(), Released::Released);
+    assert_eq!(l.holder().await.unwrap(), None);
 }

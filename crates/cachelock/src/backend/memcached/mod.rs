@@ -642,7 +642,6 @@ impl Backend for MemcachedBackend {
         let flags = SetFlags {
             mode: SetMode::Add,
             ttl: exptime(ttl),
-            return_cas: true,
             ..SetFlags::default()
         };
         proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
@@ -662,18 +661,23 @@ impl Backend for MemcachedBackend {
         let (Some(added), Some(fence)) = (replies.next(), replies.next()) else {
             return Err(BackendError::protocol(key, "missing reply"));
         };
-        let version = match added {
+        // The CAS is NOT handed out as the grant's version: a restarted
+        // memcached counts CAS values from 1 again, so an old holder's CAS
+        // can equal the new holder's and a one-round-trip `md key C<cas>`
+        // would delete the new holder's lock (the fault test
+        // `server_killed_and_restarted_while_a_lock_is_held` caught it).
+        // 1.6.18 has no `E` flag to choose a unique CAS; release and extend
+        // keep the read-compare-CAS path until the server can.
+        match added {
             Response::Meta {
-                status: Status::Ok,
-                flags,
-                ..
-            } => flags.cas,
+                status: Status::Ok, ..
+            } => {}
             Response::Meta {
                 status: Status::NotStored,
                 ..
             } => return Ok(None),
             other => return Err(self.unexpected(key, value.len(), other)),
-        };
+        }
         let fence = match fence {
             Response::Meta {
                 status: Status::Value,
@@ -682,7 +686,10 @@ impl Backend for MemcachedBackend {
             } => self.counter(&counter_key, &v)?,
             other => return Err(self.unexpected(&counter_key, 0, other)),
         };
-        Ok(Some(Grant { fence, version }))
+        Ok(Some(Grant {
+            fence,
+            version: None,
+        }))
     }
 
     /// Read from the lock key's server, where `add_fenced` keeps it.

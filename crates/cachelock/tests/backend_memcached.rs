@@ -410,10 +410,13 @@ async fn answers(b: &SharedBackend) {
 async fn flush_all(port: u16) {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .unwrap();
-    s.write_all(b"flush_all\r\n").await.unwrap();
+        .expect("connect to memcached");
+    s.write_all(b"flush_all\r\n").await.expect("send flush_all");
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).await.unwrap();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .expect("read the reply");
     assert_eq!(line, "OK\r\n");
 }
 

@@ -66,7 +66,9 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, connect};
-pub use backend::{Backend, FENCE_TTL, Grant, SharedBackend, TokenCheck, fence_floor, fence_key};
+pub use backend::{
+    Backend, FENCE_TTL, Grant, SharedBackend, TokenCheck, Version, fence_floor, fence_key,
+};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
 pub use holder::Holder;

@@ -83,7 +83,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{Grant, ReleaseWatch, SharedBackend, TokenCheck};
+use crate::backend::{Grant, ReleaseWatch, SharedBackend, TokenCheck, Version};
 use crate::error::{BackendError, Error, Result};
 use crate::holder::{self, Holder};
 
@@ -918,7 +918,7 @@ struct Lease {
     /// is never sent after the release started (Redisson #7272). Holds the
     /// backend's version of our value (`Grant::version`), which each
     /// renewal may change.
-    ops: tokio::sync::Mutex<Option<u64>>,
+    ops: tokio::sync::Mutex<Option<Version>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -931,7 +931,7 @@ struct LeaseState {
 }
 
 impl Lease {
-    fn new(valid_until: Option<Instant>, version: Option<u64>) -> Arc<Self> {
+    fn new(valid_until: Option<Instant>, version: Option<Version>) -> Arc<Self> {
         Arc::new(Self {
             state: watch::Sender::new(LeaseState {
                 valid_until,
@@ -1475,7 +1475,7 @@ async fn release_locked(
     backend: &SharedBackend,
     key: &str,
     token: &str,
-    version: Option<u64>,
+    version: Option<Version>,
     lease: Duration,
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {

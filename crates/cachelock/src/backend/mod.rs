@@ -101,11 +101,24 @@ pub struct Grant {
     /// The fencing number of this grant: larger than that of every earlier
     /// grant of the same key (best effort; see [`fence_floor`]).
     pub fence: u64,
-    /// The backend's version of the stored value (Memcached's CAS), if it
-    /// has one; handed back to [`delete_if_version`](Backend::delete_if_version)
-    /// and [`extend_if_version`](Backend::extend_if_version) so that they can
+    /// The backend's version of the stored value (Memcached: its CAS and
+    /// the connection it is valid on), if it has one; handed back to
+    /// [`delete_if_version`](Backend::delete_if_version) and
+    /// [`extend_if_version`](Backend::extend_if_version) so that they can
     /// skip the read.
-    pub version: Option<u64>,
+    pub version: Option<Version>,
+}
+
+/// A backend's version of a value it stored for a lock: what lets an
+/// owner-checked operation skip reading the value back. Only the backend
+/// that made it knows what it means; pass it back to that same backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version {
+    /// The version number (Memcached: the item's CAS).
+    pub value: u64,
+    /// Where the number can be trusted (Memcached: the sequence number of
+    /// the connection the value was stored over).
+    pub session: u64,
 }
 
 /// How long a fence counter lives after the last grant it numbered: one day.
@@ -298,7 +311,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         &self,
         key: &str,
         expected: &[u8],
-        version: Option<u64>,
+        version: Option<Version>,
         hold: Duration,
     ) -> BackendResult<TokenCheck> {
         let _ = version;
@@ -312,9 +325,9 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         &self,
         key: &str,
         expected: &[u8],
-        version: Option<u64>,
+        version: Option<Version>,
         ttl: Duration,
-    ) -> BackendResult<(TokenCheck, Option<u64>)> {
+    ) -> BackendResult<(TokenCheck, Option<Version>)> {
         let check = self.extend_if_eq(key, expected, ttl).await?;
         Ok((check, version))
     }

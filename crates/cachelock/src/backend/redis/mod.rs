@@ -143,8 +143,8 @@ use self::scripts::{
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{
-    Backend, FENCE_TTL, ReleaseWatch, Grant, TokenCheck, check_value_size, fence_key, fence_key_same_slot,
-    next_fence,
+    Backend, FENCE_TTL, Grant, ReleaseWatch, TokenCheck, check_value_size, fence_key,
+    fence_key_same_slot, next_fence,
 };
 use crate::error::{BackendError, BackendResult};
 

@@ -67,7 +67,7 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, connect};
 pub use backend::{
-    Backend, FENCE_TTL, Grant, SharedBackend, TokenCheck, Version, fence_floor, fence_key,
+    Backend, FENCE_TTL, Grant, Listed, SharedBackend, TokenCheck, Version, fence_floor, fence_key,
 };
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};

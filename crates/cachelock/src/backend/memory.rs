@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::notify::{Notifier, ReleaseWatch};
 use super::{
-    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, TokenCheck, check_value_size, fence_floor,
-    fence_key, next_fence,
+    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, Listed, TokenCheck, check_value_size,
+    fence_floor, fence_key, next_fence,
 };
 use crate::error::{BackendError, BackendResult};
 
@@ -415,6 +415,22 @@ impl Backend for MemoryBackend {
             .live(key, now)
             .and_then(|e| e.expires)
             .map(|t| t.saturating_duration_since(now)))
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        Ok(state
+            .map
+            .iter()
+            .filter(|(k, e)| k.starts_with(prefix) && e.live(now))
+            .take(limit)
+            .map(|(k, e)| Listed {
+                key: k.clone(),
+                value: e.value.clone(),
+                ttl: e.expires.map(|t| t.saturating_duration_since(now)),
+            })
+            .collect())
     }
 
     /// In process: armed under the map's lock, so no delete is missed; the

@@ -360,6 +360,26 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// Up to `limit` live keys that start with `prefix`, with their values
+    /// and remaining TTLs, in no set order: what `cachelock list` shows.
+    /// An administrative listing only; the lock and memoize never call it.
+    /// Not a snapshot: keys that come or go meanwhile may be missed. Redis
+    /// walks the keyspace with `SCAN` (every master of a Cluster), which
+    /// costs time in proportion to the whole keyspace, not to the matches.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unsupported`](crate::BackendError::Unsupported)
+    /// where the backend cannot list its keys (the default; Memcached has
+    /// no way to); otherwise what [`get`](Backend::get) can fail with.
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let _ = (prefix, limit);
+        Err(crate::BackendError::Unsupported {
+            backend: "this backend".to_owned(),
+            operation: "list its keys".to_owned(),
+        })
+    }
+
     /// Arms a wake-up for the next release of `key` (see
     /// [`notify`](crate::backend::notify)). The lock arms one before each
     /// attempt, so a release between the attempt and the wait is not lost.
@@ -393,6 +413,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn max_value_size(&self) -> usize {
         DEFAULT_MAX_VALUE_SIZE
     }
+}
+
+/// A key found by [`Backend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The full cache key.
+    pub key: String,
+    /// Its value (untrusted: whatever is stored).
+    pub value: Bytes,
+    /// Its remaining TTL; `None`: no expiry, or the backend cannot say.
+    pub ttl: Option<Duration>,
 }
 
 /// A backend shared between locks, memoize calls and tasks.

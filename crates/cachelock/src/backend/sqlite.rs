@@ -49,8 +49,8 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, TokenCheck, check_value_size, fence_floor,
-    fence_key, next_fence,
+    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, Listed, TokenCheck, check_value_size,
+    fence_floor, fence_key, next_fence,
 };
 use crate::error::{BackendError, BackendResult};
 
@@ -618,6 +618,31 @@ impl Backend for SqliteBackend {
             Ok(expires
                 .flatten()
                 .map(|t| Duration::from_millis(u64::try_from(t.saturating_sub(now)).unwrap_or(0))))
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let p = prefix.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(prefix, move |conn, now| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT key, value, expires_at FROM cachelock_entries \
+                 WHERE substr(key, 1, length(?1)) = ?1 AND {LIVE} ORDER BY key LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![p, now, limit], |r| {
+                let key: String = r.get(0)?;
+                let value: Vec<u8> = r.get(1)?;
+                let expires: Option<i64> = r.get(2)?;
+                Ok(Listed {
+                    key,
+                    value: Bytes::from(value),
+                    ttl: expires.map(|t| {
+                        Duration::from_millis(u64::try_from(t.saturating_sub(now)).unwrap_or(0))
+                    }),
+                })
+            })?;
+            rows.collect()
         })
         .await
     }

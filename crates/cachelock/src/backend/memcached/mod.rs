@@ -108,7 +108,8 @@ use self::pool::{Pool, Until};
 use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
 use self::ring::Ring;
 use super::{
-    Backend, FENCE_TTL, Grant, TokenCheck, Version, check_value_size, fence_floor, fence_key,
+    Backend, FENCE_TTL, Grant, Listed, TokenCheck, Version, check_value_size, fence_floor,
+    fence_key,
 };
 use crate::error::{BackendError, BackendResult};
 
@@ -841,6 +842,17 @@ impl Backend for MemcachedBackend {
             return Ok(done);
         }
         Ok((self.extend_if_eq(key, expected, ttl).await?, None))
+    }
+
+    /// Memcached cannot list its keys: the protocol has no way to (the
+    /// `lru_crawler metadump` of some versions is a debugging aid that
+    /// walks the whole cache, and it is often disabled).
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let _ = (prefix, limit);
+        Err(BackendError::Unsupported {
+            backend: "memcached".to_owned(),
+            operation: "list its keys (the protocol has no way to enumerate them)".to_owned(),
+        })
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {

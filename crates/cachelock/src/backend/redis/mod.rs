@@ -143,7 +143,7 @@ use self::scripts::{
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{
-    Backend, FENCE_TTL, Grant, ReleaseWatch, TokenCheck, check_value_size, fence_key,
+    Backend, FENCE_TTL, Grant, Listed, ReleaseWatch, TokenCheck, check_value_size, fence_key,
     fence_key_same_slot, next_fence,
 };
 use crate::error::{BackendError, BackendResult};
@@ -460,6 +460,60 @@ impl RedisBackend {
             self.link.discard(generation);
         }
         Err(outcome)
+    }
+
+    /// Runs `cmd` on the standalone server, or on the Cluster node `node`
+    /// (`host`, `port`).
+    async fn on_node<T: ::redis::FromRedisValue>(
+        &self,
+        key: &str,
+        cmd: &Cmd,
+        node: Option<&(String, u16)>,
+    ) -> BackendResult<T> {
+        let Some((host, port)) = node else {
+            return self.query(key, cmd).await;
+        };
+        let started = Instant::now();
+        self.retrying(key, started, move |conn: Conn| async move {
+            let Conn::Cluster(mut cluster) = conn else {
+                return cmd.query_async::<T>(&mut conn.clone()).await;
+            };
+            let routing = ::redis::cluster_routing::RoutingInfo::SingleNode(
+                ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                },
+            );
+            let value = cluster.route_command(cmd.clone(), routing).await?;
+            ::redis::FromRedisValue::from_redis_value(value).map_err(RedisError::from)
+        })
+        .await
+    }
+
+    /// The Cluster's masters (`host`, `port`), from `CLUSTER NODES`.
+    async fn cluster_masters(&self, key: &str) -> BackendResult<Vec<(String, u16)>> {
+        let nodes: String = self
+            .query(key, &::redis::cmd("CLUSTER").arg("NODES").clone())
+            .await?;
+        let masters: Vec<(String, u16)> = nodes
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let addr = fields.nth(1)?;
+                let flags = fields.next()?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                // `host:port@cport[,hostname]`
+                let addr = addr.split(['@', ',']).next()?;
+                let (host, port) = addr.rsplit_once(':')?;
+                Some((host.to_owned(), port.parse().ok()?))
+            })
+            .collect();
+        if masters.is_empty() {
+            return Err(BackendError::protocol(key, "CLUSTER NODES named no master"));
+        }
+        Ok(masters)
     }
 
     /// Runs `script` with `keys` and `args`, returning its integer reply.
@@ -836,6 +890,57 @@ impl Backend for RedisBackend {
         Ok(u64::try_from(ms).ok().map(Duration::from_millis))
     }
 
+    /// `SCAN 0 MATCH <prefix>* COUNT 1000` until the cursor comes back to 0
+    /// (on a Cluster, on every master, found with `CLUSTER NODES`), then
+    /// `GET` and `PTTL` of each key found.
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let pattern = format!("{}*", glob_escape(prefix));
+        let masters = match &self.link {
+            Link::Single(_) => vec![None],
+            Link::Cluster(_) => self
+                .cluster_masters(prefix)
+                .await?
+                .into_iter()
+                .map(Some)
+                .collect(),
+        };
+        let mut keys: Vec<String> = Vec::new();
+        'nodes: for node in masters {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, found): (u64, Vec<Vec<u8>>) =
+                    self.on_node(prefix, &cmd, node.as_ref()).await?;
+                // Keys that are not UTF-8 are not ours (ours are `&str`).
+                for key in found.into_iter().filter_map(|k| String::from_utf8(k).ok()) {
+                    if keys.len() >= limit {
+                        break 'nodes;
+                    }
+                    keys.push(key);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        let mut listed = Vec::with_capacity(keys.len());
+        for key in keys {
+            // Gone since the scan: skipped.
+            let Some(value) = self.get(&key).await? else {
+                continue;
+            };
+            let ttl = self.ttl(&key).await?;
+            listed.push(Listed { key, value, ttl });
+        }
+        Ok(listed)
+    }
+
     /// Pub/sub on a standalone server (see the module docs); a Cluster
     /// backend polls.
     async fn watch_release(&self, key: &str) -> ReleaseWatch {
@@ -856,6 +961,18 @@ impl Backend for RedisBackend {
     fn max_value_size(&self) -> usize {
         self.options.max_value_size
     }
+}
+
+/// `s` with the glob characters of `SCAN MATCH` escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Whether an error reply says the ACL denies the command.

@@ -29,7 +29,7 @@ macro_rules! conformance_tests {
             ttl_expiry, add_after_expiry, incr_counts, incr_on_non_number_fails,
             delete_if_eq_cases, extend_if_eq_cases, token_ops_after_expiry, large_value,
             value_over_limit_is_typed, odd_keys, fenced_add_numbers_grants,
-            fence_starts_at_the_clock_floor, version_ops_cases);
+            fence_starts_at_the_clock_floor, version_ops_cases, list_under_a_prefix);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -408,4 +408,38 @@ pub async fn version_ops_cases(b: SharedBackend) {
             .unwrap(),
         TokenCheck::Missing
     );
+}
+
+/// `list` (for `cachelock list`): exactly the live keys under the prefix,
+/// with values and TTLs, capped by the limit; Memcached says it cannot.
+pub async fn list_under_a_prefix(b: SharedBackend) {
+    let p = unique_key("list");
+    let (a, c) = (format!("{p}:a"), format!("{p}:c"));
+    let outside = format!("{p}x:b");
+    b.set(&a, b"1", LONG).await.unwrap();
+    b.set(&c, b"2", LONG).await.unwrap();
+    b.set(&outside, b"3", LONG).await.unwrap();
+    let listed = match b.list(&format!("{p}:"), 10).await {
+        Err(BackendError::Unsupported { backend, .. }) => {
+            assert_eq!(backend, "memcached", "only Memcached cannot list");
+            return;
+        }
+        other => other.unwrap(),
+    };
+    let mut found: Vec<(String, Vec<u8>)> = listed
+        .iter()
+        .map(|l| (l.key.clone(), l.value.to_vec()))
+        .collect();
+    found.sort();
+    assert_eq!(found, [(a, b"1".to_vec()), (c, b"2".to_vec())]);
+    for l in &listed {
+        assert!(
+            l.ttl
+                .is_some_and(|t| t <= LONG && t > Duration::from_secs(50)),
+            "{l:?}"
+        );
+    }
+    assert_eq!(b.list(&format!("{p}:"), 1).await.unwrap().len(), 1);
+    // Glob characters in the prefix are literal.
+    assert!(b.list(&format!("{p}*"), 10).await.unwrap().is_empty());
 }

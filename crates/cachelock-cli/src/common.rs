@@ -283,11 +283,19 @@ impl Global {
         })
     }
 
-    /// What a lock stores for `token` on `backend` in this mode.
-    pub fn lock_value(&self, backend: &SharedBackend, token: &str) -> Vec<u8> {
-        backend
-            .encode_lock_value(token, self.compat().value_format())
-            .to_vec()
+    /// Who holds a lock, from its value read back (parsed lossily): in
+    /// cachelock's own format the token and holder, in Django's the token
+    /// alone, decoded.
+    pub fn lock_holder(&self, backend: &SharedBackend, value: &[u8]) -> cachelock::Holder {
+        match self.compat() {
+            Compat::Django => {
+                match backend.decode_lock_value(value, self.compat().value_format()) {
+                    Some(token) => cachelock::Holder::parse(token.as_bytes()),
+                    None => cachelock::Holder::parse(value),
+                }
+            }
+            _ => cachelock::Holder::parse(value),
+        }
     }
 
     /// The token in a lock value read back: decoded in this mode, else

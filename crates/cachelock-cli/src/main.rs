@@ -30,6 +30,7 @@ Exit codes (run), each but 2 settable by an option:
   126/127  the command could not be started / was not found
   130      a second Ctrl-C (SIGINT) killed the command
 Exit codes (status): 0 held, 1 free, 2 error.  (release): 0 released, 1 nothing to release, 2 error.
+Exit codes (list): 0 listed (even if none is held), 2 error, 3 the backend cannot list (Memcached).
 
 Durations: 5 (seconds, like flock), 0.5, 30s, 2m 30s, 250ms; at most 30 days.
 If cachelock is killed (even kill -9), the kernel sends the command SIGKILL (Linux PR_SET_PDEATHSIG).
@@ -71,6 +72,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Show whether KEY is held, by which token, and for how long.
     Status(admin::StatusArgs),
+    /// List the held locks (under PREFIX) with their TTLs, holders and fences.
+    List(admin::ListArgs),
     /// Release a lock. DANGEROUS with --force: deletes the lock whoever holds it.
     Release(admin::ReleaseArgs),
     /// Benchmark a backend: cycle, contended or stampede.
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Run(args) => run::run(&global, args).await,
             Cmd::Status(args) => admin::status(&global, args).await,
+            Cmd::List(args) => admin::list(&global, args).await,
             Cmd::Release(args) => admin::release(&global, args).await,
             Cmd::Bench(cmd) => bench::bench(&global, cmd).await,
             Cmd::Completions { .. } | Cmd::Man { .. } => Ok(0),

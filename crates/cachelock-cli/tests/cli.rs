@@ -27,14 +27,24 @@ fn child_exit_code_and_environment() {
         "--",
         "sh",
         "-c",
-        "echo \"$CACHELOCK_KEY|$CACHELOCK_TOKEN\"; exit 7",
+        "echo \"$CACHELOCK_KEY|$CACHELOCK_TOKEN|$CACHELOCK_FENCE\"; exit 7",
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     let line = stdout(&out);
-    let (got_key, token) = line.trim().split_once('|').unwrap();
+    let fields: Vec<&str> = line.trim().split('|').collect();
+    let [got_key, token, fence] = fields[..] else {
+        panic!("{line:?}")
+    };
     assert_eq!(got_key, format!("cachelock:{k}"));
     assert_eq!(token.len(), 36, "a UUID token: {token:?}");
-    assert_eq!(env.run(&["run", &k, "--", "true"]).status.code(), Some(0));
+    let fence: u64 = fence.parse().expect("CACHELOCK_FENCE is a number");
+    let out = env.run(&["run", &k, "--", "sh", "-c", "echo $CACHELOCK_FENCE"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let next: u64 = stdout(&out).trim().parse().unwrap();
+    assert!(
+        next > fence,
+        "the next holder's fence {next} is above {fence}"
+    );
     // Released after the command: the lock is free again.
     assert_eq!(env.run(&["status", &k]).status.code(), Some(1));
 }
@@ -458,6 +468,11 @@ fn status_and_release() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("held by token"), "{}", stdout(&out));
     assert!(stdout(&out).contains("expires in"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("pid {}", holder.id())) && text.contains("command sh -c"),
+        "{text}"
+    );
     let out = env.run(&["release", "--token", "not-the-token", &k]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -469,6 +484,12 @@ fn status_and_release() {
     let json = env.run(&["status", "--json", &k]);
     let v: serde_json::Value = serde_json::from_str(stdout(&json).trim()).unwrap();
     let token = v["token"].as_str().unwrap().to_owned();
+    assert!(v["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
+    assert_eq!(v["holder"]["pid"], holder.id(), "{v}");
+    assert!(v["holder"]["host"].is_string(), "{v}");
+    assert!(v["holder"]["since_unix_ms"].is_u64(), "{v}");
+    let cmd = v["holder"]["command"].as_str().unwrap();
+    assert!(cmd.starts_with("sh -c") && cmd.contains("sleep 5"), "{v}");
     Command::new("kill")
         .args(["-9", &holder.id().to_string()])
         .status()

@@ -84,6 +84,16 @@ pub enum BackendError {
         /// What is wrong, in words.
         reason: String,
     },
+    /// The backend cannot do this at all (listing keys on Memcached).
+    /// Retrying does not help: [`is_unavailable`](Self::is_unavailable) is
+    /// false.
+    #[error("{backend} cannot {operation}")]
+    Unsupported {
+        /// The backend, in words (`memcached`).
+        backend: String,
+        /// What it cannot do, in words (`list its keys`).
+        operation: String,
+    },
     /// A backend URL was refused before any connection was tried: unknown
     /// scheme, malformed address, or a scheme this build does not support.
     /// A password in the URL is replaced with `***`.
@@ -149,7 +159,7 @@ impl BackendError {
             | Self::Protocol { key, .. } => key,
             Self::InvalidUrl { url, .. } => url,
             Self::Connect { backend, .. } => backend,
-            Self::InvalidConfig { .. } => "",
+            Self::InvalidConfig { .. } | Self::Unsupported { .. } => "",
         }
     }
 

@@ -50,6 +50,7 @@ pub mod backend;
 pub mod blocking;
 mod error;
 mod handle;
+mod holder;
 pub mod key;
 pub mod lock;
 pub mod memoize;
@@ -65,9 +66,13 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, SentinelUrl, connect};
-pub use backend::{Backend, SharedBackend, TokenCheck, ValueFormat};
+pub use backend::{
+    Backend, FENCE_TTL, Grant, Listed, SharedBackend, TokenCheck, ValueFormat, Version,
+    fence_floor, fence_key,
+};
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};
+pub use holder::Holder;
 pub use key::{CacheKey, KeyBuilder};
 pub use lock::{CacheLock, Compat, LockGuard, LockOptions, Lost, MAX_DURATION, Outcome, Released};
 pub use memoize::{

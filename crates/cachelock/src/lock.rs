@@ -94,8 +94,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{ReleaseWatch, SharedBackend, TokenCheck, ValueFormat};
+use crate::backend::{Grant, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat, Version};
 use crate::error::{BackendError, Error, Result};
+use crate::holder::{self, Holder};
 
 /// The longest duration any cachelock setting accepts (lease, wait, retry
 /// interval, expiration, poll interval): 365 days. Longer settings are
@@ -166,6 +167,7 @@ pub struct LockOptions {
     pub(crate) safety_margin: Option<Duration>,
     pub(crate) max_hold: Option<Duration>,
     pub(crate) compat: Compat,
+    pub(crate) command: Option<String>,
 }
 
 impl Default for LockOptions {
@@ -179,6 +181,7 @@ impl Default for LockOptions {
             safety_margin: None,
             max_hold: None,
             compat: Compat::Native,
+            command: None,
         }
     }
 }
@@ -271,6 +274,15 @@ impl LockOptions {
     #[must_use]
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
         self.max_hold = Some(max_hold);
+        self
+    }
+
+    /// The command the holder runs, written into the lock's value next to
+    /// the host, pid and start time (see [`Holder`]; cut to 256
+    /// characters). Defaults to none. `cachelock run` sets it.
+    #[must_use]
+    pub fn holder_command(mut self, command: impl Into<String>) -> Self {
+        self.command = Some(command.into());
         self
     }
 
@@ -561,6 +573,30 @@ impl CacheLock {
             .await
     }
 
+    /// Who holds the lock now, as its value says (`None`: free). The value
+    /// is read as untrusted input: see [`Holder`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if the backend failed.
+    pub async fn holder(&self) -> Result<Option<Holder>> {
+        Ok(self
+            .backend
+            .get(&self.key)
+            .await?
+            .map(|v| match self.options.compat {
+                Compat::Native => Holder::parse(&v),
+                // Django's format holds the token alone (djblets' or ours).
+                Compat::Django => match self
+                    .backend
+                    .decode_lock_value(&v, self.options.compat.value_format())
+                {
+                    Some(token) => Holder::parse(token.as_bytes()),
+                    None => Holder::parse(&v),
+                },
+            }))
+    }
+
     async fn acquire_until(&self, until: Until) -> Result<LockGuard> {
         let span = tracing::debug_span!("cachelock.acquire", key = %self.key);
         let start = Instant::now();
@@ -609,23 +645,24 @@ impl CacheLock {
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
             let outcome = self.try_add(&value, lease, queued).await;
             let pause = match outcome {
-                Ok(true) => {
+                Ok(Some(grant)) => {
                     // The add took us out of the line.
                     in_line.disarm();
                     self.held.store(true, Ordering::Release);
-                    let guard = LockGuard::new(self, token, value, sent);
+                    let guard = LockGuard::new(self, token, value.clone(), sent, grant);
                     tracing::debug!(
                         key = %self.key,
                         token = %guard.token(),
+                        fence = guard.fence(),
                         lease = ?lease,
                         estimated_expiry = ?wall_clock_in(lease),
                         "acquired cache lock"
                     );
                     return Ok(guard);
                 }
-                Ok(false) => {
+                Ok(None) => {
                     if queued {
-                        in_line.join(self, &token);
+                        in_line.join(self, &value);
                     }
                     failures = 0;
                     held = held.saturating_add(1);
@@ -674,7 +711,7 @@ impl CacheLock {
                 // The first attempt failed unarmed: arm, then try again at
                 // once, so that a release before the arm is not waited out.
                 None => {}
-                Some(armed) => wait_for_release(armed, pause, token.as_bytes()).await,
+                Some(armed) => wait_for_release(armed, pause, &value).await,
             }
             watch = Some(self.backend.watch_release(&self.key).await);
         }
@@ -759,42 +796,55 @@ impl CacheLock {
         self.tasks.wait(CLOSE_TIMEOUT).await
     }
 
-    /// The bytes stored under the key for `token`: the value-encoding hook
-    /// of the [`Compat`] mode (the backend says what the format is on its
-    /// server).
+    /// The bytes stored under the key for `token`: in cachelock's own
+    /// format the token and who holds it (see [`Holder`]); in Django's the
+    /// token alone, encoded as Django stores a `str` (the backend says what
+    /// that is on its server).
     fn lock_value(&self, token: &str) -> Bytes {
-        self.backend
-            .encode_lock_value(token, self.options.compat.value_format())
+        match self.options.compat {
+            Compat::Native => Bytes::from(holder::encode(token, self.options.command.as_deref())),
+            Compat::Django => self
+                .backend
+                .encode_lock_value(token, self.options.compat.value_format()),
+        }
     }
 
-    /// One atomic add of `value` (`token`, encoded), in line if `queued`. A
-    /// lost reply is resolved by reading the key back; an add that may have
-    /// gone through is cleaned up in the background if this future is
-    /// dropped or the read-back fails.
-    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<bool> {
+    /// One atomic add of `value`, in line if `queued`, numbered with a
+    /// fence. A lost reply is resolved by reading the key back (ours: the
+    /// lock is ours, with the fence the counter holds now, which no earlier
+    /// grant had and every later one exceeds); an add that may have gone
+    /// through is cleaned up in the background if this future is dropped or
+    /// the read-back fails.
+    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<Option<Grant>> {
         let mut pending = PendingAdd::new(self, value, lease);
         let result = if queued {
             self.backend.add_queued(&self.key, value, lease).await
         } else {
             self.backend
-                .add_lock_value(&self.key, value, lease, self.options.compat.value_format())
+                .add_fenced(&self.key, value, lease, self.options.compat.value_format())
                 .await
         };
-        let added = match result {
-            Ok(added) => added,
+        let granted = match result {
+            Ok(granted) => granted,
             // The add may or may not have happened: read the key back. Ours:
             // the lock is ours. Someone else's: it is held. Absent: the add
             // did not happen (or our lock is already gone), so the failure
             // is the backend's, not "held".
             Err(e) if e.is_unavailable() => match self.backend.get(&self.key).await {
-                Ok(Some(v)) if v == *value => true,
-                Ok(Some(_)) => false,
+                Ok(Some(v)) if v == *value => match self.backend.fence(&self.key).await {
+                    Ok(Some(fence)) => Some(Grant {
+                        fence,
+                        version: None,
+                    }),
+                    _ => return Err(e.into()),
+                },
+                Ok(Some(_)) => None,
                 Ok(None) | Err(_) => return Err(e.into()),
             },
             Err(e) => return Err(e.into()),
         };
         pending.disarm();
-        Ok(added)
+        Ok(granted)
     }
 
     fn retry_pause(&self) -> Duration {
@@ -854,16 +904,16 @@ async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration, ours: &[u8]
 /// that no release hands the lock to a waiter that is gone.
 #[derive(Default)]
 struct InLine {
-    leave: Option<(SharedBackend, String, String, Tasks)>,
+    leave: Option<(SharedBackend, String, Bytes, Tasks)>,
 }
 
 impl InLine {
-    fn join(&mut self, lock: &CacheLock, token: &str) {
+    fn join(&mut self, lock: &CacheLock, value: &Bytes) {
         if self.leave.is_none() {
             self.leave = Some((
                 lock.backend.clone(),
                 lock.key.clone(),
-                token.to_owned(),
+                value.clone(),
                 lock.tasks.clone(),
             ));
         }
@@ -876,12 +926,12 @@ impl InLine {
 
 impl Drop for InLine {
     fn drop(&mut self) {
-        let Some((backend, key, token, tasks)) = self.leave.take() else {
+        let Some((backend, key, value, tasks)) = self.leave.take() else {
             return;
         };
         if let Ok(handle) = Handle::try_current() {
             tasks.spawn(&handle, async move {
-                if let Err(e) = backend.leave_queue(&key, token.as_bytes()).await {
+                if let Err(e) = backend.leave_queue(&key, &value).await {
                     tracing::debug!(%key, error = %e, "could not leave the lock's wait queue");
                 }
             });
@@ -1010,8 +1060,10 @@ struct Lease {
     /// Wakes the keep-alive task when `stopped` is set.
     stop: Notify,
     /// Held across each renewal and across the release, so that a renewal
-    /// is never sent after the release started (Redisson #7272).
-    ops: tokio::sync::Mutex<()>,
+    /// is never sent after the release started (Redisson #7272). Holds the
+    /// backend's version of our value (`Grant::version`), which each
+    /// renewal may change.
+    ops: tokio::sync::Mutex<Option<Version>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1024,7 +1076,7 @@ struct LeaseState {
 }
 
 impl Lease {
-    fn new(valid_until: Option<Instant>) -> Arc<Self> {
+    fn new(valid_until: Option<Instant>, version: Option<Version>) -> Arc<Self> {
         Arc::new(Self {
             state: watch::Sender::new(LeaseState {
                 valid_until,
@@ -1032,7 +1084,7 @@ impl Lease {
             }),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
-            ops: tokio::sync::Mutex::new(()),
+            ops: tokio::sync::Mutex::new(version),
         })
     }
 
@@ -1199,8 +1251,8 @@ pub struct LockGuard {
     backend: SharedBackend,
     key: String,
     token: String,
-    /// What is stored under the key: the token in the lock's
-    /// [`ValueFormat`].
+    /// What is stored under the key: the token and who holds it, or in
+    /// Django's [`ValueFormat`] the token alone.
     value: Bytes,
     lease: Duration,
     /// The lock's safety margin setting (`None`: the default).
@@ -1212,6 +1264,7 @@ pub struct LockGuard {
     keeping_alive: AtomicBool,
     armed: bool,
     tasks: Tasks,
+    fence: u64,
 }
 
 /// The set margin, or 1 % of the lease; never more than the lease.
@@ -1225,9 +1278,10 @@ fn valid_until(margin: Option<Duration>, sent: Instant, lease: Duration) -> Opti
 }
 
 impl LockGuard {
-    fn new(lock: &CacheLock, token: String, value: Bytes, sent: Instant) -> Self {
+    fn new(lock: &CacheLock, token: String, value: Bytes, sent: Instant, grant: Grant) -> Self {
         let lease = lock.options.lease;
         Self {
+            fence: grant.fence,
             backend: lock.backend.clone(),
             key: lock.key.clone(),
             token,
@@ -1235,7 +1289,10 @@ impl LockGuard {
             lease,
             margin: lock.options.safety_margin,
             stop_at: lock.options.max_hold.and_then(|h| later(sent, h)),
-            shared: Lease::new(valid_until(lock.options.safety_margin, sent, lease)),
+            shared: Lease::new(
+                valid_until(lock.options.safety_margin, sent, lease),
+                grant.version,
+            ),
             held: lock.held.clone(),
             keeping_alive: AtomicBool::new(false),
             armed: true,
@@ -1251,6 +1308,14 @@ impl LockGuard {
     /// The random token stored under the key while we hold the lock.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The fencing number of this grant: larger than that of every earlier
+    /// grant of this lock, so a resource that remembers the largest fence it
+    /// has seen can refuse a late writer whose lease ran out. Best effort:
+    /// see the README's "Fencing" section.
+    pub fn fence(&self) -> u64 {
+        self.fence
     }
 
     /// Until when the holder trusts its lease by the local clock: the lease
@@ -1340,7 +1405,7 @@ impl LockGuard {
     pub async fn extend(&mut self, lease: Option<Duration>) -> Result<()> {
         let lease = lease.unwrap_or(self.lease);
         check_duration("lock lease", lease, false)?;
-        let _ops = self.shared.ops.lock().await;
+        let mut ops = self.shared.ops.lock().await;
         if self.shared.past_deadline() || self.shared.snapshot().lost {
             self.shared.mark_lost();
             tracing::warn!(
@@ -1354,10 +1419,11 @@ impl LockGuard {
         let sent = Instant::now();
         let check = self
             .backend
-            .extend_if_eq(&self.key, &self.value, lease)
+            .extend_if_version(&self.key, &self.value, *ops, lease)
             .await;
         match check {
-            Ok(TokenCheck::Matched) => {
+            Ok((TokenCheck::Matched, version)) => {
+                *ops = version;
                 metrics::counter!(metrics_names::RENEWALS, "outcome" => "ok").increment(1);
                 self.shared.renewed(valid_until(self.margin, sent, lease));
                 tracing::debug!(
@@ -1369,7 +1435,7 @@ impl LockGuard {
                 );
                 Ok(())
             }
-            Ok(TokenCheck::Mismatch | TokenCheck::Missing) => {
+            Ok((TokenCheck::Mismatch | TokenCheck::Missing, _)) => {
                 metrics::counter!(metrics_names::RENEWALS, "outcome" => "lost").increment(1);
                 self.shared.mark_lost();
                 tracing::warn!(
@@ -1449,6 +1515,7 @@ struct Renewer {
     backend: SharedBackend,
     key: String,
     token: String,
+    /// What the guard stored (token and holder): the owner check compares it.
     value: Bytes,
     lease: Duration,
     margin: Option<Duration>,
@@ -1477,7 +1544,7 @@ impl Renewer {
                 tracing::debug!(key = %self.key, "max hold reached; cache lock lease no longer renewed");
                 return;
             }
-            let _ops = self.shared.ops.lock().await;
+            let mut ops = self.shared.ops.lock().await;
             if self.shared.is_stopped() || self.shared.snapshot().lost {
                 return;
             }
@@ -1488,8 +1555,14 @@ impl Renewer {
             let sent = Instant::now();
             let check = self
                 .backend
-                .extend_if_eq(&self.key, &self.value, self.lease)
-                .await;
+                .extend_if_version(&self.key, &self.value, *ops, self.lease)
+                .await
+                .map(|(check, version)| {
+                    if check == TokenCheck::Matched {
+                        *ops = version;
+                    }
+                    check
+                });
             match check {
                 // Lost is sticky: a reply after the deadline does not revive it.
                 Ok(TokenCheck::Matched) if !self.shared.past_deadline() => {
@@ -1534,8 +1607,8 @@ async fn release_now(
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
     // Waits for a renewal in flight; none starts after (`stopped` is set).
-    let _ops = shared.ops.lock().await;
-    let outcome = release_locked(backend, key, token, value, lease, shared).await;
+    let ops = shared.ops.lock().await;
+    let outcome = release_locked(backend, key, token, value, *ops, lease, shared).await;
     let label = match &outcome {
         Ok(Released::Released) => "released",
         Ok(Released::Expired) => "expired",
@@ -1551,6 +1624,7 @@ async fn release_locked(
     key: &str,
     token: &str,
     value: &[u8],
+    version: Option<Version>,
     lease: Duration,
     shared: &Lease,
 ) -> std::result::Result<Released, BackendError> {
@@ -1568,7 +1642,10 @@ async fn release_locked(
         tracing::warn!(%key, "cache lock lease was lost before release; nothing was deleted");
         return Ok(Released::Lost);
     }
-    match backend.delete_if_eq(key, value, lease).await? {
+    match backend
+        .delete_if_version(key, value, version, lease)
+        .await?
+    {
         TokenCheck::Matched => {
             tracing::debug!(%key, %token, "released cache lock");
             Ok(Released::Released)

@@ -461,3 +461,201 @@ async fn django_compat_lock_values_are_text_with_flags_16() {
         cachelock::Released::Released
     );
 }
+
+/// Waits until the backend answers again (after a restart).
+async fn answers(b: &SharedBackend) {
+    let start = Instant::now();
+    while b.get("probe").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `flush_all` sent to one server.
+async fn flush_all(port: u16) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to memcached");
+    s.write_all(b"flush_all\r\n").await.expect("send flush_all");
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .expect("read the reply");
+    assert_eq!(line, "OK\r\n");
+}
+
+/// 8 tasks × 200 grants per phase; between phases the counter is lost to a
+/// `flush_all` and then to a restart. The fences rise in grant order
+/// throughout: a lost counter restarts from the clock floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test servers: scripts/test"]
+async fn fences_rise_across_flush_all_and_restart() {
+    let port = closed_port();
+    let mut server = PrivateMemcached::start(port);
+    let b: SharedBackend = Arc::new(
+        MemcachedBackend::connect(&format!("memcached://127.0.0.1:{port}"))
+            .await
+            .unwrap(),
+    );
+    let k = unique_key("fence-resets");
+    let mut fences = common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await;
+    flush_all(port).await;
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    server.restart();
+    answers(&b).await;
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    assert_eq!(fences.len(), 600);
+    common::lock_cases::assert_strictly_increasing(&fences);
+}
+
+/// One raw meta command to the memcached on `port`; its reply line.
+async fn raw(port: u16, command: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to memcached");
+    s.write_all(command).await.expect("send");
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .expect("read the reply");
+    line
+}
+
+/// The CAS of `key` on the memcached on `port` (`None`: absent).
+async fn raw_cas(port: u16, key: &str) -> Option<u64> {
+    let line = raw(port, format!("mg {key} c\r\n").as_bytes()).await;
+    if line == "EN\r\n" {
+        return None;
+    }
+    let cas = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix('c'))
+        .unwrap_or_else(|| panic!("no CAS in {line:?}"));
+    Some(cas.parse().expect("a numeric CAS"))
+}
+
+/// Stores a filler item on `port` and returns the CAS it got.
+async fn raw_filler(port: u16) -> u64 {
+    let line = raw(port, b"ms cas-filler 1 T0 c\r\nx\r\n").await;
+    line.trim_end()
+        .strip_prefix("HD c")
+        .unwrap_or_else(|| panic!("unexpected reply {line:?}"))
+        .parse()
+        .expect("a numeric CAS")
+}
+
+/// Issue 11, one-trip release and renewal: A holds a lock, the server
+/// restarts (counting CAS values from 1 again), B takes the lock and the
+/// stores in between are arranged so that B's lock gets exactly A's CAS.
+/// A's release and A's renewal must still not touch B's lock: the CAS is
+/// only sent over a connection open since A's add, and those died with the
+/// old server. Both with B on A's backend (fresh connections in A's pool)
+/// and on a backend of its own (A's dead connections still pooled).
+#[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
+async fn a_cas_from_before_a_restart_never_touches_the_next_holder() {
+    use cachelock::{CacheLock, Error, LockOptions, Released};
+    for (extend, shared) in [(false, true), (false, false), (true, true), (true, false)] {
+        let port = closed_port();
+        let mut server = PrivateMemcached::start(port);
+        let url = format!("memcached://127.0.0.1:{port}");
+        let a_backend: SharedBackend = Arc::new(MemcachedBackend::connect(&url).await.unwrap());
+        let b_backend: SharedBackend = if shared {
+            a_backend.clone()
+        } else {
+            Arc::new(MemcachedBackend::connect(&url).await.unwrap())
+        };
+        let key = unique_key("cas-restart");
+        let opts = LockOptions::new().lease(Duration::from_secs(30));
+        // A few stores first, so that A's CAS is not simply 1.
+        for _ in 0..5 {
+            raw_filler(port).await;
+        }
+        let a = CacheLock::new(a_backend.clone(), key.as_str(), opts.clone()).unwrap();
+        let mut guard_a = a.acquire().await.unwrap();
+        let cas_a = raw_cas(port, &key).await.expect("A's lock is stored");
+
+        server.restart();
+        answers(&b_backend).await;
+        // Bring the new process's CAS counter to just below A's CAS: B's
+        // add (the first store after) then gets A's CAS.
+        let mut last = 0;
+        while last + 1 < cas_a {
+            last = raw_filler(port).await;
+        }
+        let b = CacheLock::new(b_backend.clone(), key.as_str(), opts.clone()).unwrap();
+        let guard_b = b.acquire().await.unwrap();
+        let b_value = b_backend.get(&key).await.unwrap().expect("B's lock");
+        assert_eq!(
+            raw_cas(port, &key).await,
+            Some(cas_a),
+            "B's lock carries A's old CAS (the collision this test is about)"
+        );
+
+        if extend {
+            let err = guard_a.extend(None).await.unwrap_err();
+            assert!(matches!(err, Error::LeaseExpired { .. }), "{err:?}");
+            assert_eq!(guard_a.release().await.unwrap(), Released::Lost);
+        } else {
+            assert_eq!(guard_a.release().await.unwrap(), Released::Lost);
+        }
+        assert_eq!(
+            b_backend.get(&key).await.unwrap().as_deref(),
+            Some(b_value.as_ref()),
+            "B's lock is untouched (extend: {extend}, shared backend: {shared})"
+        );
+        assert_eq!(raw_cas(port, &key).await, Some(cas_a));
+        assert_eq!(guard_b.release().await.unwrap(), Released::Released);
+        assert_eq!(b_backend.get(&key).await.unwrap(), None);
+    }
+}
+
+/// Issue 11: with a usable CAS the release is one round trip (`md`), and
+/// the renewal one (`ms C<cas>`), counted by the server's own `cmd_*`
+/// statistics.
+#[tokio::test]
+#[ignore = "needs the test servers: scripts/test"]
+async fn release_and_renewal_are_one_round_trip() {
+    use cachelock::{CacheLock, LockOptions, Released};
+    let port = closed_port();
+    let _server = PrivateMemcached::start(port);
+    let url = format!("memcached://127.0.0.1:{port}");
+    let backend: SharedBackend = Arc::new(MemcachedBackend::connect(&url).await.unwrap());
+    let key = unique_key("one-trip");
+    let lock = CacheLock::new(backend, key.as_str(), LockOptions::new()).unwrap();
+    let mut guard = lock.acquire().await.unwrap();
+    let before = raw_stats(port).await;
+    guard.extend(None).await.unwrap();
+    assert_eq!(guard.release().await.unwrap(), Released::Released);
+    let after = raw_stats(port).await;
+    let delta = |name: &str| after[name] - before[name];
+    assert_eq!(delta("cmd_get"), 0, "no read: {before:?} -> {after:?}");
+    assert_eq!(delta("cmd_set"), 1, "one ms (the renewal)");
+    assert_eq!(delta("delete_hits"), 1, "one md (the release)");
+}
+
+/// The numeric `stats` of the memcached on `port`.
+async fn raw_stats(port: u16) -> std::collections::HashMap<String, u64> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to memcached");
+    s.write_all(b"stats\r\n").await.expect("send");
+    let mut lines = BufReader::new(s).lines();
+    let mut stats = std::collections::HashMap::new();
+    while let Some(line) = lines.next_line().await.expect("read stats") {
+        if line == "END" {
+            break;
+        }
+        let mut parts = line.split_whitespace().skip(1);
+        if let (Some(name), Some(value)) = (parts.next(), parts.next())
+            && let Ok(value) = value.parse()
+        {
+            stats.insert(name.to_owned(), value);
+        }
+    }
+    stats
+}

@@ -929,11 +929,10 @@ async fn retried_add_whose_first_attempt_landed_is_ours() {
 }
 
 /// A Redis user that may not run scripts (`-@scripting` in its ACL): the
-/// lock's owner-checked release needs `EVALSHA` on a server without a
-/// native compare-and-delete (Redis before 8.4), so it fails with the
-/// server's error naming the command, and nothing is deleted unchecked.
-/// Waiting in line needs a script too: a waiter's acquire fails the same
-/// way, a single try (`SET NX`) works.
+/// lock's add falls back to plain commands (its fence too) and works, but
+/// the owner-checked release needs `EVALSHA` on a server without a native
+/// compare-and-delete (Redis before 8.4), so it fails with the server's
+/// error naming the command, and nothing is deleted unchecked.
 #[tokio::test]
 #[ignore = "needs the test servers: scripts/test"]
 async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
@@ -951,19 +950,56 @@ async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
     let url = format!("redis://noscript:pw@127.0.0.1:{}", server.port);
     let backend: SharedBackend = Arc::new(RedisBackend::connect(&url).await.unwrap());
     let key = common::unique_key("noscript");
-    let lock = CacheLock::new(backend.clone(), key.as_str(), LockOptions::new()).unwrap();
+    for waits in [true, false] {
+        let lock = CacheLock::new(backend.clone(), key.as_str(), LockOptions::new()).unwrap();
+        let guard = if waits {
+            lock.acquire().await.unwrap()
+        } else {
+            lock.try_acquire().await.unwrap()
+        };
+        let err = guard.release().await.unwrap_err();
+        assert!(
+            !err.is_unavailable(),
+            "a permission error is not 'retry later': {err:?}"
+        );
+        assert!(err.to_string().to_lowercase().contains("evalsha"), "{err}");
+        // The lock is still there (nothing deleted without the owner check).
+        assert!(backend.get(&key).await.unwrap().is_some());
+        assert!(backend.delete(&key).await.unwrap());
+    }
+}
 
-    let err = lock.acquire().await.unwrap_err();
-    assert!(
-        !err.is_unavailable(),
-        "a permission error is not 'retry later': {err:?}"
-    );
-    assert!(err.to_string().to_lowercase().contains("evalsha"), "{err}");
+/// Waits until the backend answers again (after a restart).
+async fn answers(b: &SharedBackend) {
+    let start = Instant::now();
+    while b.get("probe").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
-    let guard = lock.try_acquire().await.unwrap();
-    let err = guard.release().await.unwrap_err();
-    assert!(!err.is_unavailable(), "{err:?}");
-    assert!(err.to_string().to_lowercase().contains("evalsha"), "{err}");
-    // The lock is still there (nothing deleted without the owner check).
-    assert!(backend.get(&key).await.unwrap().is_some());
+/// 8 tasks × 200 grants per phase; between phases the counter is lost to a
+/// FLUSHALL and then to a restart of the server. The fences rise in grant
+/// order throughout: a lost counter restarts from the server-time floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test servers: scripts/test"]
+async fn fences_rise_across_flushall_and_restart() {
+    let mut server = PrivateRedis::start(&[]);
+    let b: SharedBackend = Arc::new(RedisBackend::connect(&server.url()).await.unwrap());
+    let k = common::unique_key("fence-resets");
+    let mut fences = common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await;
+    let st = Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "FLUSHALL"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    server.restart();
+    answers(&b).await;
+    assert_eq!(b.fence(&k).await.unwrap(), None, "the counter is gone");
+    fences.extend(common::lock_cases::fences_in_grant_order(b.clone(), &k, 8, 200).await);
+    assert_eq!(fences.len(), 600);
+    common::lock_cases::assert_strictly_increasing(&fences);
 }

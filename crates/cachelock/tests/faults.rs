@@ -89,7 +89,7 @@ async fn token_under(b: &cachelock::SharedBackend, key: &str) -> Option<String> 
     let v = retry_unavailable(|| b.get(key), BackendError::is_unavailable)
         .await
         .unwrap();
-    v.map(|v| String::from_utf8(v.to_vec()).unwrap())
+    v.map(|v| cachelock::Holder::parse(&v).token)
 }
 
 // ---------------------------------------------------------------------------

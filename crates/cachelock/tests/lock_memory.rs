@@ -213,10 +213,8 @@ async fn an_add_whose_reply_was_lost_is_resolved_by_reading_back() {
     // token, so the lock is ours.
     *b.fail_adds.lock().unwrap() = Some(true);
     let guard = l.try_acquire().await.unwrap();
-    assert_eq!(
-        b.inner.get("lost-reply").await.unwrap().as_deref(),
-        Some(guard.token().as_bytes())
-    );
+    let stored = b.inner.get("lost-reply").await.unwrap().unwrap();
+    assert_eq!(cachelock::Holder::parse(&stored).token, guard.token());
     let _ = guard.release().await.unwrap();
 
     // The add never happened (refused): a backend error, not "held".

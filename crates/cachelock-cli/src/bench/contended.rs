@@ -53,6 +53,10 @@ pub struct ContendedReport {
     pub violations: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overlaps: Option<u64>,
+    /// Critical sections (in the order they began) whose fence was not
+    /// above the one before (`--check`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fence_regressions: Option<u64>,
     pub per_worker_min: u64,
     pub per_worker_max: u64,
 }
@@ -64,6 +68,9 @@ pub struct WorkerReport {
     pub end_us: u64,
     /// Critical sections as `[start, end]` on CLOCK_MONOTONIC (`--check`).
     pub intervals: Vec<[u64; 2]>,
+    /// The fence of each of `intervals` (`--check`).
+    #[serde(default)]
+    pub fences: Vec<u64>,
 }
 
 /// Runs `bench contended`.
@@ -112,6 +119,14 @@ pub async fn run(global: &Global, args: ContendedArgs) -> Result<u8, Fail> {
                 .collect(),
         )
     });
+    let fence_regressions = (args.check && !args.no_lock).then(|| {
+        count_fence_regressions(
+            reports
+                .iter()
+                .flat_map(|r| r.intervals.iter().zip(&r.fences).map(|(i, f)| (i[0], *f)))
+                .collect(),
+        )
+    });
     print(
         args.out.json,
         &ContendedReport {
@@ -124,6 +139,7 @@ pub async fn run(global: &Global, args: ContendedArgs) -> Result<u8, Fail> {
             acq_per_s: (acquisitions as f64 / seconds.max(1e-9)).round(),
             violations: acquisitions.saturating_sub(final_count),
             overlaps,
+            fence_regressions,
             per_worker_min: reports.iter().map(|r| r.acquisitions).min().unwrap_or(0),
             per_worker_max: reports.iter().map(|r| r.acquisitions).max().unwrap_or(0),
         },
@@ -157,6 +173,7 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
     let deadline = Instant::now() + args.duration.saturating_sub(late);
     let mut acquisitions: u64 = 0;
     let mut intervals: Vec<[u64; 2]> = Vec::new();
+    let mut fences: Vec<u64> = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -172,6 +189,7 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
             }
         };
         let t0 = mono_ns();
+        let fence = guard.as_ref().map_or(0, cachelock::LockGuard::fence);
         let n = read_counter(&backend, &args.counter).await?;
         // Let other workers run here, as a network round trip would (with
         // memory:// the workers are tasks on one thread).
@@ -196,12 +214,14 @@ pub async fn worker(backend: SharedBackend, args: WorkerArgs) -> Result<WorkerRe
         tokio::task::yield_now().await;
         if args.check {
             intervals.push([t0, t1]);
+            fences.push(fence);
         }
     }
     Ok(WorkerReport {
         acquisitions,
         end_us: now_us(),
         intervals,
+        fences,
     })
 }
 
@@ -231,9 +251,26 @@ pub fn count_overlaps(mut intervals: Vec<[u64; 2]>) -> u64 {
     overlaps
 }
 
+/// Counts critical sections, taken in the order they began, whose fence is
+/// not above that of the section before.
+pub fn count_fence_regressions(mut sections: Vec<(u64, u64)>) -> u64 {
+    sections.sort_unstable();
+    sections
+        .windows(2)
+        .filter(|w| matches!(w, [(_, a), (_, b)] if b <= a))
+        .count() as u64
+}
+
 #[cfg(test)]
 mod tests {
-    use super::count_overlaps;
+    use super::{count_fence_regressions, count_overlaps};
+
+    #[test]
+    fn fence_regressions_are_counted() {
+        assert_eq!(count_fence_regressions(vec![(1, 10), (3, 30), (2, 20)]), 0);
+        assert_eq!(count_fence_regressions(vec![(1, 10), (2, 30), (3, 20)]), 1);
+        assert_eq!(count_fence_regressions(vec![(1, 10), (2, 10)]), 1);
+    }
 
     #[test]
     fn overlaps_are_counted() {

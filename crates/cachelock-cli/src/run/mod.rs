@@ -131,16 +131,17 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
             None => return Err(Fail::error("no command given")),
         },
     };
+    let shown = show_command(&program, &program_args);
     let options = LockOptions::new()
         .compat(global.compat())
         .lease(args.lease)
-        .retry_interval(args.retry_interval);
+        .retry_interval(args.retry_interval)
+        .holder_command(shown.clone());
     global.refuse_memory()?;
     let verbose = global.verbose > 0;
     let url = global.backend_url()?;
     let tls_ca = global.tls_ca_pem()?;
     let mut signals = Signals::catch()?;
-    let shown = show_command(&program, &program_args);
     let busy = args.no_wait.then_some(NO_WAIT_BUSY_TIMEOUT);
     let connected = match global.open(url, tls_ca, busy).await {
         Ok(c) => c,
@@ -186,10 +187,15 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<u8, Fail> {
     );
 
     let token = guard.token().to_owned();
+    let fence = guard.fence().to_string();
     let mut child = match child::spawn(
         &program,
         &program_args,
-        &[("CACHELOCK_KEY", &key), ("CACHELOCK_TOKEN", &token)],
+        &[
+            ("CACHELOCK_KEY", &key),
+            ("CACHELOCK_TOKEN", &token),
+            ("CACHELOCK_FENCE", &fence),
+        ],
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -305,7 +311,11 @@ async fn on_backend_error(
     let mut child = child::spawn(
         program,
         args,
-        &[("CACHELOCK_KEY", key), ("CACHELOCK_TOKEN", "")],
+        &[
+            ("CACHELOCK_KEY", key),
+            ("CACHELOCK_TOKEN", ""),
+            ("CACHELOCK_FENCE", ""),
+        ],
     )
     .map_err(|e| Fail {
         code: if e.kind() == std::io::ErrorKind::NotFound {

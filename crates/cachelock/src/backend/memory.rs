@@ -14,7 +14,10 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::notify::{Notifier, ReleaseWatch};
-use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
+use super::{
+    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, Listed, TokenCheck, ValueFormat,
+    check_value_size, fence_floor, fence_key, next_fence,
+};
 use crate::error::{BackendError, BackendResult};
 
 /// Bytes counted for each entry on top of its key and value, for capacity.
@@ -289,6 +292,43 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
+    /// The add and the increment under one hold of the map's lock.
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        _format: ValueFormat,
+    ) -> BackendResult<Option<Grant>> {
+        check_value_size(key, value, self.max_value_size())?;
+        let counter_key = fence_key(key);
+        let floor = fence_floor(std::time::SystemTime::now());
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        if state.live(key, now).is_some() {
+            return Ok(None);
+        }
+        let counter = state
+            .live(&counter_key, now)
+            .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<u64>().ok())
+            .map_or(0, |n| n.saturating_add(1));
+        let fence = next_fence(counter, floor);
+        // The counter first: storing the lock last keeps it from being the
+        // entry a capacity limit evicts to make room.
+        self.store(
+            &mut state,
+            &counter_key,
+            fence.to_string().as_bytes(),
+            FENCE_TTL,
+            now,
+        );
+        self.store(&mut state, key, value, ttl, now);
+        Ok(Some(Grant {
+            fence,
+            version: None,
+        }))
+    }
+
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         let now = Instant::now();
         Ok(match self.state.lock().live(key, now) {
@@ -384,6 +424,22 @@ impl Backend for MemoryBackend {
             .live(key, now)
             .and_then(|e| e.expires)
             .map(|t| t.saturating_duration_since(now)))
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        Ok(state
+            .map
+            .iter()
+            .filter(|(k, e)| k.starts_with(prefix) && e.live(now))
+            .take(limit)
+            .map(|(k, e)| Listed {
+                key: k.clone(),
+                value: e.value.clone(),
+                ttl: e.expires.map(|t| t.saturating_duration_since(now)),
+            })
+            .collect())
     }
 
     /// In process: armed under the map's lock, so no delete is missed; the

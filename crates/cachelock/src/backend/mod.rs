@@ -43,7 +43,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -98,7 +98,7 @@ pub enum TokenCheck {
 /// How a lock's token is stored, chosen by the lock's
 /// [`Compat`](crate::Compat) mode. Each backend decides what the format
 /// means on its server ([`Backend::encode_lock_value`],
-/// [`Backend::add_lock_value`]).
+/// [`Backend::add_fenced`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum ValueFormat {
@@ -115,6 +115,83 @@ pub enum ValueFormat {
 /// builder makes (it writes every backslash as `\x5c`).
 pub(crate) fn queue_key(key: &str) -> String {
     format!("{key}\\q")
+}
+
+/// What a lock's [`add_fenced`](Backend::add_fenced) got when it stored its
+/// value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Grant {
+    /// The fencing number of this grant: larger than that of every earlier
+    /// grant of the same key (best effort; see [`fence_floor`]).
+    pub fence: u64,
+    /// The backend's version of the stored value (Memcached: its CAS and
+    /// the connection it is valid on), if it has one; handed back to
+    /// [`delete_if_version`](Backend::delete_if_version) and
+    /// [`extend_if_version`](Backend::extend_if_version) so that they can
+    /// skip the read.
+    pub version: Option<Version>,
+}
+
+/// A backend's version of a value it stored for a lock: what lets an
+/// owner-checked operation skip reading the value back. Only the backend
+/// that made it knows what it means; pass it back to that same backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version {
+    /// The version number (Memcached: the item's CAS).
+    pub value: u64,
+    /// Where the number can be trusted (Memcached: the sequence number of
+    /// the connection the value was stored over).
+    pub session: u64,
+}
+
+/// How long a fence counter lives after the last grant it numbered: one day.
+/// When it is gone (this TTL, eviction, a flush, a restart) the next grant
+/// starts again from [`fence_floor`], so letting it expire costs nothing and
+/// keeps memory bounded.
+pub const FENCE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The lowest fence a grant at wall-clock time `now` gets: microseconds since
+/// the Unix epoch. A counter that was lost restarts from here, above every
+/// number it handed out before, as long as grants came no faster than one a
+/// microsecond on average and the clock did not step back.
+pub fn fence_floor(now: SystemTime) -> u64 {
+    now.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The key of the fence counter that numbers the grants of lock `key`.
+///
+/// It lands in the same Redis Cluster hash slot as `key` (so one script can
+/// touch both): `key:fence` if `key` has a hash tag, `{key}:fence` if it
+/// has none and no `}`. Only for a key with a `}` and no hash tag is it
+/// plain `key:fence`, in another slot.
+pub fn fence_key(key: &str) -> String {
+    if has_hash_tag(key) || key.contains('}') {
+        format!("{key}:fence")
+    } else {
+        format!("{{{key}}}:fence")
+    }
+}
+
+/// Whether `key` has a Redis Cluster hash tag: a `{` followed later by a
+/// `}` with at least one byte between them.
+pub(crate) fn has_hash_tag(key: &str) -> bool {
+    key.find('{')
+        .and_then(|open| key.get(open + 1..))
+        .and_then(|rest| rest.find('}'))
+        .is_some_and(|len| len > 0)
+}
+
+/// Whether [`fence_key`] of `key` is in `key`'s Cluster hash slot.
+pub(crate) fn fence_key_same_slot(key: &str) -> bool {
+    has_hash_tag(key) || !key.contains('}')
+}
+
+/// The fence of a grant whose counter reads `counter` after its increment:
+/// the counter, or the floor if the counter restarted below it.
+pub(crate) fn next_fence(counter: u64, floor: u64) -> u64 {
+    counter.max(floor)
 }
 
 /// An async cache: the storage contract the lock and memoize are built on.
@@ -141,14 +218,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// stored. **Atomic**: the lock relies on it.
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool>;
 
-    /// The add of a waiter that will wait for `key` if it is held: as
-    /// [`add`](Backend::add), and where the backend keeps a wait queue (a
-    /// standalone Redis), a failed add puts the waiter (by `value`) at the
-    /// end of the queue, and a release then hands the lock to the first in
-    /// line (it is reserved for that waiter, and the release notice names
-    /// it; see [`ReleaseWatch::handed_to_other`]). The default is `add`.
-    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        self.add(key, value, ttl).await
+    /// The add of a waiter that will wait for lock `key` if it is held: as
+    /// [`add_fenced`](Backend::add_fenced) (a [`ValueFormat::Raw`] value),
+    /// and where the backend keeps a wait queue (a standalone Redis), a
+    /// failed add puts the waiter (by `value`) at the end of the queue, and
+    /// a release then hands the lock to the first in line (it is reserved
+    /// for that waiter, and the release notice names it; see
+    /// [`ReleaseWatch::handed_to_other`]). The default is `add_fenced`.
+    async fn add_queued(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<Option<Grant>> {
+        self.add_fenced(key, value, ttl, ValueFormat::Raw).await
     }
 
     /// Takes the waiter `value` out of `key`'s wait queue (it stopped
@@ -199,6 +282,108 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         }
     }
 
+    /// The lock's add: stores `value` under `key` if it is absent, as
+    /// [`add`](Backend::add) does, and if it stored it, numbers the grant
+    /// with the next fence of the counter under [`fence_key`] (never below
+    /// [`fence_floor`]; the counter lives [`FENCE_TTL`]). `Ok(None)`: the key
+    /// is held.
+    ///
+    /// When it returns `Ok`, and whenever `value` is found under `key`
+    /// afterwards, the counter holds the grant's fence or more (the lock
+    /// takes [`fence`](Backend::fence) as its number when the reply of this
+    /// call was lost but the key reads back as ours).
+    ///
+    /// `value` was made by [`encode_lock_value`](Backend::encode_lock_value)
+    /// in `format`; Memcached stores a [`ValueFormat::DjangoStr`] with
+    /// client flags 16, the others ignore `format`.
+    ///
+    /// The default adds, then increments (two or three round trips; the
+    /// increment happens while the lock is held, so the numbers still rise in
+    /// grant order; if it fails, the add is undone). Backends override it to
+    /// do both in one step.
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        format: ValueFormat,
+    ) -> BackendResult<Option<Grant>> {
+        let _ = format;
+        match self.add(key, value, ttl).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            // The reply was lost: if the add went through, number it.
+            Err(e) if e.is_unavailable() => match self.get(key).await {
+                Ok(Some(v)) if v.as_ref() == value => {}
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+        let counter_key = fence_key(key);
+        let numbered = async {
+            let counter = self.incr(&counter_key, 1).await?;
+            let fence = next_fence(counter, fence_floor(SystemTime::now()));
+            if fence > counter {
+                self.set(&counter_key, fence.to_string().as_bytes(), FENCE_TTL)
+                    .await?;
+            } else {
+                self.touch(&counter_key, FENCE_TTL).await?;
+            }
+            Ok(fence)
+        };
+        match numbered.await {
+            Ok(fence) => Ok(Some(Grant {
+                fence,
+                version: None,
+            })),
+            // Not numbered: give the lock back, so that a caller that reads
+            // the key back does not take it with the counter's old number.
+            Err(e) => {
+                let _ = self.delete_if_eq(key, value, ttl).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The fence of the latest grant of lock `key` (the current holder's,
+    /// while it is held). `Ok(None)`: no counter (never granted, or lost).
+    async fn fence(&self, key: &str) -> BackendResult<Option<u64>> {
+        let counter_key = fence_key(key);
+        Ok(self
+            .get(&counter_key)
+            .await?
+            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
+    }
+
+    /// [`delete_if_eq`](Backend::delete_if_eq) given also the version the
+    /// value had when we stored it ([`Grant::version`]). The default ignores
+    /// the version; Memcached deletes by CAS in one round trip and reads
+    /// only when the CAS no longer matches.
+    async fn delete_if_version(
+        &self,
+        key: &str,
+        expected: &[u8],
+        version: Option<Version>,
+        hold: Duration,
+    ) -> BackendResult<TokenCheck> {
+        let _ = version;
+        self.delete_if_eq(key, expected, hold).await
+    }
+
+    /// [`extend_if_eq`](Backend::extend_if_eq) given also the value's
+    /// version; returns the value's new version, to be passed next time.
+    /// The default ignores the version and returns it unchanged.
+    async fn extend_if_version(
+        &self,
+        key: &str,
+        expected: &[u8],
+        version: Option<Version>,
+        ttl: Duration,
+    ) -> BackendResult<(TokenCheck, Option<Version>)> {
+        let check = self.extend_if_eq(key, expected, ttl).await?;
+        Ok((check, version))
+    }
+
     /// Sets a new TTL on `key` only if it holds `expected`.
     ///
     /// The default is the non-atomic fallback (read, compare, touch);
@@ -225,6 +410,26 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     async fn ttl(&self, key: &str) -> BackendResult<Option<Duration>> {
         let _ = key;
         Ok(None)
+    }
+
+    /// Up to `limit` live keys that start with `prefix`, with their values
+    /// and remaining TTLs, in no set order: what `cachelock list` shows.
+    /// An administrative listing only; the lock and memoize never call it.
+    /// Not a snapshot: keys that come or go meanwhile may be missed. Redis
+    /// walks the keyspace with `SCAN` (every master of a Cluster), which
+    /// costs time in proportion to the whole keyspace, not to the matches.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unsupported`](crate::BackendError::Unsupported)
+    /// where the backend cannot list its keys (the default; Memcached has
+    /// no way to); otherwise what [`get`](Backend::get) can fail with.
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let _ = (prefix, limit);
+        Err(crate::BackendError::Unsupported {
+            backend: "this backend".to_owned(),
+            operation: "list its keys".to_owned(),
+        })
     }
 
     /// Arms a wake-up for the next release of `key` (see
@@ -280,21 +485,6 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         }
     }
 
-    /// The lock's atomic [`add`](Backend::add) of a value made by
-    /// [`encode_lock_value`](Backend::encode_lock_value) in `format`. The
-    /// default is `add`; Memcached sets client flags 16 for
-    /// [`ValueFormat::DjangoStr`].
-    async fn add_lock_value(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        format: ValueFormat,
-    ) -> BackendResult<bool> {
-        let _ = format;
-        self.add(key, value, ttl).await
-    }
-
     /// Whether [`delete_if_eq`](Backend::delete_if_eq) and
     /// [`extend_if_eq`](Backend::extend_if_eq) are atomic on the server.
     fn atomic_token_ops(&self) -> bool {
@@ -306,6 +496,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn max_value_size(&self) -> usize {
         DEFAULT_MAX_VALUE_SIZE
     }
+}
+
+/// A key found by [`Backend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The full cache key.
+    pub key: String,
+    /// Its value (untrusted: whatever is stored).
+    pub value: Bytes,
+    /// Its remaining TTL; `None`: no expiry, or the backend cannot say.
+    pub ttl: Option<Duration>,
 }
 
 /// A backend shared between locks, memoize calls and tasks.

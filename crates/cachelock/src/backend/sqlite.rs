@@ -48,7 +48,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
-use super::{Backend, DEFAULT_MAX_VALUE_SIZE, TokenCheck, check_value_size};
+use super::{
+    Backend, DEFAULT_MAX_VALUE_SIZE, FENCE_TTL, Grant, Listed, TokenCheck, ValueFormat,
+    check_value_size, fence_floor, fence_key, next_fence,
+};
 use crate::error::{BackendError, BackendResult};
 
 /// How long SQLite waits for another connection's write lock by default.
@@ -460,6 +463,47 @@ impl Backend for SqliteBackend {
         Ok(added)
     }
 
+    /// The add and the increment in one immediate transaction.
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        _format: ValueFormat,
+    ) -> BackendResult<Option<Grant>> {
+        check_value_size(key, value, self.max_value_size())?;
+        let (k, v, f) = (key.to_owned(), value.to_vec(), fence_key(key));
+        let floor = fence_floor(SystemTime::now());
+        let granted = self
+            .run(key, move |conn, now| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if get_live(&tx, &k, now)?.is_some() {
+                    return Ok(None);
+                }
+                let counter = get_live(&tx, &f, now)?
+                    .and_then(|c| std::str::from_utf8(&c).ok()?.parse::<u64>().ok())
+                    .map_or(0, |n| n.saturating_add(1));
+                let fence = next_fence(counter, floor);
+                put(&tx, &k, &v, Some(expires_at(now, ttl)))?;
+                put(
+                    &tx,
+                    &f,
+                    fence.to_string().as_bytes(),
+                    Some(expires_at(now, FENCE_TTL)),
+                )?;
+                tx.commit()?;
+                Ok(Some(fence))
+            })
+            .await?;
+        if granted.is_some() {
+            self.count_write();
+        }
+        Ok(granted.map(|fence| Grant {
+            fence,
+            version: None,
+        }))
+    }
+
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         let k = key.to_owned();
         self.run(key, move |conn, now| {
@@ -575,6 +619,31 @@ impl Backend for SqliteBackend {
             Ok(expires
                 .flatten()
                 .map(|t| Duration::from_millis(u64::try_from(t.saturating_sub(now)).unwrap_or(0))))
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let p = prefix.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(prefix, move |conn, now| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT key, value, expires_at FROM cachelock_entries \
+                 WHERE substr(key, 1, length(?1)) = ?1 AND {LIVE} ORDER BY key LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![p, now, limit], |r| {
+                let key: String = r.get(0)?;
+                let value: Vec<u8> = r.get(1)?;
+                let expires: Option<i64> = r.get(2)?;
+                Ok(Listed {
+                    key,
+                    value: Bytes::from(value),
+                    ttl: expires.map(|t| {
+                        Duration::from_millis(u64::try_from(t.saturating_sub(now)).unwrap_or(0))
+                    }),
+                })
+            })?;
+            rows.collect()
         })
         .await
     }

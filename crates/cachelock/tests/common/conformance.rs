@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachelock::{BackendError, SharedBackend, TokenCheck};
+use cachelock::{BackendError, SharedBackend, TokenCheck, fence_floor};
 
 use super::unique_key;
 
@@ -28,7 +28,8 @@ macro_rules! conformance_tests {
             add_race_has_one_winner, touch_missing_key, touch_extends, delete_reports_existence,
             ttl_expiry, add_after_expiry, incr_counts, incr_on_non_number_fails,
             delete_if_eq_cases, extend_if_eq_cases, token_ops_after_expiry, large_value,
-            value_over_limit_is_typed, odd_keys);
+            value_over_limit_is_typed, odd_keys, fenced_add_numbers_grants,
+            fence_starts_at_the_clock_floor, version_ops_cases, list_under_a_prefix);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -302,4 +303,160 @@ pub async fn odd_keys(b: SharedBackend) {
     b.set(&b2, b"2", LONG).await.unwrap();
     assert_eq!(b.get(&a).await.unwrap().as_deref(), Some(&b"1"[..]));
     assert_eq!(b.get(&b2).await.unwrap().as_deref(), Some(&b"2"[..]));
+}
+
+/// `add_fenced` is an add that numbers each grant: held means `None` (and
+/// the key is untouched), and every grant's fence is above the last.
+pub async fn fenced_add_numbers_grants(b: SharedBackend) {
+    let k = unique_key("fenced");
+    let mut last = 0;
+    for round in 0..5 {
+        let mine = format!("holder-{round}");
+        let grant = b
+            .add_fenced(&k, mine.as_bytes(), LONG, cachelock::ValueFormat::Raw)
+            .await
+            .unwrap()
+            .expect("the key is free");
+        assert!(
+            grant.fence > last,
+            "round {round}: {} after {last}",
+            grant.fence
+        );
+        last = grant.fence;
+        assert_eq!(b.fence(&k).await.unwrap(), Some(grant.fence));
+        assert_eq!(
+            b.add_fenced(&k, b"other", LONG, cachelock::ValueFormat::Raw)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(mine.as_bytes()));
+        assert_eq!(
+            b.delete_if_version(&k, mine.as_bytes(), grant.version, LONG)
+                .await
+                .unwrap(),
+            TokenCheck::Matched
+        );
+    }
+}
+
+/// A counter that does not exist (never granted, or lost) starts at the
+/// wall-clock floor, so it cannot start below numbers handed out before.
+pub async fn fence_starts_at_the_clock_floor(b: SharedBackend) {
+    let k = unique_key("fence-floor");
+    assert_eq!(b.fence(&k).await.unwrap(), None);
+    let before = fence_floor(std::time::SystemTime::now() - Duration::from_secs(60));
+    let grant = b
+        .add_fenced(&k, b"v", LONG, cachelock::ValueFormat::Raw)
+        .await
+        .unwrap()
+        .unwrap();
+    let after = fence_floor(std::time::SystemTime::now() + Duration::from_secs(60));
+    assert!(
+        (before..after).contains(&grant.fence),
+        "{before} <= {} < {after}",
+        grant.fence
+    );
+}
+
+/// The owner-checked operations given the grant's version: they still tell
+/// matched, another value and missing apart, also with an out-of-date
+/// version, and extend hands back a version that works next time.
+pub async fn version_ops_cases(b: SharedBackend) {
+    let k = unique_key("version");
+    let grant = b
+        .add_fenced(&k, b"mine", LONG, cachelock::ValueFormat::Raw)
+        .await
+        .unwrap()
+        .unwrap();
+    let (check, v2) = b
+        .extend_if_version(&k, b"mine", grant.version, LONG)
+        .await
+        .unwrap();
+    assert_eq!(check, TokenCheck::Matched);
+    let (check, v3) = b.extend_if_version(&k, b"mine", v2, LONG).await.unwrap();
+    assert_eq!(check, TokenCheck::Matched);
+    // An out-of-date version: still ours, so still matched.
+    let (check, _) = b
+        .extend_if_version(&k, b"mine", grant.version, LONG)
+        .await
+        .unwrap();
+    assert_eq!(check, TokenCheck::Matched);
+    assert_eq!(
+        b.delete_if_version(&k, b"mine", v3, LONG).await.unwrap(),
+        TokenCheck::Matched
+    );
+    assert_eq!(b.get(&k).await.unwrap(), None);
+
+    // Someone else's value under the key: nothing is changed.
+    let grant = b
+        .add_fenced(&k, b"mine", LONG, cachelock::ValueFormat::Raw)
+        .await
+        .unwrap()
+        .unwrap();
+    b.set(&k, b"theirs", LONG).await.unwrap();
+    assert_eq!(
+        b.extend_if_version(&k, b"mine", grant.version, LONG)
+            .await
+            .unwrap()
+            .0,
+        TokenCheck::Mismatch
+    );
+    assert_eq!(
+        b.delete_if_version(&k, b"mine", grant.version, LONG)
+            .await
+            .unwrap(),
+        TokenCheck::Mismatch
+    );
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"theirs"[..]));
+
+    // Gone: missing.
+    assert!(b.delete(&k).await.unwrap());
+    assert_eq!(
+        b.extend_if_version(&k, b"mine", grant.version, LONG)
+            .await
+            .unwrap()
+            .0,
+        TokenCheck::Missing
+    );
+    assert_eq!(
+        b.delete_if_version(&k, b"mine", grant.version, LONG)
+            .await
+            .unwrap(),
+        TokenCheck::Missing
+    );
+}
+
+/// `list` (for `cachelock list`): exactly the live keys under the prefix,
+/// with values and TTLs, capped by the limit; Memcached says it cannot.
+pub async fn list_under_a_prefix(b: SharedBackend) {
+    let p = unique_key("list");
+    let (a, c) = (format!("{p}:a"), format!("{p}:c"));
+    let outside = format!("{p}x:b");
+    b.set(&a, b"1", LONG).await.unwrap();
+    b.set(&c, b"2", LONG).await.unwrap();
+    b.set(&outside, b"3", LONG).await.unwrap();
+    let listed = match b.list(&format!("{p}:"), 10).await {
+        Err(BackendError::Unsupported { backend, .. }) => {
+            assert_eq!(backend, "memcached", "only Memcached cannot list");
+            return;
+        }
+        other => other.unwrap(),
+    };
+    let mut found: Vec<(String, Vec<u8>)> = listed
+        .iter()
+        .map(|l| (l.key.clone(), l.value.to_vec()))
+        .collect();
+    found.sort();
+    assert_eq!(found, [(a, b"1".to_vec()), (c, b"2".to_vec())]);
+    for l in &listed {
+        assert!(
+            l.ttl
+                .is_some_and(|t| t <= LONG && t > Duration::from_secs(50)),
+            "{l:?}"
+        );
+    }
+    assert_eq!(b.list(&format!("{p}:"), 1).await.unwrap().len(), 1);
+    // Glob characters in the prefix are literal.
+    assert!(b.list(&format!("{p}*"), 10).await.unwrap().is_empty());
 }

@@ -25,7 +25,8 @@ macro_rules! lock_tests {
             extend_after_key_lost_warns, extend_past_deadline_touches_nothing, with_lock_releases,
             with_lock_reports_an_overrun, dropped_guard_releases_in_background,
             reacquire_after_release_gets_new_token, contending_tasks_never_overlap,
-            keep_alive_outlives_the_lease, lost_fires_when_the_key_is_deleted);
+            keep_alive_outlives_the_lease, lost_fires_when_the_key_is_deleted,
+            holder_names_this_process);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -47,11 +48,12 @@ fn lock(b: &SharedBackend, key: &str, opts: LockOptions) -> CacheLock {
     CacheLock::new(b.clone(), key, opts).unwrap()
 }
 
+/// The token of the lock's holder (the stored value's first word).
 async fn held_by(b: &SharedBackend, key: &str) -> Option<String> {
     b.get(key)
         .await
         .unwrap()
-        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        .map(|v| cachelock::Holder::parse(&v).token)
 }
 
 fn is_uuid(token: &str) -> bool {
@@ -538,4 +540,89 @@ pub async fn lost_fires_when_the_key_is_deleted(b: SharedBackend) {
         logs.lines()
     );
     assert_eq!(guard.release().await.unwrap(), Released::Lost);
+}
+
+/// `tasks` tasks take turns on lock `key` until `rounds` grants were made,
+/// each noting its guard's fence while it holds the lock (so the notes are
+/// in grant order). Returns the fences in grant order.
+pub async fn fences_in_grant_order(
+    backend: SharedBackend,
+    key: &str,
+    tasks: usize,
+    rounds: usize,
+) -> Vec<u64> {
+    let notes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            // A CacheLock of its own: re-acquiring through the holder's is AlreadyHeld.
+            let lock = CacheLock::new(
+                backend.clone(),
+                key,
+                LockOptions::new()
+                    .lease(Duration::from_secs(10))
+                    .retry_interval(Duration::from_millis(1)),
+            )
+            .unwrap();
+            let notes = notes.clone();
+            tokio::spawn(async move {
+                loop {
+                    let guard = lock.acquire().await.unwrap();
+                    let done = {
+                        let mut notes = notes.lock().unwrap();
+                        if notes.len() >= rounds {
+                            true
+                        } else {
+                            notes.push(guard.fence());
+                            false
+                        }
+                    };
+                    assert_eq!(guard.release().await.unwrap(), Released::Released);
+                    if done {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    Arc::try_unwrap(notes).unwrap().into_inner().unwrap()
+}
+
+/// Fails unless every fence is above the one before.
+pub fn assert_strictly_increasing(fences: &[u64]) {
+    for (i, w) in fences.windows(2).enumerate() {
+        assert!(
+            w[0] < w[1],
+            "grant {}: fence {} after {}",
+            i + 1,
+            w[1],
+            w[0]
+        );
+    }
+}
+
+/// The stored value says who holds the lock: this host and process, since
+/// when, and the command given; the token stays the owner check.
+pub async fn holder_names_this_process(b: SharedBackend) {
+    let key = unique_key("holder");
+    let l = lock(
+        &b,
+        &key,
+        LockOptions::default().holder_command("nightly report --all"),
+    );
+    assert_eq!(l.holder().await.unwrap(), None);
+    let guard = l.acquire().await.unwrap();
+    let h = l.holder().await.unwrap().expect("held");
+    assert_eq!(h.token, guard.token());
+    assert_eq!(h.pid, Some(std::process::id()));
+    assert!(h.host.is_some_and(|h| !h.is_empty()));
+    assert_eq!(h.command.as_deref(), Some("nightly report --all"));
+    let age = std::time::SystemTime::now()
+        .duration_since(h.since.expect("since"))
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "{age:?}");
+    assert_eq!(guard.release().await.unwrap(), Released::Released);
+    assert_eq!(l.holder().await.unwrap(), None);
 }

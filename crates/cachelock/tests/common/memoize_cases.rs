@@ -662,7 +662,9 @@ pub async fn lock_held_during_compute_and_released(b: SharedBackend) {
         .lock()
         .clone()
         .expect("the lock key holds a token during compute");
-    assert_eq!(token.len(), 36, "a UUID token");
+    let holder = cachelock::Holder::parse(&token);
+    assert_eq!(holder.token.len(), 36, "a UUID token");
+    assert_eq!(holder.pid, Some(std::process::id()), "and who holds it");
     assert_eq!(b.get(&lock_key).await.unwrap(), None, "released after");
 }
 
@@ -723,8 +725,12 @@ pub async fn lock_timeout_computes_and_keeps_other_lock(b: SharedBackend) {
     assert!(text.contains("ERROR"));
     // The other holder's lock is untouched.
     assert_eq!(
-        b.get(&lock_key).await.unwrap().as_deref(),
-        Some(held.token().as_bytes())
+        b.get(&lock_key)
+            .await
+            .unwrap()
+            .map(|v| cachelock::Holder::parse(&v).token)
+            .as_deref(),
+        Some(held.token())
     );
     assert_eq!(held.release().await.unwrap(), cachelock::Released::Released);
     // The value computed without the lock was stored.

@@ -37,13 +37,19 @@
 //! | `set` / `add` / `delete` | `ms` / `ms ME` / `md` | 1 |
 //! | `incr` | `ma N0 J<delta> D<delta> v` (auto-vivify) | 1 |
 //! | `get_many` / `set_many` | one pipelined write per server, servers in parallel | 1 |
-//! | `delete_if_eq` (lock release) | `mg v c`, compare, `md C<cas>` | 2 |
+//! | `add_fenced` (lock acquire) | `ms ME c` + `ma` of the fence counter, pipelined | 1 |
+//! | `delete_if_version` (lock release) | `md C<cas>` on a connection open since the add | 1 |
+//! | `extend_if_version` (lock renewal) | `ms C<cas> T<ttl> c` (same value), likewise | 1 |
+//! | `delete_if_eq` (release, no usable CAS) | `mg v c`, compare, `md C<cas>` | 2 |
 //! | `extend_if_eq` | `mg v c`, compare, `ms C<cas> T<ttl>` (same value) | 2 |
 //!
 //! Token operations are atomic thanks to the CAS guard: the item is only
-//! deleted or re-stored if it is still the very item that was read. (The
-//! `E` flag and `md x` that would allow more need memcached 1.6.27; 1.6.18
-//! has neither, and `mg` ignores `C`, so there is no one-trip form.)
+//! deleted or re-stored if it is still the very item that was read. The
+//! lock's release and renewal skip the read by sending the CAS its add got
+//! back, but only over a connection that was already open when the add was
+//! sent (see `delete_if_version` for why; otherwise, or on a CAS mismatch,
+//! they take the two-trip form). (The `E` flag that would let the client
+//! choose CAS values needs memcached 1.6.27; 1.6.18 refuses it.)
 //!
 //! Pipelined batches do not use quiet mode: it would save only the `EN` /
 //! `HD` reply lines, not a round trip, and unquieted replies arrive one per
@@ -101,7 +107,10 @@ use futures_util::future::join_all;
 use self::pool::{Pool, Until};
 use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
 use self::ring::Ring;
-use super::{Backend, TokenCheck, ValueFormat, check_value_size};
+use super::{
+    Backend, FENCE_TTL, Grant, Listed, TokenCheck, ValueFormat, Version, check_value_size,
+    fence_floor, fence_key,
+};
 use crate::error::{BackendError, BackendResult};
 
 /// The default connect timeout: 1 second.
@@ -437,6 +446,116 @@ impl MemcachedBackend {
         }
     }
 
+    /// Parses a counter's value.
+    fn counter(&self, key: &str, value: &[u8]) -> BackendResult<u64> {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| BackendError::protocol(key, "memcached returned a non-numeric counter"))
+    }
+
+    /// One `md key C<cas>` over a connection numbered at most the version's
+    /// session (see `delete_if_version`): the version still matched
+    /// (deleted), the key is gone, or `None`: the CAS differs (someone
+    /// else's, or changed), or there is no such connection.
+    async fn delete_by_cas(
+        &self,
+        key: &str,
+        version: Version,
+    ) -> BackendResult<Option<TokenCheck>> {
+        let mut req = Vec::new();
+        proto::encode_delete(
+            &mut req,
+            &WireKey::new(key),
+            Some(version.value),
+            false,
+            None,
+        );
+        let Some(reply) = self.pinned(key, &req, version.session).await? else {
+            return Ok(None);
+        };
+        match reply {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(Some(TokenCheck::Matched)),
+            Response::Meta {
+                status: Status::NotFound,
+                ..
+            } => Ok(Some(TokenCheck::Missing)),
+            Response::Meta {
+                status: Status::Exists,
+                ..
+            } => Ok(None),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
+    /// One `ms key T<ttl> C<cas> c` of `value` over a connection numbered
+    /// at most the version's session: `Some((check, new version))`, or
+    /// `None` if the CAS differs or there is no such connection.
+    async fn extend_by_cas(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Version,
+        ttl: Duration,
+    ) -> BackendResult<Option<(TokenCheck, Option<Version>)>> {
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            ttl: exptime(ttl),
+            compare_cas: Some(version.value),
+            return_cas: true,
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        let Some(reply) = self.pinned(key, &req, version.session).await? else {
+            return Ok(None);
+        };
+        match reply {
+            Response::Meta {
+                status: Status::Ok,
+                flags,
+                ..
+            } => Ok(Some((
+                TokenCheck::Matched,
+                flags.cas.map(|cas| Version {
+                    value: cas,
+                    session: version.session,
+                }),
+            ))),
+            Response::Meta {
+                status: Status::NotFound,
+                ..
+            } => Ok(Some((TokenCheck::Missing, None))),
+            Response::Meta {
+                status: Status::Exists,
+                ..
+            } => Ok(None),
+            other => Err(self.unexpected(key, value.len(), other)),
+        }
+    }
+
+    /// One command over a connection to `key`'s server numbered at most
+    /// `session` (see `delete_if_version`); `None`: there is none.
+    async fn pinned(
+        &self,
+        key: &str,
+        request: &[u8],
+        session: u64,
+    ) -> BackendResult<Option<Response>> {
+        let replies = self
+            .server(self.ring.server_for(key), key)?
+            .request_pinned(key, request, Until::Count(1), NO_VALUE, session)
+            .await?;
+        match replies {
+            Some(mut replies) => replies
+                .pop()
+                .map(Some)
+                .ok_or_else(|| BackendError::protocol(key, "no reply")),
+            None => Ok(None),
+        }
+    }
+
     /// Groups item indices by server.
     fn by_server(&self, keys: impl Iterator<Item = (usize, impl AsRef<str>)>) -> Vec<Vec<usize>> {
         let mut groups = vec![Vec::new(); self.servers.len()];
@@ -606,18 +725,186 @@ impl Backend for MemcachedBackend {
         }
     }
 
-    async fn add_lock_value(
+    /// One round trip: `ms key … ME c` (the add, returning its CAS) and
+    /// `ma` of the fence counter, pipelined to the lock key's server. The
+    /// counter is also incremented by an add that finds the lock held;
+    /// the numbers still rise with each grant. The grant's version is the
+    /// add's CAS together with the sequence number of the connection the
+    /// add went over (see `delete_if_version`).
+    async fn add_fenced(
         &self,
         key: &str,
         value: &[u8],
         ttl: Duration,
         format: ValueFormat,
-    ) -> BackendResult<bool> {
+    ) -> BackendResult<Option<Grant>> {
+        check_value_size(key, value, self.max_value_size())?;
+        let mut req = Vec::new();
         let client_flags = match format {
             ValueFormat::Raw => None,
             ValueFormat::DjangoStr => Some(PYMEMCACHE_FLAG_TEXT),
         };
-        self.add_flagged(key, value, ttl, client_flags).await
+        let flags = SetFlags {
+            mode: SetMode::Add,
+            ttl: exptime(ttl),
+            client_flags,
+            // A Django-format lock is renewed by the flag-keeping
+            // read-and-set of `extend_if_eq`, not by CAS (a CAS `ms` would
+            // have to resend the flags): it gets no version.
+            return_cas: client_flags.is_none(),
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        let counter_key = fence_key(key);
+        let floor = fence_floor(SystemTime::now());
+        proto::encode_fence(
+            &mut req,
+            &WireKey::new(&counter_key),
+            floor,
+            exptime(FENCE_TTL),
+        );
+        let (replies, session) = self
+            .server(self.ring.server_for(key), key)?
+            .request_tagged(key, &req, Until::Count(2), COUNTER_VALUE)
+            .await?;
+        let mut replies = replies.into_iter();
+        let (Some(added), Some(fence)) = (replies.next(), replies.next()) else {
+            return Err(BackendError::protocol(key, "missing reply"));
+        };
+        let version = match added {
+            Response::Meta {
+                status: Status::Ok,
+                flags,
+                ..
+            } => flags.cas.map(|cas| Version {
+                value: cas,
+                session,
+            }),
+            Response::Meta {
+                status: Status::NotStored,
+                ..
+            } => return Ok(None),
+            other => return Err(self.unexpected(key, value.len(), other)),
+        };
+        let fence = match fence {
+            Response::Meta {
+                status: Status::Value,
+                value: Some(v),
+                ..
+            } => self.counter(&counter_key, &v)?,
+            other => return Err(self.unexpected(&counter_key, 0, other)),
+        };
+        Ok(Some(Grant { fence, version }))
+    }
+
+    /// Read from the lock key's server, where `add_fenced` keeps it.
+    async fn fence(&self, key: &str) -> BackendResult<Option<u64>> {
+        let counter_key = fence_key(key);
+        let mut req = Vec::new();
+        let flags = GetFlags {
+            value: true,
+            ..GetFlags::default()
+        };
+        proto::encode_get(&mut req, &WireKey::new(&counter_key), &flags);
+        let mut replies = self
+            .server(self.ring.server_for(key), key)?
+            .request(key, &req, Until::Count(1), true, COUNTER_VALUE)
+            .await?;
+        match replies.pop() {
+            Some(Response::Meta {
+                status: Status::Value,
+                value: Some(v),
+                ..
+            }) => Ok(self.counter(&counter_key, &v).ok()),
+            Some(Response::Meta {
+                status: Status::Miss,
+                ..
+            }) => Ok(None),
+            Some(other) => Err(self.unexpected(&counter_key, 0, other)),
+            None => Err(BackendError::protocol(key, "no reply")),
+        }
+    }
+
+    /// One `md key C<cas>` over a connection open since the add (`NF`:
+    /// the key is gone); if there is none, or the CAS differs (`EX`), the
+    /// read-compare-delete of [`delete_if_eq`](Backend::delete_if_eq).
+    ///
+    /// # Why the CAS is only sent over an old connection
+    ///
+    /// Memcached 1.6.18 cannot be told which CAS to give an item (no `E`
+    /// flag), and a restarted server counts CAS values from 1 again: after
+    /// a restart, another holder's fresh lock can carry the very CAS our
+    /// add got from the old process, and an `md key C<cas>` that reached
+    /// the new process would delete their lock. So the CAS is sent only
+    /// where it means what it meant at the add: to the server *process*
+    /// that executed the add, which is where the CAS is unique.
+    ///
+    /// Every pooled connection is numbered once it is established (rising
+    /// per server, see `pool`), and the add reports the number `s` of the
+    /// connection it went over. The CAS is then sent only over a
+    /// connection numbered `s` or lower, to the same peer address (no
+    /// change of peer between the two numbers), that is still the same
+    /// TCP connection (pooled connections are never reconnected in place).
+    /// Such a connection was established (accepted by the process that
+    /// listened on that address then, `P'`) before the add was sent over
+    /// connection `s` and executed by process `P`. One process listens on
+    /// a port at a time, so if `P'` is not `P`, `P'` had exited by the
+    /// time `P` executed the add, and its exit closed every connection it
+    /// had accepted, ours included: a command written on it now reaches no
+    /// process (the kernel answers with a reset; we read EOF or an error,
+    /// and fall back). Hence the `md` either reaches `P`, where our CAS
+    /// names our item only, or no server at all. A renewal's new CAS
+    /// (`ms … c` over such a connection) is `P`'s too, so it keeps `s`.
+    ///
+    /// What this assumes: the client talks to memcached itself (not
+    /// through a proxy such as mcrouter or twemproxy, whose connections
+    /// survive a memcached restart behind it); one memcached process per
+    /// address (no `SO_REUSEPORT` pair). When no old connection is idle
+    /// (it was closed, or all are busy), the two-trip path is taken: it
+    /// compares the whole stored value, token included.
+    async fn delete_if_version(
+        &self,
+        key: &str,
+        expected: &[u8],
+        version: Option<Version>,
+        hold: Duration,
+    ) -> BackendResult<TokenCheck> {
+        if let Some(version) = version
+            && let Some(check) = self.delete_by_cas(key, version).await?
+        {
+            return Ok(check);
+        }
+        self.delete_if_eq(key, expected, hold).await
+    }
+
+    /// One `ms key T<ttl> C<cas> c` (the same value) over a connection open
+    /// since the add, as in `delete_if_version`, returning the new CAS; if
+    /// there is none, or the CAS differs, the read of
+    /// [`extend_if_eq`](Backend::extend_if_eq) (and no version after).
+    async fn extend_if_version(
+        &self,
+        key: &str,
+        expected: &[u8],
+        version: Option<Version>,
+        ttl: Duration,
+    ) -> BackendResult<(TokenCheck, Option<Version>)> {
+        if let Some(version) = version
+            && let Some(done) = self.extend_by_cas(key, expected, version, ttl).await?
+        {
+            return Ok(done);
+        }
+        Ok((self.extend_if_eq(key, expected, ttl).await?, None))
+    }
+
+    /// Memcached cannot list its keys: the protocol has no way to (the
+    /// `lru_crawler metadump` of some versions is a debugging aid that
+    /// walks the whole cache, and it is often disabled).
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let _ = (prefix, limit);
+        Err(BackendError::Unsupported {
+            backend: "memcached".to_owned(),
+            operation: "list its keys (the protocol has no way to enumerate them)".to_owned(),
+        })
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {

@@ -13,8 +13,15 @@
 //! Connections are opened lazily with `TCP_NODELAY`, within the connect
 //! timeout; at most `max_connections` are in use per server at once
 //! (further callers wait for one, within the response timeout).
+//!
+//! Each connection gets a sequence number when it is established (rising
+//! per pool), which [`Pool::request_tagged`] reports and
+//! [`Pool::request_pinned`] uses to pick a connection that was already open
+//! when a given earlier exchange ran: see the backend's `delete_if_version`
+//! for why that makes a CAS safe to send.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -41,6 +48,8 @@ const READ_CHUNK: usize = 64 * 1024;
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Assigned once the connection was established; rises per pool.
+    seq: u64,
 }
 
 impl Conn {
@@ -67,6 +76,21 @@ pub(crate) struct Pool {
     response_timeout: Duration,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
+    /// The next connection's sequence number, and the peers seen.
+    seqs: Mutex<Seqs>,
+}
+
+/// Connection numbering.
+#[derive(Debug, Default)]
+struct Seqs {
+    /// The last number handed out (the first connection gets 1).
+    last: u64,
+    /// The peer address of the last connection.
+    peer: Option<SocketAddr>,
+    /// The number of the last connection whose peer address differed from
+    /// the one before (a name that resolved elsewhere): connections
+    /// numbered before it may lead to another server.
+    peer_changed_at: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -119,6 +143,7 @@ impl Pool {
             response_timeout,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(max_connections.max(1)),
+            seqs: Mutex::new(Seqs::default()),
         }
     }
 
@@ -148,14 +173,78 @@ impl Pool {
     ) -> BackendResult<Vec<Response>> {
         self.run(key, request, until, retry_reads, max_value_len)
             .await
+            .map(|(frames, _)| frames)
+    }
+
+    /// [`request`](Self::request) (never retried) that also reports the
+    /// sequence number of the connection the exchange ran on.
+    pub(crate) async fn request_tagged(
+        &self,
+        key: &str,
+        request: &[u8],
+        until: Until,
+        max_value_len: usize,
+    ) -> BackendResult<(Vec<Response>, u64)> {
+        self.run(key, request, until, false, max_value_len).await
+    }
+
+    /// Sends `request` over an idle connection numbered `session` or lower
+    /// (and to the same peer address as `session`), that is, one that was
+    /// already established when the exchange [`request_tagged`] numbered
+    /// `session` was sent. `Ok(None)`: there is no such connection (all
+    /// closed or busy), or it turned out dead before a reply came (closed,
+    /// reset): then the request reached no server process that is still
+    /// running, and the caller takes another path. Never retried.
+    ///
+    /// [`request_tagged`]: Self::request_tagged
+    pub(crate) async fn request_pinned(
+        &self,
+        key: &str,
+        request: &[u8],
+        until: Until,
+        max_value_len: usize,
+        session: u64,
+    ) -> BackendResult<Option<Vec<Response>>> {
+        let _permit = self.permit(key).await?;
+        let Some(mut conn) = self.take_idle_pinned(session) else {
+            return Ok(None);
+        };
+        match self
+            .exchange::<Response>(&mut conn, request, until, max_value_len)
+            .await
+        {
+            Ok((frames, clean)) => {
+                if clean {
+                    self.put_idle(conn);
+                }
+                Ok(Some(frames))
+            }
+            Err(Failure::Io(_) | Failure::Closed) => {
+                tracing::debug!(addr = %self.addr, "pinned memcached connection was dead");
+                self.purge();
+                Ok(None)
+            }
+            Err(failure) => Err(self.fail(key, failure)),
+        }
     }
 
     /// Asks `stats settings`.
     pub(crate) async fn stats_settings(&self) -> BackendResult<Stats> {
         let mut req = Vec::new();
         proto::encode_stats_settings(&mut req);
-        let mut frames: Vec<Stats> = self.run("", &req, Until::Count(1), true, 0).await?;
+        let (mut frames, _): (Vec<Stats>, _) = self.run("", &req, Until::Count(1), true, 0).await?;
         Ok(frames.pop().unwrap_or_default())
+    }
+
+    async fn permit(&self, key: &str) -> BackendResult<tokio::sync::SemaphorePermit<'_>> {
+        match tokio::time::timeout(self.response_timeout, self.permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(self.unavailable(key, "connection pool closed")),
+            Err(_) => Err(BackendError::TimedOut {
+                key: key.to_owned(),
+                after: self.response_timeout,
+            }),
+        }
     }
 
     async fn run<F: Frame>(
@@ -165,18 +254,8 @@ impl Pool {
         until: Until,
         retry_reads: bool,
         max_value_len: usize,
-    ) -> BackendResult<Vec<F>> {
-        let _permit =
-            match tokio::time::timeout(self.response_timeout, self.permits.acquire()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(self.unavailable(key, "connection pool closed")),
-                Err(_) => {
-                    return Err(BackendError::TimedOut {
-                        key: key.to_owned(),
-                        after: self.response_timeout,
-                    });
-                }
-            };
+    ) -> BackendResult<(Vec<F>, u64)> {
+        let _permit = self.permit(key).await?;
         let (mut conn, reused) = match self.take_idle() {
             Some(conn) => (conn, true),
             None => (self.connect(key).await?, false),
@@ -194,10 +273,11 @@ impl Pool {
         }
         match outcome {
             Ok((frames, clean)) => {
+                let seq = conn.seq;
                 if clean {
                     self.put_idle(conn);
                 }
-                Ok(frames)
+                Ok((frames, seq))
             }
             Err(failure) => Err(self.fail(key, failure)),
         }
@@ -250,10 +330,23 @@ impl Pool {
         stream
             .set_nodelay(true)
             .map_err(|e| self.unavailable(key, format!("TCP_NODELAY: {e}")))?;
-        tracing::debug!(addr = %self.addr, "opened memcached connection");
+        // Numbered only now that it is established: a connection numbered
+        // at most `n` was open before connection `n` sent anything.
+        let peer = stream.peer_addr().ok();
+        let seq = {
+            let mut seqs = self.seqs.lock();
+            seqs.last = seqs.last.saturating_add(1);
+            if peer.is_none() || seqs.peer != peer {
+                seqs.peer = peer;
+                seqs.peer_changed_at = seqs.last;
+            }
+            seqs.last
+        };
+        tracing::debug!(addr = %self.addr, seq, "opened memcached connection");
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
+            seq,
         })
     }
 
@@ -266,7 +359,7 @@ impl Pool {
     ) -> Result<(Vec<F>, bool), Failure> {
         let work = async {
             conn.buf.clear();
-            let Conn { stream, buf } = &mut *conn;
+            let Conn { stream, buf, .. } = &mut *conn;
             let (mut reader, mut writer) = stream.split();
             // Write and read at the same time: a big pipelined batch whose
             // replies fill the socket buffers must not deadlock with the
@@ -315,6 +408,24 @@ impl Pool {
     fn take_idle(&self) -> Option<Conn> {
         let mut idle = self.idle.lock();
         while let Some(conn) = idle.pop() {
+            if conn.looks_alive() {
+                return Some(conn);
+            }
+            tracing::debug!(addr = %self.addr, "dropping a pooled memcached connection the server closed");
+        }
+        None
+    }
+
+    /// An idle live connection numbered at most `session`, with no change
+    /// of peer address between its number and `session`.
+    fn take_idle_pinned(&self, session: u64) -> Option<Conn> {
+        let since = self.seqs.lock().peer_changed_at;
+        let mut idle = self.idle.lock();
+        while let Some(i) = idle
+            .iter()
+            .rposition(|c| c.seq <= session && c.seq >= since)
+        {
+            let conn = idle.swap_remove(i);
             if conn.looks_alive() {
                 return Some(conn);
             }

@@ -147,6 +147,8 @@ pub struct SetFlags {
     /// `F<n>`: the item's client flags (`None`: 0). Django's
     /// `PyMemcacheCache` stores a `str` as UTF-8 with flags 16.
     pub client_flags: Option<u32>,
+    /// `c`: return the stored item's CAS token.
+    pub return_cas: bool,
     /// `q`: no reply on success.
     pub quiet: bool,
     /// `O<n>`: an opaque number echoed in the reply.
@@ -229,6 +231,9 @@ pub fn encode_set(buf: &mut Vec<u8>, key: &WireKey, value: &[u8], flags: &SetFla
     if let Some(client_flags) = flags.client_flags {
         push_flag(buf, 'F', client_flags);
     }
+    if flags.return_cas {
+        push_bare(buf, b'c');
+    }
     push_common(buf, key, flags.quiet, flags.opaque);
     buf.extend_from_slice(b"\r\n");
     buf.extend_from_slice(value);
@@ -263,6 +268,20 @@ pub fn encode_incr(buf: &mut Vec<u8>, key: &WireKey, delta: u64, vivify: Option<
         push_flag(buf, 'N', ttl);
         push_flag(buf, 'J', initial);
     }
+    push_common(buf, key, false, None);
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Appends `ma <key> D1 v N<ttl> J<floor> T<ttl>\r\n`: the next fence.
+/// A missing counter is created holding `floor` (and that is returned); an
+/// existing one is incremented; either way its TTL becomes `ttl`.
+pub fn encode_fence(buf: &mut Vec<u8>, key: &WireKey, floor: u64, ttl: i64) {
+    push_key(buf, "ma", key);
+    push_flag(buf, 'D', 1);
+    push_bare(buf, b'v');
+    push_flag(buf, 'N', ttl);
+    push_flag(buf, 'J', floor);
+    push_flag(buf, 'T', ttl);
     push_common(buf, key, false, None);
     buf.extend_from_slice(b"\r\n");
 }

@@ -140,11 +140,14 @@ use self::link::{
 };
 use self::notify::RedisNotify;
 use self::scripts::{
-    ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, NativeDelete, native_delete_from_command_info,
-    token_check,
+    ADD_FENCED, ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, FENCE, NativeDelete,
+    native_delete_from_command_info, token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
-use super::{Backend, ReleaseWatch, TokenCheck, check_value_size, queue_key};
+use super::{
+    Backend, FENCE_TTL, Grant, Listed, ReleaseWatch, TokenCheck, ValueFormat, check_value_size,
+    fence_key, fence_key_same_slot, next_fence, queue_key,
+};
 use crate::backend::url::SentinelUrl;
 use crate::error::{BackendError, BackendResult};
 
@@ -192,6 +195,9 @@ pub struct RedisBackend {
     /// Cleared when the server cannot run the wait-queue script (no `LPOS`,
     /// before Redis 6.0.6): waiters then race for a released lock.
     queue: std::sync::atomic::AtomicBool,
+    /// Set when the server denied a script (`NOPERM`, an ACL without
+    /// `EVALSHA`): the lock's add then sends plain commands.
+    scripts_denied: std::sync::atomic::AtomicBool,
 }
 
 /// How long a released lock stays reserved for the first waiter in line
@@ -331,6 +337,7 @@ impl RedisBackend {
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
             notify,
             queue: std::sync::atomic::AtomicBool::new(true),
+            scripts_denied: std::sync::atomic::AtomicBool::new(false),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -407,6 +414,7 @@ impl RedisBackend {
             set_nx_get: std::sync::atomic::AtomicBool::new(true),
             notify: None,
             queue: std::sync::atomic::AtomicBool::new(false),
+            scripts_denied: std::sync::atomic::AtomicBool::new(false),
         };
         backend.native_delete = backend
             .detect_native_delete()
@@ -539,6 +547,122 @@ impl RedisBackend {
             self.link.discard(generation);
         }
         Err(outcome)
+    }
+
+    /// Runs `cmd` on the standalone server, or on the Cluster node `node`
+    /// (`host`, `port`).
+    async fn on_node<T: ::redis::FromRedisValue>(
+        &self,
+        key: &str,
+        cmd: &Cmd,
+        node: Option<&(String, u16)>,
+    ) -> BackendResult<T> {
+        let Some((host, port)) = node else {
+            return self.query(key, cmd).await;
+        };
+        let started = Instant::now();
+        self.retrying(key, started, move |conn: Conn| async move {
+            let Conn::Cluster(mut cluster) = conn else {
+                return cmd.query_async::<T>(&mut conn.clone()).await;
+            };
+            let routing = ::redis::cluster_routing::RoutingInfo::SingleNode(
+                ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                },
+            );
+            let value = cluster.route_command(cmd.clone(), routing).await?;
+            ::redis::FromRedisValue::from_redis_value(value).map_err(RedisError::from)
+        })
+        .await
+    }
+
+    /// The Cluster's masters (`host`, `port`), from `CLUSTER NODES`.
+    async fn cluster_masters(&self, key: &str) -> BackendResult<Vec<(String, u16)>> {
+        let nodes: String = self
+            .query(key, &::redis::cmd("CLUSTER").arg("NODES").clone())
+            .await?;
+        let masters: Vec<(String, u16)> = nodes
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let addr = fields.nth(1)?;
+                let flags = fields.next()?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                // `host:port@cport[,hostname]`
+                let addr = addr.split(['@', ',']).next()?;
+                let (host, port) = addr.rsplit_once(':')?;
+                Some((host.to_owned(), port.parse().ok()?))
+            })
+            .collect();
+        if masters.is_empty() {
+            return Err(BackendError::protocol(key, "CLUSTER NODES named no master"));
+        }
+        Ok(masters)
+    }
+
+    /// Runs `script` with `keys` and `args`, returning its integer reply.
+    async fn script_i64(
+        &self,
+        key: &str,
+        script: &::redis::Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> BackendResult<i64> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(*k);
+        }
+        for a in args {
+            invocation.arg(*a);
+        }
+        let invocation = &invocation;
+        self.retrying(key, Instant::now(), move |mut conn: Conn| async move {
+            invocation.invoke_async::<i64>(&mut conn).await
+        })
+        .await
+    }
+
+    /// The add, then the fence as a second step: for a Cluster key whose
+    /// counter is in another slot, and where scripts are denied (then with
+    /// plain `INCR`, `TIME`, `SET`, `PEXPIRE`). The increment happens while
+    /// we hold the lock, so the numbers still rise in grant order.
+    async fn add_then_fence(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        counter_key: &str,
+    ) -> BackendResult<Option<Grant>> {
+        use std::sync::atomic::Ordering;
+        if !self.add(key, value, ttl).await? {
+            return Ok(None);
+        }
+        let fence_ttl = ttl_ms(FENCE_TTL).to_string();
+        let fence = if self.scripts_denied.load(Ordering::Relaxed) {
+            let counter = self.incr(counter_key, 1).await?;
+            let (secs, micros): (u64, u64) = self.query(key, &::redis::cmd("TIME")).await?;
+            let floor = secs.saturating_mul(1_000_000).saturating_add(micros);
+            let fence = next_fence(counter, floor);
+            if fence > counter {
+                let mut cmd = ::redis::cmd("SET");
+                cmd.arg(counter_key).arg(fence);
+                self.query::<()>(counter_key, &cmd).await?;
+            }
+            self.touch(counter_key, FENCE_TTL).await?;
+            fence
+        } else {
+            let n = self
+                .script_i64(counter_key, &FENCE, &[counter_key], &[fence_ttl.as_bytes()])
+                .await?;
+            fence_from_reply(key, n)?
+        };
+        Ok(Some(Grant {
+            fence,
+            version: None,
+        }))
     }
 
     /// Sends one pipeline of `SET key value PX ms` for `items`.
@@ -695,37 +819,53 @@ impl Backend for RedisBackend {
         }
     }
 
-    /// On a standalone server, one script: the add, or a place at the end
-    /// of the lock's wait queue (see [`ADD_QUEUED`]).
-    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        if !self.queues() {
-            return self.add(key, value, ttl).await;
+    /// On a standalone server, one script: the add and its fence, or a
+    /// place at the end of the lock's wait queue (see [`ADD_QUEUED`]).
+    /// Elsewhere (Cluster, a native compare-and-delete, scripts denied) as
+    /// [`add_fenced`](Backend::add_fenced).
+    async fn add_queued(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<Option<Grant>> {
+        use std::sync::atomic::Ordering;
+        if !self.queues() || self.scripts_denied.load(Ordering::Relaxed) {
+            return self.add_fenced(key, value, ttl, ValueFormat::Raw).await;
         }
         check_value_size(key, value, self.max_value_size())?;
-        let queue = queue_key(key);
-        let mut invocation = ADD_QUEUED.prepare_invoke();
-        invocation
-            .key(key)
-            .key(&queue)
-            .arg(value)
-            .arg(ttl_ms(ttl))
-            .arg(RESERVED)
-            .arg(MAX_QUEUED);
-        let invocation = &invocation;
-        let result = self
-            .retrying(key, Instant::now(), move |mut conn: Conn| async move {
-                invocation.invoke_async::<i64>(&mut conn).await
-            })
+        let (queue, counter_key) = (queue_key(key), fence_key(key));
+        let (lease, max, fence_ttl) = (
+            ttl_ms(ttl).to_string(),
+            MAX_QUEUED.to_string(),
+            ttl_ms(FENCE_TTL).to_string(),
+        );
+        let reply = self
+            .script_i64(
+                key,
+                &ADD_QUEUED,
+                &[key, &queue, &counter_key],
+                &[
+                    value,
+                    lease.as_bytes(),
+                    RESERVED,
+                    max.as_bytes(),
+                    fence_ttl.as_bytes(),
+                ],
+            )
             .await;
-        match result {
-            Ok(code) => Ok(code == 1),
+        match reply {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(Grant {
+                fence: fence_from_reply(key, n)?,
+                version: None,
+            })),
             Err(BackendError::Protocol { message, .. })
-                if message.to_ascii_lowercase().contains("unknown") =>
+                if message.to_ascii_lowercase().contains("unknown") || is_noperm(&message) =>
             {
                 tracing::debug!(error = %message, "Redis cannot run the wait-queue script; waiters race");
-                self.queue
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                self.add(key, value, ttl).await
+                self.queue.store(false, Ordering::Relaxed);
+                self.add_fenced(key, value, ttl, ValueFormat::Raw).await
             }
             Err(e) => Err(e),
         }
@@ -738,6 +878,53 @@ impl Backend for RedisBackend {
         let mut cmd = ::redis::cmd("LREM");
         cmd.arg(queue_key(key)).arg(1).arg(value);
         self.query::<i64>(key, &cmd).await.map(drop)
+    }
+
+    /// One script (`EVALSHA`): `SET NX PX`, then `INCR` of the fence
+    /// counter raised to the server's `TIME`. Where scripts are denied by
+    /// ACL, plain commands in several round trips. `format` changes
+    /// nothing here (the value is already encoded).
+    async fn add_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        _format: ValueFormat,
+    ) -> BackendResult<Option<Grant>> {
+        use std::sync::atomic::Ordering;
+        check_value_size(key, value, self.max_value_size())?;
+        let counter_key = fence_key(key);
+        if self.scripts_denied.load(Ordering::Relaxed)
+            || (self.is_cluster() && !fence_key_same_slot(key))
+        {
+            return self.add_then_fence(key, value, ttl, &counter_key).await;
+        }
+        let (lease, fence_ttl) = (ttl_ms(ttl).to_string(), ttl_ms(FENCE_TTL).to_string());
+        let reply = self
+            .script_i64(
+                key,
+                &ADD_FENCED,
+                &[key, &counter_key],
+                &[value, lease.as_bytes(), fence_ttl.as_bytes()],
+            )
+            .await;
+        match reply {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(Grant {
+                fence: fence_from_reply(key, n)?,
+                version: None,
+            })),
+            Err(BackendError::Protocol { message, .. }) if is_noperm(&message) => {
+                tracing::warn!(
+                    error = %message,
+                    "Redis denies scripts (EVALSHA) to this user; the lock's add now takes \
+                     several round trips, and owner-checked release needs DELEX/DELIFEQ"
+                );
+                self.scripts_denied.store(true, Ordering::Relaxed);
+                self.add_then_fence(key, value, ttl, &counter_key).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
@@ -858,6 +1045,57 @@ impl Backend for RedisBackend {
         Ok(u64::try_from(ms).ok().map(Duration::from_millis))
     }
 
+    /// `SCAN 0 MATCH <prefix>* COUNT 1000` until the cursor comes back to 0
+    /// (on a Cluster, on every master, found with `CLUSTER NODES`), then
+    /// `GET` and `PTTL` of each key found.
+    async fn list(&self, prefix: &str, limit: usize) -> BackendResult<Vec<Listed>> {
+        let pattern = format!("{}*", glob_escape(prefix));
+        let masters = match &self.link {
+            Link::Single(_) => vec![None],
+            Link::Cluster(_) => self
+                .cluster_masters(prefix)
+                .await?
+                .into_iter()
+                .map(Some)
+                .collect(),
+        };
+        let mut keys: Vec<String> = Vec::new();
+        'nodes: for node in masters {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = ::redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, found): (u64, Vec<Vec<u8>>) =
+                    self.on_node(prefix, &cmd, node.as_ref()).await?;
+                // Keys that are not UTF-8 are not ours (ours are `&str`).
+                for key in found.into_iter().filter_map(|k| String::from_utf8(k).ok()) {
+                    if keys.len() >= limit {
+                        break 'nodes;
+                    }
+                    keys.push(key);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        let mut listed = Vec::with_capacity(keys.len());
+        for key in keys {
+            // Gone since the scan: skipped.
+            let Some(value) = self.get(&key).await? else {
+                continue;
+            };
+            let ttl = self.ttl(&key).await?;
+            listed.push(Listed { key, value, ttl });
+        }
+        Ok(listed)
+    }
+
     /// Pub/sub on a standalone server (see the module docs); a Cluster
     /// backend polls.
     async fn watch_release(&self, key: &str) -> ReleaseWatch {
@@ -891,6 +1129,31 @@ impl Backend for RedisBackend {
     fn max_value_size(&self) -> usize {
         self.options.max_value_size
     }
+}
+
+/// `s` with the glob characters of `SCAN MATCH` escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Whether an error reply says the ACL denies the command.
+fn is_noperm(message: &str) -> bool {
+    message.contains("NOPERM") || message.to_ascii_lowercase().contains("no permissions")
+}
+
+/// A fence from a script's reply (always positive).
+fn fence_from_reply(key: &str, n: i64) -> BackendResult<u64> {
+    u64::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| BackendError::protocol(key, format!("fence script replied {n}")))
 }
 
 #[cfg(test)]

@@ -47,21 +47,37 @@ return 1 + redis.call('PUBLISH', ARGV[2], nxt)
 
 /// The add of a waiter that waits in line: stores ARGV[1] under KEYS[1]
 /// with a TTL of ARGV[2] ms if the key is absent or reserved for this
-/// waiter (it holds ARGV[3] followed by ARGV[1], see [`DELETE_IF_EQ`]), and
-/// then leaves the wait queue KEYS[2]. Otherwise it joins the end of the
-/// queue (once; at most ARGV[4] waiters) and keeps the queue ARGV[2] ms.
-/// 1: added; 0: held.
+/// waiter (it holds ARGV[3] followed by ARGV[1], see [`DELETE_IF_EQ`]) or
+/// already ours (a retried attempt), and
+/// then leaves the wait queue KEYS[2] and numbers the grant as
+/// [`ADD_FENCED`] does (counter KEYS[3], its TTL ARGV[5] ms). Otherwise it
+/// joins the end of the queue (once; at most ARGV[4] waiters) and keeps
+/// the queue ARGV[2] ms. Returns the fence, or 0 if the key is held.
 pub(super) static ADD_QUEUED: LazyLock<::redis::Script> = LazyLock::new(|| {
     ::redis::Script::new(
         r"
 local added = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-if not added and redis.call('GET', KEYS[1]) == ARGV[3] .. ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  added = true
+if not added then
+  local cur = redis.call('GET', KEYS[1])
+  if cur == ARGV[3] .. ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    added = true
+  elseif cur == ARGV[1] then
+    -- A retried attempt whose first try landed: ours.
+    added = true
+  end
 end
 if added then
   redis.call('LREM', KEYS[2], 1, ARGV[1])
-  return 1
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local n = redis.call('INCR', KEYS[3])
+  if n < floor then
+    n = floor
+    redis.call('SET', KEYS[3], string.format('%d', n))
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  return n
 end
 if not redis.call('LPOS', KEYS[2], ARGV[1])
     and redis.call('LLEN', KEYS[2]) < tonumber(ARGV[4]) then
@@ -83,6 +99,49 @@ if v == false then return -1 end
 if v ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
+",
+    )
+});
+
+/// The lock's add and its fence in one step. Stores ARGV[1] under KEYS[1]
+/// with a TTL of ARGV[2] ms if the key is absent (or already holds ARGV[1]:
+/// a retried first attempt), then numbers the grant: INCR of the counter
+/// KEYS[2], raised to the floor (the server's `TIME` in microseconds) if it
+/// restarted below it, with a TTL of ARGV[3] ms. Returns the fence, or 0 if
+/// the key is held by someone else.
+pub(super) static ADD_FENCED: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+end
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = redis.call('INCR', KEYS[2])
+if n < floor then
+  n = floor
+  redis.call('SET', KEYS[2], string.format('%d', n))
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return n
+",
+    )
+});
+
+/// The fence alone (for a Cluster key whose counter is in another slot):
+/// as in [`ADD_FENCED`], on KEYS[1] with a TTL of ARGV[1] ms.
+pub(super) static FENCE: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = redis.call('INCR', KEYS[1])
+if n < floor then
+  n = floor
+  redis.call('SET', KEYS[1], string.format('%d', n))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
 ",
     )
 });

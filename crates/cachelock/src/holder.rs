@@ -84,7 +84,8 @@ pub(crate) fn encode(token: &str, command: Option<&str>) -> String {
 }
 
 impl Holder {
-    /// Reads a lock's value (lossily, at most [`MAX_VALUE`] bytes).
+    /// Reads a lock's value, lossily and only its first 1 KiB, so memory stays
+    /// bounded whatever the value holds.
     pub fn parse(value: &[u8]) -> Self {
         let value = value.get(..MAX_VALUE).unwrap_or(value);
         let text = String::from_utf8_lossy(value);

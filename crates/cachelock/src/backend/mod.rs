@@ -433,7 +433,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Arms a wake-up for the next release of `key` (see
-    /// [`notify`](crate::backend::notify)). The lock arms one before each
+    /// [`crate::backend::notify`]). The lock arms one before each
     /// attempt, so a release between the attempt and the wait is not lost.
     ///
     /// The default returns [`ReleaseWatch::polling`]: waiters poll with a

@@ -820,7 +820,7 @@ impl Backend for RedisBackend {
     }
 
     /// On a standalone server, one script: the add and its fence, or a
-    /// place at the end of the lock's wait queue (see [`ADD_QUEUED`]).
+    /// place at the end of the lock's wait queue (the `ADD_QUEUED` script).
     /// Elsewhere (Cluster, a native compare-and-delete, scripts denied) as
     /// [`add_fenced`](Backend::add_fenced).
     async fn add_queued(

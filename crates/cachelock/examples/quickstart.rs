@@ -20,6 +20,7 @@ use cachelock::{Cache, LockOptions, MemoryBackend, Released};
 use tokio::time::Instant;
 
 #[tokio::main]
+#[cfg_attr(test, allow(dead_code))]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Show cachelock's own warnings (set RUST_LOG=cachelock=debug for every event).
     tracing_subscriber::fmt()
@@ -31,6 +32,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
+    run().await
+}
+
+/// Both parts; an error if exclusion broke or the value was computed twice.
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cache = Cache::builder(MemoryBackend::new())
         .namespace("quickstart")
         .lock(
@@ -50,7 +56,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut spans = Vec::new();
     let mut tasks = Vec::new();
     for id in 0..8 {
-        let (lock, inside) = (lock.clone(), inside.clone());
+        // Each task takes a lock of its own on the key (re-acquiring
+        // through a lock that is already held is `AlreadyHeld`, not a wait).
+        let (lock, inside) = (cache.lock(("report", "2026-11")), inside.clone());
         tasks.push(tokio::spawn(async move {
             let guard = lock.acquire().await?;
             let entered = start.elapsed();
@@ -86,12 +94,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let guard = lock.acquire().await?;
-    match lock.try_acquire().await {
+    let other = cache.lock(("report", "2026-11"));
+    match other.try_acquire().await {
         Err(e) if e.is_held() => println!("  a second, non-blocking attempt while held: {e}"),
         other => println!("  unexpected: {other:?}"),
     }
     let t = Instant::now();
-    match lock.acquire_timeout(Duration::from_millis(100)).await {
+    match other.acquire_timeout(Duration::from_millis(100)).await {
         Err(e) if e.is_timed_out() => println!(
             "  a waiter with a 100 ms timeout gave up after {} ms: {e}",
             t.elapsed().as_millis()
@@ -178,4 +187,16 @@ async fn stampede(cache: &Cache) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("computed {computes} times, not once").into());
     }
     Ok(())
+}
+
+/// `cargo test` runs the quickstart too (the README's first command), so a
+/// change that breaks it fails the suite.
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_quickstart_runs() {
+        if let Err(e) = super::run().await {
+            panic!("the quickstart failed: {e}");
+        }
+    }
 }

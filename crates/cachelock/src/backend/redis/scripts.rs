@@ -17,6 +17,29 @@ pub(super) enum NativeDelete {
     DelIfEq,
 }
 
+/// The Lua function that numbers a grant: `INCR` of the fence counter
+/// `counter`, raised to the floor (the server's `TIME` in microseconds) if
+/// it restarted below it, with a TTL of `ttl` ms; returns the fence. Shared
+/// by the scripts that number grants ([`fenced`]).
+const NUMBER_GRANT: &str = r"
+local function number_grant(counter, ttl)
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local n = redis.call('INCR', counter)
+  if n < floor then
+    n = floor
+    redis.call('SET', counter, string.format('%d', n))
+  end
+  redis.call('PEXPIRE', counter, ttl)
+  return n
+end
+";
+
+/// A script whose `body` may call `number_grant` ([`NUMBER_GRANT`]).
+fn fenced(body: &str) -> ::redis::Script {
+    ::redis::Script::new(&format!("{NUMBER_GRANT}{body}"))
+}
+
 /// Deletes KEYS[1] if it holds ARGV[1] and announces it on the channel
 /// ARGV[2] (in the same script, so atomic with the delete).
 /// 1 + n: deleted, the notice reached n subscribers; 0: another value;
@@ -54,7 +77,7 @@ return 1 + redis.call('PUBLISH', ARGV[2], nxt)
 /// joins the end of the queue (once; at most ARGV[4] waiters) and keeps
 /// the queue ARGV[2] ms. Returns the fence, or 0 if the key is held.
 pub(super) static ADD_QUEUED: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
+    fenced(
         r"
 local added = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if not added then
@@ -69,15 +92,7 @@ if not added then
 end
 if added then
   redis.call('LREM', KEYS[2], 1, ARGV[1])
-  local t = redis.call('TIME')
-  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local n = redis.call('INCR', KEYS[3])
-  if n < floor then
-    n = floor
-    redis.call('SET', KEYS[3], string.format('%d', n))
-  end
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
-  return n
+  return number_grant(KEYS[3], ARGV[5])
 end
 if not redis.call('LPOS', KEYS[2], ARGV[1])
     and redis.call('LLEN', KEYS[2]) < tonumber(ARGV[4]) then
@@ -107,23 +122,15 @@ return 1
 /// with a TTL of ARGV[2] ms if the key is absent (or already holds ARGV[1]:
 /// a retried first attempt), then numbers the grant: INCR of the counter
 /// KEYS[2], raised to the floor (the server's `TIME` in microseconds) if it
-/// restarted below it, with a TTL of ARGV[3] ms. Returns the fence, or 0 if
+/// restarted below it (`number_grant`), with a TTL of ARGV[3] ms. Returns the fence, or 0 if
 /// the key is held by someone else.
 pub(super) static ADD_FENCED: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
+    fenced(
         r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 end
-local t = redis.call('TIME')
-local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = redis.call('INCR', KEYS[2])
-if n < floor then
-  n = floor
-  redis.call('SET', KEYS[2], string.format('%d', n))
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return n
+return number_grant(KEYS[2], ARGV[3])
 ",
     )
 });
@@ -131,17 +138,9 @@ return n
 /// The fence alone (for a Cluster key whose counter is in another slot):
 /// as in [`ADD_FENCED`], on KEYS[1] with a TTL of ARGV[1] ms.
 pub(super) static FENCE: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
+    fenced(
         r"
-local t = redis.call('TIME')
-local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = redis.call('INCR', KEYS[1])
-if n < floor then
-  n = floor
-  redis.call('SET', KEYS[1], string.format('%d', n))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return n
+return number_grant(KEYS[1], ARGV[1])
 ",
     )
 });

@@ -416,36 +416,6 @@ impl MemcachedBackend {
         }
     }
 
-    /// `ms <key> <len> ME T<ttl> [F<flags>]`: the add, with the given client
-    /// flags.
-    async fn add_flagged(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        client_flags: Option<u32>,
-    ) -> BackendResult<bool> {
-        check_value_size(key, value, self.max_value_size())?;
-        let mut req = Vec::new();
-        let flags = SetFlags {
-            mode: SetMode::Add,
-            ttl: exptime(ttl),
-            client_flags,
-            ..SetFlags::default()
-        };
-        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        match self.one(key, &req, false, NO_VALUE).await? {
-            Response::Meta {
-                status: Status::Ok, ..
-            } => Ok(true),
-            Response::Meta {
-                status: Status::NotStored,
-                ..
-            } => Ok(false),
-            other => Err(self.unexpected(key, value.len(), other)),
-        }
-    }
-
     /// Parses a counter's value.
     fn counter(&self, key: &str, value: &[u8]) -> BackendResult<u64> {
         std::str::from_utf8(value)
@@ -706,8 +676,26 @@ impl Backend for MemcachedBackend {
         Ok(())
     }
 
+    /// `ms <key> <len> ME T<ttl>`.
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
-        self.add_flagged(key, value, ttl, None).await
+        check_value_size(key, value, self.max_value_size())?;
+        let mut req = Vec::new();
+        let flags = SetFlags {
+            mode: SetMode::Add,
+            ttl: exptime(ttl),
+            ..SetFlags::default()
+        };
+        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
+        match self.one(key, &req, false, NO_VALUE).await? {
+            Response::Meta {
+                status: Status::Ok, ..
+            } => Ok(true),
+            Response::Meta {
+                status: Status::NotStored,
+                ..
+            } => Ok(false),
+            other => Err(self.unexpected(key, value.len(), other)),
+        }
     }
 
     /// Django's `PyMemcacheCache` stores a `str` as its UTF-8 bytes with

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachelock::{CacheLock, LockOptions, MemoryBackend, SharedBackend};
+use cachelock::{CacheLock, LockGuard, LockOptions, MemoryBackend, SharedBackend};
 use tokio::time::Instant;
 
 /// A retry interval so long that only a wake-up can explain a fast acquire.
@@ -28,30 +28,46 @@ fn lock(backend: &SharedBackend, key: &str, lease: Duration, retry: Duration) ->
     .unwrap()
 }
 
+/// Starts `waiter` acquiring, waits `settle` (time for it to queue),
+/// releases `guard`; returns how long after the release the waiter got the
+/// lock. Panics with `never` if it has not within 10 s.
+async fn release_to(
+    guard: LockGuard,
+    waiter: CacheLock,
+    settle: Duration,
+    never: &str,
+) -> Duration {
+    let waiter = tokio::spawn(async move {
+        let g = waiter.acquire().await.unwrap();
+        let at = Instant::now();
+        let _ = g.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(settle).await;
+    let released = Instant::now();
+    let _ = guard.release().await.unwrap();
+    let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect(never)
+        .unwrap();
+    acquired.saturating_duration_since(released)
+}
+
 /// Holds the lock, starts a waiter, releases after `hold`; returns how long
 /// after the release the waiter got the lock.
 async fn handoff_after_release(backend: SharedBackend, key: &str, hold: Duration) -> Duration {
     let l = lock(&backend, key, Duration::from_secs(30), SLOW_POLL);
     let guard = l.acquire().await.unwrap();
-    let waiter = {
-        // A CacheLock of its own: re-acquiring through the holder's is
-        // AlreadyHeld.
-        let l = lock(&backend, key, Duration::from_secs(30), SLOW_POLL);
-        tokio::spawn(async move {
-            let g = l.acquire().await.unwrap();
-            let at = Instant::now();
-            let _ = g.release().await.unwrap();
-            at
-        })
-    };
-    tokio::time::sleep(hold).await;
-    let released = Instant::now();
-    let _ = guard.release().await.unwrap();
-    let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("the waiter was not woken by the release")
-        .unwrap();
-    acquired.saturating_duration_since(released)
+    // A CacheLock of its own: re-acquiring through the holder's is
+    // AlreadyHeld.
+    let waiter = lock(&backend, key, Duration::from_secs(30), SLOW_POLL);
+    release_to(
+        guard,
+        waiter,
+        hold,
+        "the waiter was not woken by the release",
+    )
+    .await
 }
 
 /// The holder dies (its guard is forgotten): returns how long the waiter
@@ -164,20 +180,7 @@ mod redis {
             let la = lock(&a, &key, Duration::from_secs(30), SLOW_POLL);
             let lb = lock(&b, &key, Duration::from_secs(30), SLOW_POLL);
             let guard = la.acquire().await.unwrap();
-            let waiter = tokio::spawn(async move {
-                let g = lb.acquire().await.unwrap();
-                let at = Instant::now();
-                let _ = g.release().await.unwrap();
-                at
-            });
-            tokio::time::sleep(hold).await;
-            let released = Instant::now();
-            let _ = guard.release().await.unwrap();
-            let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
-                .await
-                .expect("the waiter was not woken by the release")
-                .unwrap();
-            let took = acquired.saturating_duration_since(released);
+            let took = release_to(guard, lb, hold, "the waiter was not woken by the release").await;
             assert!(
                 took < Duration::from_secs(1),
                 "hold {hold:?}: hand-off took {took:?}"
@@ -275,22 +278,15 @@ mod redis {
             Duration::from_secs(30),
             SLOW_POLL,
         );
-        let waiter = tokio::spawn(async move {
-            let g = next.acquire().await.unwrap();
-            let at = Instant::now();
-            let _ = g.release().await.unwrap();
-            at
-        });
         // The quitter leaves the line in the background; the next waiter
         // queues behind where it was.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let released = Instant::now();
-        let _ = guard.release().await.unwrap();
-        let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
-            .await
-            .expect("the lock was handed to the waiter that gave up")
-            .unwrap();
-        let took = acquired.saturating_duration_since(released);
+        let took = release_to(
+            guard,
+            next,
+            Duration::from_millis(100),
+            "the lock was handed to the waiter that gave up",
+        )
+        .await;
         assert!(took < Duration::from_millis(45), "hand-off took {took:?}");
     }
 
@@ -314,20 +310,13 @@ mod redis {
         // process's waiter does.
         std::mem::forget(dying);
         let next = lock(&standalone().await, &key, Duration::from_secs(30), poll);
-        let waiter = tokio::spawn(async move {
-            let g = next.acquire().await.unwrap();
-            let at = Instant::now();
-            let _ = g.release().await.unwrap();
-            at
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let released = Instant::now();
-        let _ = guard.release().await.unwrap();
-        let acquired = tokio::time::timeout(Duration::from_secs(10), waiter)
-            .await
-            .expect("the waiter behind a dead one never got the lock")
-            .unwrap();
-        let took = acquired.saturating_duration_since(released);
+        let took = release_to(
+            guard,
+            next,
+            Duration::from_millis(100),
+            "the waiter behind a dead one never got the lock",
+        )
+        .await;
         assert!(
             took <= poll + Duration::from_millis(50 + 150),
             "hand-off past a dead waiter took {took:?}"

@@ -67,7 +67,7 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, SentinelUrl, connect};
 pub use backend::{
-    Backend, FENCE_TTL, Grant, Listed, SharedBackend, TokenCheck, ValueFormat, Version,
+    Backend, FENCE_TTL, Grant, Listed, Queued, SharedBackend, TokenCheck, ValueFormat, Version,
     fence_floor, fence_key,
 };
 pub use error::{BackendError, BackendResult, Error, Result};

@@ -54,8 +54,8 @@
 //! backoff (an eighth of the retry interval, doubling up to it). A release
 //! that is never announced (the holder died and its key expired) costs at
 //! most one retry interval, less where the backend knows the holder's
-//! expiry. With notification, a waiter sends one attempt when the lock is
-//! handed to it and at most one per retry interval otherwise.
+//! expiry. With notification, a waiter sends at most one attempt per retry
+//! interval, and none when the lock is handed to it (see below).
 //!
 //! # Fairness: first come, first served on Redis; a grace elsewhere
 //!
@@ -65,15 +65,39 @@
 //! subscribers in the order they subscribed), starving the others. On a
 //! standalone Redis the lock therefore keeps a **wait queue** beside the
 //! key: a waiter whose attempt finds the lock held joins the end of the
-//! line in the same script (no extra command), and a release does not free
-//! the lock but reserves it for the first waiter in line (for 50 ms) and
-//! names that waiter in its notice. Only the named waiter tries; the others
-//! go on waiting without sending anything. The reservation is what makes
-//! the order hold against the releaser and against newcomers, and it also
-//! bounds the cost of a waiter that died in line: its reservation lapses
-//! after 50 ms and the others find the lock free at their next poll. A
-//! waiter that stops waiting (timeout, error, cancellation) leaves the line
-//! in the background. A waiter in line that also polls keeps its place.
+//! line in the same script (no extra command), with its lease. A release
+//! does not free the lock but **hands it straight to the first waiter in
+//! line**, in the release script: it stores that waiter's value with that
+//! waiter's lease as TTL, numbers the grant (fence), and names the waiter
+//! and the fence in its notice. The named waiter holds the lock from then
+//! on: on the notice it builds its guard without sending anything, so an
+//! acquisition under contention costs two scripts (the waiter's attempt
+//! that queued it, and the holder's release) and one round trip less of
+//! hand-off time. The others go on waiting without sending anything.
+//! Because the lock never comes free while someone waits, the order holds
+//! against the releaser and against newcomers.
+//!
+//! * The guard of a handed-off lock counts its lease from the send time of
+//!   the waiter's last attempt that found the lock held: the server's grant
+//!   came after that attempt ran, so the guard's deadline is never later
+//!   than the server's TTL. That costs at most the time since that attempt
+//!   (one poll interval); the safety margin applies as usual. The attempt's
+//!   reply carries the fence of the latest grant, and a notice whose fence
+//!   is not above it (older than the attempt) is not trusted; nor is one
+//!   more than a quarter of the lease after the attempt: the next attempt
+//!   then settles it.
+//! * A notice that never arrives (the subscriber connection dropped, a
+//!   message lost) costs the waiter at most one poll interval: its next
+//!   attempt finds the lock holding its own value, which is a grant (with
+//!   the hand-off's fence, the lease counted from that attempt).
+//! * A waiter that stops waiting (timeout, error, cancellation) leaves the
+//!   line in the background, and if a release handed it the lock just
+//!   then, gives it up to the next in line
+//!   ([`Backend::leave_queue`](crate::Backend::leave_queue)). A waiter
+//!   whose process **crashed** while in line is handed the lock when its
+//!   turn comes and, like a crashed holder, holds it until its lease runs
+//!   out; the next waiter gets it within one poll interval after that.
+//! * A waiter in line that also polls keeps its place.
 //!
 //! Where there is no queue (Redis Cluster, a Redis with a native
 //! compare-and-delete, the embedded backend), a process that released a
@@ -94,7 +118,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::{Grant, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat, Version};
+use crate::backend::{
+    Grant, Queued, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat, Version,
+};
 use crate::error::{BackendError, Error, Result};
 use crate::holder::{self, Holder};
 
@@ -619,8 +645,8 @@ impl CacheLock {
         let mut held: u32 = 0;
         // A waiter (not a single try) waits in line where the backend keeps
         // a queue; it leaves the line if it stops waiting without the lock.
-        // Not in Django mode: djblets does not wait in line, and a lock
-        // reserved for the next in line holds a value Django cannot read.
+        // Not in Django mode: djblets does not wait in line, and the
+        // queue's scripts store values as they are (Raw).
         let waiting = matches!(until, Until::Deadline(_));
         let queued = waiting && self.options.compat == Compat::Native;
         // Armed before every attempt; before the first only where that
@@ -631,6 +657,9 @@ impl CacheLock {
             None
         };
         let mut in_line = InLine::default();
+        // When the last attempt that found the lock held was sent, and the
+        // latest grant's fence it saw (see `handoff_base`).
+        let mut last_held: Option<(Instant, u64)> = None;
         if let Until::Deadline(deadline) = until {
             self.handoff_grace(deadline).await;
         }
@@ -645,24 +674,15 @@ impl CacheLock {
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
             let outcome = self.try_add(&value, lease, queued).await;
             let pause = match outcome {
-                Ok(Some(grant)) => {
-                    // The add took us out of the line.
-                    in_line.disarm();
-                    self.held.store(true, Ordering::Release);
-                    let guard = LockGuard::new(self, token, value.clone(), sent, grant);
-                    tracing::debug!(
-                        key = %self.key,
-                        token = %guard.token(),
-                        fence = guard.fence(),
-                        lease = ?lease,
-                        estimated_expiry = ?wall_clock_in(lease),
-                        "acquired cache lock"
-                    );
-                    return Ok(guard);
+                Ok(Queued::Granted(grant)) => {
+                    return Ok(self.granted(&mut in_line, token, &value, sent, grant));
                 }
-                Ok(None) => {
+                Ok(Queued::Held { latest_fence }) => {
                     if queued {
-                        in_line.join(self, &value);
+                        in_line.join(self, &value, lease);
+                    }
+                    if let Some(fence) = latest_fence {
+                        last_held = Some((sent, fence));
                     }
                     failures = 0;
                     held = held.saturating_add(1);
@@ -707,14 +727,55 @@ impl CacheLock {
                     pause.min(deadline - now)
                 }
             };
-            match watch.as_mut() {
-                // The first attempt failed unarmed: arm, then try again at
-                // once, so that a release before the arm is not waited out.
-                None => {}
-                Some(armed) => wait_for_release(armed, pause, &value).await,
+            // The first attempt failed unarmed (no watch): arm, then try
+            // again at once, so that a release before the arm is not waited
+            // out.
+            if let Some(armed) = watch.as_mut()
+                && let Some(fence) = wait_for_release(armed, pause, &value).await
+                && let Some(sent) = handoff_base(last_held, fence, lease)
+            {
+                if self.held.load(Ordering::Acquire) {
+                    // Still in line: the lock is given up in the background.
+                    return Err(Error::AlreadyHeld {
+                        key: self.key.clone(),
+                    });
+                }
+                let grant = Grant {
+                    fence,
+                    version: None,
+                };
+                return Ok(self.granted(&mut in_line, token, &value, sent, grant));
             }
+            // A hand-off to us that `handoff_base` does not vouch for is
+            // checked by the next attempt (which finds the lock ours if it
+            // is).
             watch = Some(self.backend.watch_release(&self.key).await);
         }
+    }
+
+    /// The guard of a grant whose add (or the last attempt before the
+    /// hand-off, see [`handoff_base`]) was sent at `sent`.
+    fn granted(
+        &self,
+        in_line: &mut InLine,
+        token: String,
+        value: &Bytes,
+        sent: Instant,
+        grant: Grant,
+    ) -> LockGuard {
+        // The add, or the hand-off, took us out of the line.
+        in_line.disarm();
+        self.held.store(true, Ordering::Release);
+        let guard = LockGuard::new(self, token, value.clone(), sent, grant);
+        tracing::debug!(
+            key = %self.key,
+            token = %guard.token(),
+            fence = guard.fence(),
+            lease = ?self.options.lease,
+            estimated_expiry = ?wall_clock_in(self.options.lease),
+            "acquired cache lock"
+        );
+        guard
     }
 
     /// The fairness grace: if this process just released this lock while
@@ -815,14 +876,18 @@ impl CacheLock {
     /// grant had and every later one exceeds); an add that may have gone
     /// through is cleaned up in the background if this future is dropped or
     /// the read-back fails.
-    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<Option<Grant>> {
-        let mut pending = PendingAdd::new(self, value, lease);
+    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<Queued> {
+        let mut pending = PendingAdd::new(self, value, lease, queued);
         let result = if queued {
             self.backend.add_queued(&self.key, value, lease).await
         } else {
             self.backend
                 .add_fenced(&self.key, value, lease, self.options.compat.value_format())
                 .await
+                .map(|grant| match grant {
+                    Some(grant) => Queued::Granted(grant),
+                    None => Queued::Held { latest_fence: None },
+                })
         };
         let granted = match result {
             Ok(granted) => granted,
@@ -832,13 +897,13 @@ impl CacheLock {
             // is the backend's, not "held".
             Err(e) if e.is_unavailable() => match self.backend.get(&self.key).await {
                 Ok(Some(v)) if v == *value => match self.backend.fence(&self.key).await {
-                    Ok(Some(fence)) => Some(Grant {
+                    Ok(Some(fence)) => Queued::Granted(Grant {
                         fence,
                         version: None,
                     }),
                     _ => return Err(e.into()),
                 },
-                Ok(Some(_)) => None,
+                Ok(Some(_)) => Queued::Held { latest_fence: None },
                 Ok(None) | Err(_) => return Err(e.into()),
             },
             Err(e) => return Err(e.into()),
@@ -883,37 +948,55 @@ pub const HANDOFF_GRACE: Duration = Duration::from_millis(3);
 ///
 /// A release that handed the lock to another waiter in line (the backend's
 /// queue, see [`Backend::add_queued`](crate::backend::Backend::add_queued))
-/// is not a reason to try: the lock is reserved for that waiter, so this one
-/// waits on, and sends nothing.
-async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration, ours: &[u8]) {
+/// is not a reason to try: that waiter holds the lock now, so this one
+/// waits on, and sends nothing. A release that handed it to us returns the
+/// grant's fence: we hold it.
+async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration, ours: &[u8]) -> Option<u64> {
     let until = Instant::now() + pause;
     loop {
         tokio::select! {
             () = watch.released() => {
                 if !watch.handed_to_other(ours) {
-                    return;
+                    return watch.handed_to_us(ours);
                 }
             }
-            () = tokio::time::sleep_until(until) => return,
+            () = tokio::time::sleep_until(until) => return None,
         }
     }
 }
 
+/// Where a lock handed to us by a release (notice with `fence`) starts its
+/// lease: the send time of our last attempt that found the lock held in
+/// line (`last_held`, with the latest grant's fence it saw), if the hand-off
+/// certainly came after that attempt ran on the server (its fence is
+/// larger), so that the guard's deadline is never later than the server's
+/// TTL (set by the release, after that attempt). `None` (the next attempt
+/// settles it) when there is no such attempt, when the notice is older than
+/// it (the lock it gave may be gone), or when the attempt was sent more
+/// than a quarter of the lease ago (the guard would lose that much).
+fn handoff_base(last_held: Option<(Instant, u64)>, fence: u64, lease: Duration) -> Option<Instant> {
+    let (sent, seen) = last_held?;
+    (fence > seen && sent.elapsed() <= lease / 4).then_some(sent)
+}
+
 /// Takes a waiter out of its lock's wait queue when its acquire ends
 /// without the lock (timed out, failed, or dropped), in the background, so
-/// that no release hands the lock to a waiter that is gone.
+/// that no release hands the lock to a waiter that is gone; a lock that a
+/// release handed it meanwhile is given up to the next in line
+/// ([`Backend::leave_queue`](crate::backend::Backend::leave_queue)).
 #[derive(Default)]
 struct InLine {
-    leave: Option<(SharedBackend, String, Bytes, Tasks)>,
+    leave: Option<(SharedBackend, String, Bytes, Duration, Tasks)>,
 }
 
 impl InLine {
-    fn join(&mut self, lock: &CacheLock, value: &Bytes) {
+    fn join(&mut self, lock: &CacheLock, value: &Bytes, lease: Duration) {
         if self.leave.is_none() {
             self.leave = Some((
                 lock.backend.clone(),
                 lock.key.clone(),
                 value.clone(),
+                lease,
                 lock.tasks.clone(),
             ));
         }
@@ -926,12 +1009,12 @@ impl InLine {
 
 impl Drop for InLine {
     fn drop(&mut self) {
-        let Some((backend, key, value, tasks)) = self.leave.take() else {
+        let Some((backend, key, value, lease, tasks)) = self.leave.take() else {
             return;
         };
         if let Ok(handle) = Handle::try_current() {
             tasks.spawn(&handle, async move {
-                if let Err(e) = backend.leave_queue(&key, &value).await {
+                if let Err(e) = backend.leave_queue(&key, &value, lease).await {
                     tracing::debug!(%key, error = %e, "could not leave the lock's wait queue");
                 }
             });
@@ -945,19 +1028,23 @@ fn new_token() -> String {
 }
 
 /// Cleans up an add whose outcome we never learned (the future was dropped
-/// mid-flight, or its reply was lost and could not be read back).
+/// mid-flight, or its reply was lost and could not be read back): deletes
+/// our value if the add stored it, and for an add in line first leaves the
+/// line (the add may have put us in it, and a release may since have
+/// handed us the lock).
 struct PendingAdd {
-    cleanup: Option<(SharedBackend, String, Bytes, Duration, Tasks)>,
+    cleanup: Option<(SharedBackend, String, Bytes, Duration, bool, Tasks)>,
 }
 
 impl PendingAdd {
-    fn new(lock: &CacheLock, value: &Bytes, lease: Duration) -> Self {
+    fn new(lock: &CacheLock, value: &Bytes, lease: Duration, queued: bool) -> Self {
         Self {
             cleanup: Some((
                 lock.backend.clone(),
                 lock.key.clone(),
                 value.clone(),
                 lease,
+                queued,
                 lock.tasks.clone(),
             )),
         }
@@ -970,11 +1057,14 @@ impl PendingAdd {
 
 impl Drop for PendingAdd {
     fn drop(&mut self) {
-        let Some((backend, key, value, lease, tasks)) = self.cleanup.take() else {
+        let Some((backend, key, value, lease, queued, tasks)) = self.cleanup.take() else {
             return;
         };
         if let Ok(handle) = Handle::try_current() {
             tasks.spawn(&handle, async move {
+                if queued && let Err(e) = backend.leave_queue(&key, &value, lease).await {
+                    tracing::debug!(%key, error = %e, "could not leave the lock's wait queue");
+                }
                 if let Ok(TokenCheck::Matched) = backend.delete_if_eq(&key, &value, lease).await {
                     tracing::debug!(%key, "removed the lock taken by an interrupted acquire");
                 }

@@ -132,6 +132,24 @@ pub struct Grant {
     pub version: Option<Version>,
 }
 
+/// What a waiter's [`add_queued`](Backend::add_queued) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queued {
+    /// The lock is ours.
+    Granted(Grant),
+    /// Someone else holds it (the waiter is in line where the backend keeps
+    /// a queue).
+    Held {
+        /// Where releases hand the lock straight to the first waiter in line
+        /// (a standalone Redis): the fence of the latest grant when the
+        /// attempt ran (0 if none is known). A hand-off notice naming this
+        /// waiter with a larger fence comes from a release after this
+        /// attempt; one with a fence not above it is older, and the lock
+        /// it gave may be gone. `None` where the backend does not say.
+        latest_fence: Option<u64>,
+    },
+}
+
 /// A backend's version of a value it stored for a lock: what lets an
 /// owner-checked operation skip reading the value back. Only the backend
 /// that made it knows what it means; pass it back to that same backend.
@@ -221,23 +239,30 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The add of a waiter that will wait for lock `key` if it is held: as
     /// [`add_fenced`](Backend::add_fenced) (a [`ValueFormat::Raw`] value),
     /// and where the backend keeps a wait queue (a standalone Redis), a
-    /// failed add puts the waiter (by `value`) at the end of the queue, and
-    /// a release then hands the lock to the first in line (it is reserved
-    /// for that waiter, and the release notice names it; see
-    /// [`ReleaseWatch::handed_to_other`]). The default is `add_fenced`.
-    async fn add_queued(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> BackendResult<Option<Grant>> {
-        self.add_fenced(key, value, ttl, ValueFormat::Raw).await
+    /// failed add puts the waiter (by `value` and its lease `ttl`) at the
+    /// end of the queue. A release then hands the lock straight to the
+    /// first in line: it stores that waiter's value with that waiter's
+    /// lease, numbers the grant, and its notice names the waiter and the
+    /// fence ([`ReleaseWatch::handed_to_us`]); the waiter holds the lock
+    /// from then on without another command. A waiter whose notice was
+    /// lost finds the lock holding its value at its next attempt, which
+    /// then returns the grant. The default is `add_fenced`.
+    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<Queued> {
+        Ok(
+            match self.add_fenced(key, value, ttl, ValueFormat::Raw).await? {
+                Some(grant) => Queued::Granted(grant),
+                None => Queued::Held { latest_fence: None },
+            },
+        )
     }
 
-    /// Takes the waiter `value` out of `key`'s wait queue (it stopped
-    /// waiting). The default does nothing.
-    async fn leave_queue(&self, key: &str, value: &[u8]) -> BackendResult<()> {
-        let _ = (key, value);
+    /// Takes the waiter `value` (queued with lease `ttl`) out of `key`'s
+    /// wait queue (it stopped waiting), and if a release already handed it
+    /// the lock, gives the lock up as a release does (to the next in line),
+    /// so that no one holds it for a waiter that is gone. The default does
+    /// nothing.
+    async fn leave_queue(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
+        let _ = (key, value, ttl);
         Ok(())
     }
 

@@ -32,16 +32,24 @@ pub struct ReleaseWatch {
     /// When the holder's lease runs out, where the backend knows it.
     expires: Option<Instant>,
     /// The waiter the last release seen handed the lock to, if it named one.
-    next: Option<Bytes>,
+    next: Option<Handoff>,
 }
 
 /// What a release announced: a sequence number that changes with every
-/// release, and the waiter the lock was handed to (its stored value), for a
-/// backend that hands off in queue order.
+/// release, and the waiter the lock was handed to, for a backend that
+/// hands off in queue order.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Notice {
     seq: u64,
-    next: Option<Bytes>,
+    next: Option<Handoff>,
+}
+
+/// A release that handed the lock straight to a waiter in line: the
+/// waiter's stored value (it holds the lock now) and the grant's fence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Handoff {
+    pub(crate) value: Bytes,
+    pub(crate) fence: u64,
 }
 
 impl ReleaseWatch {
@@ -64,9 +72,21 @@ impl ReleaseWatch {
 
     /// Whether the last release this watch saw handed the lock to another
     /// waiter than the one whose stored value is `ours` (a queue hand-off:
-    /// that waiter has it reserved, so trying now would only be refused).
+    /// that waiter holds it now, so trying would only be refused).
     pub fn handed_to_other(&self, ours: &[u8]) -> bool {
-        self.next.as_ref().is_some_and(|next| next.as_ref() != ours)
+        self.next
+            .as_ref()
+            .is_some_and(|next| next.value.as_ref() != ours)
+    }
+
+    /// The fence of the grant if the last release this watch saw handed
+    /// the lock to the waiter whose stored value is `ours`: that waiter
+    /// holds it now (see [`Backend::add_queued`](super::Backend::add_queued)).
+    pub fn handed_to_us(&self, ours: &[u8]) -> Option<u64> {
+        self.next
+            .as_ref()
+            .filter(|next| next.value.as_ref() == ours)
+            .map(|next| next.fence)
     }
 
     /// Whether a release will complete this watch (false: poll only).
@@ -146,8 +166,8 @@ impl Notifier {
     }
 
     /// As [`notify`](Self::notify), telling the waiters that the lock was
-    /// handed to the waiter whose stored value is `next` (if any).
-    pub(crate) fn notify_handed(&self, key: &str, next: Option<Bytes>) -> usize {
+    /// handed to a waiter (if `next` names one).
+    pub(crate) fn notify_handed(&self, key: &str, next: Option<Handoff>) -> usize {
         let mut state = self.state.lock();
         let Some(tx) = state.keys.get(key) else {
             return 0;
@@ -213,14 +233,21 @@ mod tests {
         let n = Notifier::default();
         let mut w = ReleaseWatch::notified(n.watch("k"), None);
         assert!(!w.handed_to_other(b"me"));
-        n.notify_handed("k", Some(Bytes::from_static(b"other")));
+        let to_other = Handoff {
+            value: Bytes::from_static(b"other"),
+            fence: 7,
+        };
+        n.notify_handed("k", Some(to_other));
         w.released().await;
         assert!(w.handed_to_other(b"me"));
+        assert_eq!(w.handed_to_us(b"me"), None);
         assert!(!w.handed_to_other(b"other"));
+        assert_eq!(w.handed_to_us(b"other"), Some(7));
         // A plain release names no one.
         n.notify("k");
         w.released().await;
         assert!(!w.handed_to_other(b"me"));
+        assert_eq!(w.handed_to_us(b"other"), None);
     }
 
     #[tokio::test]

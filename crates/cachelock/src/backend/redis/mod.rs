@@ -20,6 +20,7 @@
 //! | `incr` | `INCRBY` | 1 |
 //! | `delete_if_eq` | a Lua script (`EVALSHA`), or `DELEX key IFEQ` / `DELIFEQ` where the server has it | 1 |
 //! | `extend_if_eq` | a Lua script (`EVALSHA`) | 1 |
+//! | `add_queued` / `leave_queue` (a waiter in line) | a Lua script (`EVALSHA`) | 1 |
 //!
 //! The scripts are sent by their SHA-1 (`EVALSHA`); on a `NOSCRIPT` reply
 //! (a fresh or restarted server) the crate loads them and retries, so the
@@ -140,13 +141,13 @@ use self::link::{
 };
 use self::notify::RedisNotify;
 use self::scripts::{
-    ADD_FENCED, ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, FENCE, NativeDelete,
+    ADD_FENCED, ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, FENCE, LEAVE_QUEUE, NativeDelete,
     native_delete_from_command_info, token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{
-    Backend, FENCE_TTL, Grant, Listed, ReleaseWatch, TokenCheck, ValueFormat, check_value_size,
-    fence_key, fence_key_same_slot, next_fence, queue_key,
+    Backend, FENCE_TTL, Grant, Listed, Queued, ReleaseWatch, TokenCheck, ValueFormat,
+    check_value_size, fence_key, fence_key_same_slot, next_fence, queue_key,
 };
 use crate::backend::url::SentinelUrl;
 use crate::error::{BackendError, BackendResult};
@@ -200,19 +201,8 @@ pub struct RedisBackend {
     scripts_denied: std::sync::atomic::AtomicBool,
 }
 
-/// How long a released lock stays reserved for the first waiter in line
-/// (see the module docs): long enough for the notice to reach it and its
-/// add to come back, with scheduling slack; a waiter that died in line
-/// costs at most this (and then one poll interval of the others).
-const HANDOFF_RESERVE: Duration = Duration::from_millis(50);
-
 /// The most waiters in one lock's queue; later ones race as without one.
 const MAX_QUEUED: usize = 1024;
-
-/// What a reserved lock holds before the value of the waiter it is
-/// reserved for. It starts with a NUL byte, so no holder's value (text)
-/// equals a reservation.
-const RESERVED: &[u8] = b"\0cachelock-reserved:";
 
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -820,18 +810,21 @@ impl Backend for RedisBackend {
     }
 
     /// On a standalone server, one script: the add and its fence, or a
-    /// place at the end of the lock's wait queue (the `ADD_QUEUED` script).
-    /// Elsewhere (Cluster, a native compare-and-delete, scripts denied) as
-    /// [`add_fenced`](Backend::add_fenced).
-    async fn add_queued(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> BackendResult<Option<Grant>> {
+    /// place at the end of the lock's wait queue (the `ADD_QUEUED` script;
+    /// a release hands the lock straight to the first in line, see the
+    /// lock's module docs). Elsewhere (Cluster, a native compare-and-delete,
+    /// scripts denied) as [`add_fenced`](Backend::add_fenced).
+    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<Queued> {
         use std::sync::atomic::Ordering;
+        let unqueued = |grant: Option<Grant>| match grant {
+            Some(grant) => Queued::Granted(grant),
+            None => Queued::Held { latest_fence: None },
+        };
         if !self.queues() || self.scripts_denied.load(Ordering::Relaxed) {
-            return self.add_fenced(key, value, ttl, ValueFormat::Raw).await;
+            return self
+                .add_fenced(key, value, ttl, ValueFormat::Raw)
+                .await
+                .map(unqueued);
         }
         check_value_size(key, value, self.max_value_size())?;
         let (queue, counter_key) = (queue_key(key), fence_key(key));
@@ -848,15 +841,17 @@ impl Backend for RedisBackend {
                 &[
                     value,
                     lease.as_bytes(),
-                    RESERVED,
                     max.as_bytes(),
                     fence_ttl.as_bytes(),
                 ],
             )
             .await;
         match reply {
-            Ok(0) => Ok(None),
-            Ok(n) => Ok(Some(Grant {
+            // Held; the reply is the latest grant's fence, negated.
+            Ok(n) if n <= 0 => Ok(Queued::Held {
+                latest_fence: Some(n.unsigned_abs()),
+            }),
+            Ok(n) => Ok(Queued::Granted(Grant {
                 fence: fence_from_reply(key, n)?,
                 version: None,
             })),
@@ -865,19 +860,41 @@ impl Backend for RedisBackend {
             {
                 tracing::debug!(error = %message, "Redis cannot run the wait-queue script; waiters race");
                 self.queue.store(false, Ordering::Relaxed);
-                self.add_fenced(key, value, ttl, ValueFormat::Raw).await
+                self.add_fenced(key, value, ttl, ValueFormat::Raw)
+                    .await
+                    .map(unqueued)
             }
             Err(e) => Err(e),
         }
     }
 
-    async fn leave_queue(&self, key: &str, value: &[u8]) -> BackendResult<()> {
-        if !self.queues() {
+    /// One script (`LEAVE_QUEUE`): out of the queue, and if a release
+    /// already handed us the lock, handed on to the next in line.
+    async fn leave_queue(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
+        use std::sync::atomic::Ordering;
+        if !self.queues() || self.scripts_denied.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mut cmd = ::redis::cmd("LREM");
-        cmd.arg(queue_key(key)).arg(1).arg(value);
-        self.query::<i64>(key, &cmd).await.map(drop)
+        let (queue, counter_key) = (queue_key(key), fence_key(key));
+        let (lease, fence_ttl) = (ttl_ms(ttl).to_string(), ttl_ms(FENCE_TTL).to_string());
+        let channel = self.release_channel(key);
+        let gave_up = self
+            .script_i64(
+                key,
+                &LEAVE_QUEUE,
+                &[key, &queue, &counter_key],
+                &[
+                    value,
+                    lease.as_bytes(),
+                    channel.as_bytes(),
+                    fence_ttl.as_bytes(),
+                ],
+            )
+            .await?;
+        if gave_up == 1 {
+            tracing::debug!(%key, "a waiter that stopped waiting gave up the lock it was handed");
+        }
+        Ok(())
     }
 
     /// One script (`EVALSHA`): `SET NX PX`, then `INCR` of the fence
@@ -966,13 +983,12 @@ impl Backend for RedisBackend {
             let mut invocation = DELETE_IF_EQ.prepare_invoke();
             invocation.key(key);
             if self.queues() {
-                invocation.key(queue_key(key));
+                invocation.key(queue_key(key)).key(fence_key(key));
             }
             invocation
                 .arg(expected)
                 .arg(self.release_channel(key))
-                .arg(RESERVED)
-                .arg(ttl_ms(HANDOFF_RESERVE));
+                .arg(ttl_ms(FENCE_TTL));
             let invocation = &invocation;
             let code: i64 = self
                 .retrying(key, Instant::now(), move |mut conn: Conn| async move {

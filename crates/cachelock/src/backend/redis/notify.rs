@@ -2,7 +2,10 @@
 //!
 //! Each released lock is announced by a `PUBLISH` on the channel
 //! `cachelock:released:<db>:<key>`, sent by the release script itself (so
-//! atomic with the delete), or right after `DELEX`/`DELIFEQ`. One subscriber
+//! atomic with the delete), or right after `DELEX`/`DELIFEQ`. The message
+//! is empty for a lock that was freed, and `<fence>:<waiter's value>` for
+//! one the script handed to the first waiter in line (that waiter holds it
+//! now; see the lock's module docs). One subscriber
 //! connection per backend (per process, in practice) carries the
 //! subscriptions of all its waiters: a key is subscribed once, when a
 //! waiter first waits for it, and stays subscribed (at most
@@ -20,7 +23,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::link::SingleLink;
-use crate::backend::notify::{Notifier, ReleaseWatch};
+use crate::backend::notify::{Handoff, Notifier, ReleaseWatch};
 
 /// The most keys subscribed at once.
 pub(super) const MAX_SUBSCRIBED: usize = 1024;
@@ -128,11 +131,7 @@ impl RedisNotify {
         let reader = tokio::spawn(async move {
             while let Some(msg) = stream.next().await {
                 if let Some(key) = msg.get_channel_name().strip_prefix(prefix.as_str()) {
-                    // The payload names the waiter the lock was handed to
-                    // (empty: none, the lock is free).
-                    let next = msg.get_payload_bytes();
-                    let next = (!next.is_empty()).then(|| bytes::Bytes::copy_from_slice(next));
-                    notifier.notify_handed(key, next);
+                    notifier.notify_handed(key, handoff(msg.get_payload_bytes()));
                 }
             }
             tracing::debug!(
@@ -158,5 +157,41 @@ impl RedisNotify {
 
     pub(super) fn handed_off_at(&self, key: &str) -> Option<tokio::time::Instant> {
         self.notifier.handed_off_at(key)
+    }
+}
+
+/// The waiter and fence a release notice names: its payload is
+/// `<fence>:<waiter's value>` (the script `hand_on`), empty for a lock
+/// that was freed. Anything else (another client's notice) names no one,
+/// so every waiter tries.
+fn handoff(payload: &[u8]) -> Option<Handoff> {
+    let colon = payload.iter().position(|&b| b == b':')?;
+    let (digits, value) = (payload.get(..colon)?, payload.get(colon + 1..)?);
+    let fence = std::str::from_utf8(digits).ok()?.parse::<u64>().ok()?;
+    (fence > 0 && !value.is_empty() && digits.iter().all(u8::is_ascii_digit)).then(|| Handoff {
+        value: bytes::Bytes::copy_from_slice(value),
+        fence,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_name_the_waiter_and_fence_or_no_one() {
+        let h = handoff(b"42:host:1:abc").unwrap();
+        assert_eq!((h.value.as_ref(), h.fence), (&b"host:1:abc"[..], 42));
+        for other in [
+            &b""[..],
+            b"abc",
+            b":x",
+            b"0:x",
+            b"12:",
+            b"+1:x",
+            b"99999999999999999999:x",
+        ] {
+            assert_eq!(handoff(other), None, "{other:?}");
+        }
     }
 }

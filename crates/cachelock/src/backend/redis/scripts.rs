@@ -35,9 +35,40 @@ local function number_grant(counter, ttl)
 end
 ";
 
-/// A script whose `body` may call `number_grant` ([`NUMBER_GRANT`]).
+/// The Lua function that gives up the lock `key` (its holder's release, or
+/// a waiter that was handed it as it stopped waiting): hands it straight
+/// to the first waiter in the wait queue `queue` ([`ADD_QUEUED`]), or
+/// deletes it if no one waits, and announces which on `channel`.
+///
+/// A queue entry is `<lease ms>:<waiter's value>`; the hand-off stores the
+/// waiter's value with the waiter's lease as TTL, numbers the grant
+/// (`number_grant` on `counter`, its TTL `fence_ttl` ms) and publishes
+/// `<fence>:<waiter's value>`: the named waiter holds the lock from then on
+/// and needs no command to take it. An entry of another shape (not ours,
+/// or a TTL over 13 digits, more than any lease) is dropped. A free lock is announced with an empty message. Returns the
+/// number of subscribers the notice reached.
+const HAND_ON: &str = r"
+local function hand_on(key, queue, counter, channel, fence_ttl)
+  while true do
+    local entry = redis.call('LPOP', queue)
+    if not entry then break end
+    local ttl = string.match(entry, '^([1-9]%d*):')
+    if ttl and #ttl <= 13 then
+      local waiter = string.sub(entry, #ttl + 2)
+      redis.call('SET', key, waiter, 'PX', ttl)
+      local fence = number_grant(counter, fence_ttl)
+      return redis.call('PUBLISH', channel, string.format('%d', fence) .. ':' .. waiter)
+    end
+  end
+  redis.call('DEL', key)
+  return redis.call('PUBLISH', channel, '')
+end
+";
+
+/// A script whose `body` may call `number_grant` ([`NUMBER_GRANT`]) and
+/// `hand_on` ([`HAND_ON`]).
 fn fenced(body: &str) -> ::redis::Script {
-    ::redis::Script::new(&format!("{NUMBER_GRANT}{body}"))
+    ::redis::Script::new(&format!("{NUMBER_GRANT}{HAND_ON}{body}"))
 }
 
 /// Deletes KEYS[1] if it holds ARGV[1] and announces it on the channel
@@ -45,61 +76,73 @@ fn fenced(body: &str) -> ::redis::Script {
 /// 1 + n: deleted, the notice reached n subscribers; 0: another value;
 /// -1: absent.
 ///
-/// With a wait queue (KEYS[2], see [`ADD_QUEUED`]) whose head is a waiter,
-/// the lock is not deleted but reserved for that waiter for ARGV[4] ms
-/// (the value ARGV[3] followed by the waiter's value, which no one else's
-/// add matches), and the notice names it.
+/// With a wait queue (KEYS[2], see [`ADD_QUEUED`]; fence counter KEYS[3],
+/// its TTL ARGV[3] ms) the lock is handed to the first waiter in line
+/// instead of deleted (`hand_on`, [`HAND_ON`]).
 pub(super) static DELETE_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
-    ::redis::Script::new(
+    fenced(
         r"
 local v = redis.call('GET', KEYS[1])
 if v == false then return -1 end
 if v ~= ARGV[1] then return 0 end
-local nxt = false
-if KEYS[2] then nxt = redis.call('LPOP', KEYS[2]) end
-if nxt then
-  redis.call('SET', KEYS[1], ARGV[3] .. nxt, 'PX', ARGV[4])
-else
-  redis.call('DEL', KEYS[1])
-  nxt = ''
+if KEYS[2] then
+  return 1 + hand_on(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[3])
 end
-return 1 + redis.call('PUBLISH', ARGV[2], nxt)
+redis.call('DEL', KEYS[1])
+return 1 + redis.call('PUBLISH', ARGV[2], '')
 ",
     )
 });
 
 /// The add of a waiter that waits in line: stores ARGV[1] under KEYS[1]
-/// with a TTL of ARGV[2] ms if the key is absent or reserved for this
-/// waiter (it holds ARGV[3] followed by ARGV[1], see [`DELETE_IF_EQ`]) or
-/// already ours (a retried attempt), and
-/// then leaves the wait queue KEYS[2] and numbers the grant as
-/// [`ADD_FENCED`] does (counter KEYS[3], its TTL ARGV[5] ms). Otherwise it
-/// joins the end of the queue (once; at most ARGV[4] waiters) and keeps
-/// the queue ARGV[2] ms. Returns the fence, or 0 if the key is held.
+/// with a TTL of ARGV[2] ms if the key is absent, then leaves the wait
+/// queue KEYS[2] and numbers the grant as [`ADD_FENCED`] does (counter
+/// KEYS[3], its TTL ARGV[4] ms); returns the fence. If the key already
+/// holds ARGV[1] it is ours (a release handed it to us and we missed the
+/// notice, or a retried attempt whose first try landed): its TTL is set to
+/// ARGV[2] ms from now and the fence of that grant (the counter) returned.
+///
+/// Otherwise the waiter joins the end of the queue as the entry
+/// `ARGV[2]:ARGV[1]` (once; at most ARGV[3] waiters; see [`HAND_ON`]), the
+/// queue is kept ARGV[2] ms, and the reply is the negated fence of the
+/// latest grant (0 if none is known): a hand-off notice naming this waiter
+/// with a fence not above it is older than this attempt.
 pub(super) static ADD_QUEUED: LazyLock<::redis::Script> = LazyLock::new(|| {
     fenced(
         r"
-local added = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-if not added then
-  local cur = redis.call('GET', KEYS[1])
-  if cur == ARGV[3] .. ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    added = true
-  elseif cur == ARGV[1] then
-    -- A retried attempt whose first try landed: ours.
-    added = true
-  end
+local entry = ARGV[2] .. ':' .. ARGV[1]
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('LREM', KEYS[2], 1, entry)
+  return number_grant(KEYS[3], ARGV[4])
 end
-if added then
-  redis.call('LREM', KEYS[2], 1, ARGV[1])
-  return number_grant(KEYS[3], ARGV[5])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local n = tonumber(redis.call('GET', KEYS[3]))
+  if n and n > 0 then return n end
+  return number_grant(KEYS[3], ARGV[4])
 end
-if not redis.call('LPOS', KEYS[2], ARGV[1])
-    and redis.call('LLEN', KEYS[2]) < tonumber(ARGV[4]) then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
+if not redis.call('LPOS', KEYS[2], entry)
+    and redis.call('LLEN', KEYS[2]) < tonumber(ARGV[3]) then
+  redis.call('RPUSH', KEYS[2], entry)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 0
+return -(tonumber(redis.call('GET', KEYS[3])) or 0)
+",
+    )
+});
+
+/// A waiter that stops waiting: takes its entry `ARGV[2]:ARGV[1]` out of
+/// the wait queue KEYS[2], and if a release already handed it the lock
+/// KEYS[1] (it holds ARGV[1]), gives the lock up as a release does
+/// (`hand_on`, [`HAND_ON`]; channel ARGV[3], counter KEYS[3], its TTL
+/// ARGV[4] ms). Returns 1 if it gave up the lock, else 0.
+pub(super) static LEAVE_QUEUE: LazyLock<::redis::Script> = LazyLock::new(|| {
+    fenced(
+        r"
+redis.call('LREM', KEYS[2], 1, ARGV[2] .. ':' .. ARGV[1])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+hand_on(KEYS[1], KEYS[2], KEYS[3], ARGV[3], ARGV[4])
+return 1
 ",
     )
 });

@@ -1792,3 +1792,26 @@ impl Drop for LockGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hand_off_is_trusted_only_after_the_last_held_attempt() {
+        let lease = Duration::from_secs(4);
+        let sent = Instant::now();
+        // No attempt seen held: the next attempt settles it.
+        assert_eq!(handoff_base(None, 9, lease), None);
+        // A grant after the attempt (a larger fence): from the attempt.
+        assert_eq!(handoff_base(Some((sent, 8)), 9, lease), Some(sent));
+        // A notice from before the attempt: not trusted.
+        assert_eq!(handoff_base(Some((sent, 9)), 9, lease), None);
+        assert_eq!(handoff_base(Some((sent, 10)), 9, lease), None);
+        // An attempt too long ago: the guard would lose too much.
+        tokio::time::advance(lease / 4).await;
+        assert_eq!(handoff_base(Some((sent, 8)), 9, lease), Some(sent));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(handoff_base(Some((sent, 8)), 9, lease), None);
+    }
+}

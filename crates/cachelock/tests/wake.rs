@@ -159,7 +159,7 @@ async fn memory_releaser_does_not_starve_a_queued_waiter() {
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
-    use cachelock::RedisBackend;
+    use cachelock::{RedisBackend, TokenCheck};
 
     async fn standalone() -> SharedBackend {
         let url = common::server_env("CACHELOCK_TEST_REDIS_URL");
@@ -331,5 +331,179 @@ mod redis {
                 && took <= dead_lease + poll + Duration::from_millis(200),
             "hand-off past a dead waiter took {took:?}"
         );
+    }
+
+    /// The queue calls of three waiters, by hand: a release hands the lock
+    /// to the first in line (its value, a new fence); a waiter that leaves
+    /// the line after it was handed the lock hands it on; the last one to
+    /// leave frees it.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_a_lock_handed_to_a_waiter_that_left_is_handed_on() {
+        use cachelock::Queued;
+        let b = standalone().await;
+        let key = common::unique_key("leftinline");
+        let lease = Duration::from_secs(30);
+        let Queued::Granted(first) = b.add_queued(&key, b"a", lease).await.unwrap() else {
+            panic!("the free lock was not granted");
+        };
+        for waiter in [&b"b"[..], b"c"] {
+            let Queued::Held { latest_fence } = b.add_queued(&key, waiter, lease).await.unwrap()
+            else {
+                panic!("a held lock was granted");
+            };
+            assert_eq!(latest_fence, Some(first.fence));
+        }
+        assert_eq!(
+            b.delete_if_eq(&key, b"a", lease).await.unwrap(),
+            TokenCheck::Matched
+        );
+        assert_eq!(b.get(&key).await.unwrap().as_deref(), Some(&b"b"[..]));
+        let handed = b.fence(&key).await.unwrap().unwrap();
+        assert!(handed > first.fence);
+        // A waiter whose notice was lost: its next attempt finds it ours,
+        // with the fence of the hand-off.
+        let Queued::Granted(again) = b.add_queued(&key, b"b", lease).await.unwrap() else {
+            panic!("the lock handed to b is not b's");
+        };
+        assert_eq!(again.fence, handed);
+        // b stops waiting as it is handed the lock: c gets it.
+        b.leave_queue(&key, b"b", lease).await.unwrap();
+        assert_eq!(b.get(&key).await.unwrap().as_deref(), Some(&b"c"[..]));
+        assert!(b.fence(&key).await.unwrap().unwrap() > handed);
+        // Leaving again, or leaving a lock someone else holds, changes nothing.
+        b.leave_queue(&key, b"b", lease).await.unwrap();
+        assert_eq!(b.get(&key).await.unwrap().as_deref(), Some(&b"c"[..]));
+        b.leave_queue(&key, b"c", lease).await.unwrap();
+        assert_eq!(b.get(&key).await.unwrap(), None);
+    }
+
+    /// A waiter cancelled just as the lock is handed to it (its task is
+    /// aborted right after the release) does not keep it: the next waiter,
+    /// which polls only every 100 s, gets it at once.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_a_waiter_cancelled_at_the_hand_off_passes_the_lock_on() {
+        let key = common::unique_key("cancelled");
+        let long = Duration::from_secs(30);
+        let holder = lock(&standalone().await, &key, long, SLOW_POLL);
+        let guard = holder.acquire().await.unwrap();
+        let cancelled = lock(&standalone().await, &key, long, SLOW_POLL);
+        let task = {
+            let cancelled = cancelled.clone();
+            tokio::spawn(async move {
+                let g = cancelled.acquire().await.unwrap();
+                tokio::time::sleep(SLOW_POLL).await;
+                drop(g);
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let next = lock(&standalone().await, &key, long, SLOW_POLL);
+        let waiter = tokio::spawn(async move { next.acquire().await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = guard.release().await.unwrap();
+        task.abort();
+        let _ = task.await;
+        let g = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the lock stayed with the cancelled waiter")
+            .unwrap();
+        assert!(cancelled.close().await);
+        let _ = g.release().await.unwrap();
+    }
+
+    /// A waiter that cannot hear release notices (its Redis user may not
+    /// subscribe) is handed the lock all the same, and finds it its own at
+    /// its next poll, with the hand-off's fence, above the last holder's.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_a_waiter_whose_notice_is_lost_gets_the_lock_within_a_poll() {
+        let server = common::servers::PrivateRedis::start(&[
+            "--user",
+            "deaf",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-subscribe",
+            "-psubscribe",
+        ]);
+        let holder_backend: SharedBackend =
+            Arc::new(RedisBackend::connect(&server.url()).await.unwrap());
+        let deaf: SharedBackend = Arc::new(
+            RedisBackend::connect(&format!("redis://deaf:pw@127.0.0.1:{}", server.port))
+                .await
+                .unwrap(),
+        );
+        let key = common::unique_key("deaf");
+        let poll = Duration::from_millis(300);
+        let holder = lock(&holder_backend, &key, Duration::from_secs(30), poll);
+        let guard = holder.acquire().await.unwrap();
+        let first = guard.fence();
+        let waiter = lock(&deaf, &key, Duration::from_secs(30), poll);
+        let task = tokio::spawn(async move {
+            let g = waiter.acquire().await.unwrap();
+            (Instant::now(), g)
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let released = Instant::now();
+        let _ = guard.release().await.unwrap();
+        assert!(
+            holder_backend.get(&key).await.unwrap().is_some(),
+            "the release freed the lock instead of handing it on"
+        );
+        let (at, g) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the deaf waiter never got the lock")
+            .unwrap();
+        let took = at.saturating_duration_since(released);
+        assert!(took <= poll + Duration::from_millis(150), "took {took:?}");
+        assert!(g.fence() > first);
+        assert_eq!(g.fence(), deaf.fence(&key).await.unwrap().unwrap());
+        let _ = g.release().await.unwrap();
+    }
+
+    /// A hand-off costs the waiter nothing: it holds the lock when the
+    /// notice comes. Counted on a server of its own with `INFO
+    /// commandstats`: the holder's add and release, the waiter's two
+    /// attempts (one before, one after arming its wake-up) and its release.
+    #[tokio::test]
+    #[ignore = "needs the test servers: scripts/test"]
+    async fn redis_a_notified_hand_off_sends_no_command() {
+        let server = common::servers::PrivateRedis::start(&[]);
+        let (a, b): (SharedBackend, SharedBackend) = (
+            Arc::new(RedisBackend::connect(&server.url()).await.unwrap()),
+            Arc::new(RedisBackend::connect(&server.url()).await.unwrap()),
+        );
+        // Loads the scripts.
+        let warm = lock(&a, "warm", Duration::from_secs(30), SLOW_POLL);
+        let _ = warm.acquire().await.unwrap().release().await.unwrap();
+        let key = common::unique_key("free");
+        let holder = lock(&a, &key, Duration::from_secs(30), SLOW_POLL);
+        let guard = holder.acquire().await.unwrap();
+        redis_cli(server.port, &["CONFIG", "RESETSTAT"]);
+        let waiter = lock(&b, &key, Duration::from_secs(30), SLOW_POLL);
+        let took = release_to(guard, waiter, Duration::from_millis(200), "no hand-off").await;
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        let stats = redis_cli(server.port, &["INFO", "commandstats"]);
+        let evalsha = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no EVALSHA count in {stats}"));
+        assert_eq!(evalsha, 4, "{stats}");
+    }
+
+    fn redis_cli(port: u16, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
     }
 }

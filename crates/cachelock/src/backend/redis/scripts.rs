@@ -76,9 +76,19 @@ return 1 + redis.call('PUBLISH', ARGV[2], nxt)
 /// [`ADD_FENCED`] does (counter KEYS[3], its TTL ARGV[5] ms). Otherwise it
 /// joins the end of the queue (once; at most ARGV[4] waiters) and keeps
 /// the queue ARGV[2] ms. Returns the fence, or 0 if the key is held.
-pub(super) static ADD_QUEUED: LazyLock<::redis::Script> = LazyLock::new(|| {
-    fenced(
-        r"
+pub(super) static ADD_QUEUED: LazyLock<::redis::Script> =
+    LazyLock::new(|| fenced(&format!("{ADD_QUEUED_FN}return add_queued()")));
+
+/// [`ADD_QUEUED`], then the values of KEYS[4] onwards ([`READ_AFTER`]).
+pub(super) static ADD_QUEUED_READING: LazyLock<::redis::Script> = LazyLock::new(|| {
+    fenced(&format!(
+        "{ADD_QUEUED_FN}{READ_AFTER}return read_after(add_queued(), 4)"
+    ))
+});
+
+/// The body of [`ADD_QUEUED`], as the Lua function `add_queued()`.
+const ADD_QUEUED_FN: &str = r"
+local function add_queued()
 local added = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 if not added then
   local cur = redis.call('GET', KEYS[1])
@@ -100,9 +110,25 @@ if not redis.call('LPOS', KEYS[2], ARGV[1])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 0
-",
-    )
-});
+end
+";
+
+/// The Lua function `read_after(fence, from)` of the scripts that read
+/// with the lock's add: returns `{fence, values}`, the values of KEYS[from]
+/// onwards in order (false for an absent key), or `{fence, message}` if a
+/// key could not be read (a key of another type): the add's outcome is
+/// not lost to a failed read.
+const READ_AFTER: &str = r"
+local function read_after(fence, from)
+  local values = {}
+  for i = from, #KEYS do
+    local v = redis.pcall('GET', KEYS[i])
+    if type(v) == 'table' and v.err then return {fence, v.err} end
+    values[#values + 1] = v
+  end
+  return {fence, values}
+end
+";
 
 /// Sets a TTL of ARGV[2] ms on KEYS[1] if it holds ARGV[1].
 /// 1: extended; 0: another value; -1: absent.
@@ -124,16 +150,25 @@ return 1
 /// KEYS[2], raised to the floor (the server's `TIME` in microseconds) if it
 /// restarted below it (`number_grant`), with a TTL of ARGV[3] ms. Returns the fence, or 0 if
 /// the key is held by someone else.
-pub(super) static ADD_FENCED: LazyLock<::redis::Script> = LazyLock::new(|| {
-    fenced(
-        r"
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-end
-return number_grant(KEYS[2], ARGV[3])
-",
-    )
+pub(super) static ADD_FENCED: LazyLock<::redis::Script> =
+    LazyLock::new(|| fenced(&format!("{ADD_FENCED_FN}return add_fenced()")));
+
+/// [`ADD_FENCED`], then the values of KEYS[3] onwards ([`READ_AFTER`]).
+pub(super) static ADD_FENCED_READING: LazyLock<::redis::Script> = LazyLock::new(|| {
+    fenced(&format!(
+        "{ADD_FENCED_FN}{READ_AFTER}return read_after(add_fenced(), 3)"
+    ))
 });
+
+/// The body of [`ADD_FENCED`], as the Lua function `add_fenced()`.
+const ADD_FENCED_FN: &str = r"
+local function add_fenced()
+  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  end
+  return number_grant(KEYS[2], ARGV[3])
+end
+";
 
 /// The fence alone (for a Cluster key whose counter is in another slot):
 /// as in [`ADD_FENCED`], on KEYS[1] with a TTL of ARGV[1] ms.

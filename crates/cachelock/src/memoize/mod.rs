@@ -22,6 +22,11 @@
 //!   (at most 8 times, then it goes on alone); if its compute fails, each
 //!   waiter goes on alone; if it could not take the lock, each waiter does
 //!   what *its own* call says ([`OnLockFailure`]).
+//! * **A miss takes the lock and reads again in one round trip** where the
+//!   backend can ([`Backend::add_reading`](crate::Backend::add_reading):
+//!   one script on Redis, the add and the `mg`s pipelined on Memcached):
+//!   the value (and the failure record, when failures are shared) is read
+//!   right after the lock's add. A hit stays one plain read.
 //! * A corrupt, partial or undecodable entry is a logged miss that is
 //!   rebuilt under the lock.
 //! * A compute error reaches the caller as [`MemoizeError::Compute`] and

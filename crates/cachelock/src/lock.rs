@@ -119,7 +119,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backend::{
-    Grant, Queued, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat, Version,
+    Grant, LockAdd, Queued, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat, Version,
 };
 use crate::error::{BackendError, Error, Result};
 use crate::holder::{self, Holder};
@@ -563,7 +563,7 @@ impl CacheLock {
             Some(wait) => Until::Deadline(later(Instant::now(), wait)),
             None => Until::Deadline(None),
         };
-        self.acquire_until(until).await
+        self.acquire_until(until, &[], &mut None).await
     }
 
     /// Makes one attempt.
@@ -578,7 +578,23 @@ impl CacheLock {
     ///
     /// As for [`acquire`](Self::acquire).
     pub async fn try_acquire(&self) -> Result<LockGuard> {
-        self.acquire_until(Until::Once).await
+        self.acquire_until(Until::Once, &[], &mut None).await
+    }
+
+    /// As [`try_acquire`](Self::try_acquire), and reads `keys` after the
+    /// add, in the same round trip where the backend can
+    /// ([`Backend::add_reading`](crate::Backend::add_reading)): memoize's
+    /// first attempt, which also reads the value. The values (one per key,
+    /// in order) are handed back whatever the attempt's outcome, or `None`
+    /// if the read failed or was not made (a lost reply that the key was
+    /// read back for).
+    pub(crate) async fn try_acquire_reading(
+        &self,
+        keys: &[&str],
+    ) -> (Result<LockGuard>, Option<Vec<Option<Bytes>>>) {
+        let mut found = None;
+        let result = self.acquire_until(Until::Once, keys, &mut found).await;
+        (result, found)
     }
 
     /// Waits at most `timeout` (zero: one attempt, then
@@ -595,8 +611,12 @@ impl CacheLock {
     ///
     /// As for [`acquire`](Self::acquire).
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard> {
-        self.acquire_until(Until::Deadline(later(Instant::now(), timeout)))
-            .await
+        self.acquire_until(
+            Until::Deadline(later(Instant::now(), timeout)),
+            &[],
+            &mut None,
+        )
+        .await
     }
 
     /// Who holds the lock now, as its value says (`None`: free). The value
@@ -623,10 +643,20 @@ impl CacheLock {
             }))
     }
 
-    async fn acquire_until(&self, until: Until) -> Result<LockGuard> {
+    /// Takes the lock as `until` says; the first attempt also reads `read`
+    /// into `found` (see [`try_acquire_reading`](Self::try_acquire_reading)).
+    async fn acquire_until(
+        &self,
+        until: Until,
+        read: &[&str],
+        found: &mut Option<Vec<Option<Bytes>>>,
+    ) -> Result<LockGuard> {
         let span = tracing::debug_span!("cachelock.acquire", key = %self.key);
         let start = Instant::now();
-        let result = self.acquire_loop(until, start).instrument(span).await;
+        let result = self
+            .acquire_loop(until, start, read, found)
+            .instrument(span)
+            .await;
         metrics::histogram!(metrics_names::ACQUIRE_WAIT).record(start.elapsed().as_secs_f64());
         match &result {
             Ok(_) => metrics::counter!(metrics_names::ACQUIRED).increment(1),
@@ -636,7 +666,13 @@ impl CacheLock {
         result
     }
 
-    async fn acquire_loop(&self, until: Until, start: Instant) -> Result<LockGuard> {
+    async fn acquire_loop(
+        &self,
+        until: Until,
+        start: Instant,
+        mut read: &[&str],
+        found: &mut Option<Vec<Option<Bytes>>>,
+    ) -> Result<LockGuard> {
         let token = new_token();
         let value = self.lock_value(&token);
         let lease = self.options.lease;
@@ -672,7 +708,8 @@ impl CacheLock {
             let sent = Instant::now();
             attempts = attempts.saturating_add(1);
             metrics::counter!(metrics_names::ATTEMPTS).increment(1);
-            let outcome = self.try_add(&value, lease, queued).await;
+            let outcome = self.try_add(&value, lease, queued, read, found).await;
+            read = &[];
             let pause = match outcome {
                 Ok(Queued::Granted(grant)) => {
                     return Ok(self.granted(&mut in_line, token, &value, sent, grant));
@@ -875,19 +912,43 @@ impl CacheLock {
     /// lock is ours, with the fence the counter holds now, which no earlier
     /// grant had and every later one exceeds); an add that may have gone
     /// through is cleaned up in the background if this future is dropped or
-    /// the read-back fails.
-    async fn try_add(&self, value: &Bytes, lease: Duration, queued: bool) -> Result<Queued> {
+    /// the read-back fails. With keys to `read`, they are read after the
+    /// add ([`Backend::add_reading`](crate::Backend::add_reading)) into
+    /// `found`.
+    async fn try_add(
+        &self,
+        value: &Bytes,
+        lease: Duration,
+        queued: bool,
+        read: &[&str],
+        found: &mut Option<Vec<Option<Bytes>>>,
+    ) -> Result<Queued> {
         let mut pending = PendingAdd::new(self, value, lease, queued);
-        let result = if queued {
-            self.backend.add_queued(&self.key, value, lease).await
+        let add = if queued {
+            LockAdd::Queued
         } else {
-            self.backend
-                .add_fenced(&self.key, value, lease, self.options.compat.value_format())
+            LockAdd::Fenced(self.options.compat.value_format())
+        };
+        let result = match add {
+            _ if !read.is_empty() => self
+                .backend
+                .add_reading(&self.key, value, lease, add, read)
                 .await
-                .map(|grant| match grant {
-                    Some(grant) => Queued::Granted(grant),
-                    None => Queued::Held { latest_fence: None },
-                })
+                .map(|r| {
+                    match r.values {
+                        Ok(values) => *found = Some(values),
+                        Err(e) => {
+                            tracing::debug!(key = %self.key, error = %e, "the read made with the lock's add failed");
+                        }
+                    }
+                    r.outcome
+                }),
+            LockAdd::Queued => self.backend.add_queued(&self.key, value, lease).await,
+            LockAdd::Fenced(format) => self
+                .backend
+                .add_fenced(&self.key, value, lease, format)
+                .await
+                .map(Queued::from),
         };
         let granted = match result {
             Ok(granted) => granted,

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cachelock::backend::redis::check_url;
-use cachelock::{Backend, BackendError, RedisBackend, RedisOptions, SharedBackend, TokenCheck};
+use cachelock::{
+    Backend, BackendError, LockAdd, Queued, RedisBackend, RedisOptions, SharedBackend, TokenCheck,
+    ValueFormat,
+};
 use common::servers::{PrivateRedis, closed_port};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -399,6 +402,24 @@ async fn wrong_type_is_a_protocol_error_naming_the_key() {
         assert!(err.to_string().contains("WRONGTYPE"), "{err}");
         assert_eq!(err.key(), k);
     }
+    // Read with the lock's add (one script): the add stands, the read fails.
+    let lock = common::unique_key("list-lock");
+    let r = b
+        .add_reading(
+            &lock,
+            b"tok",
+            LONG,
+            LockAdd::Fenced(ValueFormat::Raw),
+            &[&lock, &k],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r.outcome, Queued::Granted(_)), "the add stands");
+    let err = r.values.unwrap_err();
+    assert!(matches!(err, BackendError::Protocol { .. }), "{err:?}");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    assert_eq!(b.get(&lock).await.unwrap().as_deref(), Some(&b"tok"[..]));
+    b.delete(&lock).await.unwrap();
     // A counter past i64 is refused by Redis, as a typed error too.
     let c = common::unique_key("counter");
     b.incr(&c, i64::MAX as u64).await.unwrap();
@@ -950,6 +971,24 @@ async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
     let url = format!("redis://noscript:pw@127.0.0.1:{}", server.port);
     let backend: SharedBackend = Arc::new(RedisBackend::connect(&url).await.unwrap());
     let key = common::unique_key("noscript");
+    // The add read with the value: the add, then MGET (a backend of its
+    // own, so that the lock below meets the denial first).
+    let reading = RedisBackend::connect(&url).await.unwrap();
+    let value_key = common::unique_key("noscript-value");
+    reading.set(&value_key, b"v", LONG).await.unwrap();
+    let r = reading
+        .add_reading(&key, b"tok", LONG, LockAdd::Queued, &[&value_key, &key])
+        .await
+        .unwrap();
+    assert!(matches!(r.outcome, Queued::Granted(_)));
+    let values: Vec<_> = r
+        .values
+        .unwrap()
+        .into_iter()
+        .map(|v| v.map(|v| v.to_vec()))
+        .collect();
+    assert_eq!(values, [Some(b"v".to_vec()), Some(b"tok".to_vec())]);
+    assert!(reading.delete(&key).await.unwrap());
     for waits in [true, false] {
         let lock = CacheLock::new(backend.clone(), key.as_str(), LockOptions::new()).unwrap();
         let guard = if waits {

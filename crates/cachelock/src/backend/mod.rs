@@ -150,6 +150,41 @@ pub enum Queued {
     },
 }
 
+impl From<Option<Grant>> for Queued {
+    /// The outcome of an add that keeps no queue: granted, or held (no
+    /// fence known).
+    fn from(grant: Option<Grant>) -> Self {
+        match grant {
+            Some(grant) => Self::Granted(grant),
+            None => Self::Held { latest_fence: None },
+        }
+    }
+}
+
+/// Which of the lock's adds [`Backend::add_reading`] makes: the one the
+/// lock would make on its own for the same attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockAdd {
+    /// [`add_fenced`](Backend::add_fenced), with the value in this format
+    /// (a single attempt, or any attempt in Django mode).
+    Fenced(ValueFormat),
+    /// [`add_queued`](Backend::add_queued) (a waiter, in cachelock's own
+    /// format).
+    Queued,
+}
+
+/// What [`Backend::add_reading`] got: the add's outcome, and the keys as
+/// read after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddRead {
+    /// The add's outcome, as the add alone returns it.
+    pub outcome: Queued,
+    /// One entry per key asked for, in order (`None`: absent), as
+    /// [`get_many`](Backend::get_many) returns them; or the read's error.
+    /// The add's outcome stands either way.
+    pub values: BackendResult<Vec<Option<Bytes>>>,
+}
+
 /// A backend's version of a value it stored for a lock: what lets an
 /// owner-checked operation skip reading the value back. Only the backend
 /// that made it knows what it means; pass it back to that same backend.
@@ -370,6 +405,40 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         }
     }
 
+    /// The lock's add ([`add_fenced`](Backend::add_fenced) or
+    /// [`add_queued`](Backend::add_queued), as `add` says), then a read of
+    /// `keys`, in one round trip where the backend can: memoize takes its
+    /// lock and reads the value (which another process may have just
+    /// written) together.
+    ///
+    /// The read is made after the add: a key written before the add was
+    /// made (before the lock's previous holder released it, say) reads as
+    /// written. Backends that spread keys over servers read a key that
+    /// lives on another server than `key` concurrently with the add
+    /// (Memcached), so for those keys the read is only as recent as the
+    /// moment the request was sent.
+    ///
+    /// The default makes the two calls in sequence (two round trips; the
+    /// in-memory and SQLite backends). Redis runs one script where all keys
+    /// share the lock key's hash slot (always, off a Cluster) and scripts
+    /// are allowed; Memcached pipelines the `mg`s behind the add.
+    ///
+    /// # Errors
+    ///
+    /// What the add fails with: then its outcome is unknown, as for the
+    /// add alone. A failed read after a known add outcome is in
+    /// [`AddRead::values`].
+    async fn add_reading(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        add: LockAdd,
+        keys: &[&str],
+    ) -> BackendResult<AddRead> {
+        add_then_read(self, key, value, ttl, add, keys).await
+    }
+
     /// The fence of the latest grant of lock `key` (the current holder's,
     /// while it is held). `Ok(None)`: no counter (never granted, or lost).
     async fn fence(&self, key: &str) -> BackendResult<Option<u64>> {
@@ -521,6 +590,26 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn max_value_size(&self) -> usize {
         DEFAULT_MAX_VALUE_SIZE
     }
+}
+
+/// [`Backend::add_reading`] in two steps: the add, then a
+/// [`get_many`](Backend::get_many) of `keys`.
+pub(crate) async fn add_then_read<B: Backend + ?Sized>(
+    backend: &B,
+    key: &str,
+    value: &[u8],
+    ttl: Duration,
+    add: LockAdd,
+    keys: &[&str],
+) -> BackendResult<AddRead> {
+    let outcome = match add {
+        LockAdd::Fenced(format) => backend.add_fenced(key, value, ttl, format).await?.into(),
+        LockAdd::Queued => backend.add_queued(key, value, ttl).await?,
+    };
+    Ok(AddRead {
+        outcome,
+        values: backend.get_many(keys).await,
+    })
 }
 
 /// A key found by [`Backend::list`].

@@ -22,6 +22,11 @@
 //!   (at most 8 times, then it goes on alone); if its compute fails, each
 //!   waiter goes on alone; if it could not take the lock, each waiter does
 //!   what *its own* call says ([`OnLockFailure`]).
+//! * **A miss takes the lock and reads again in one round trip** where the
+//!   backend can ([`Backend::add_reading`](crate::Backend::add_reading):
+//!   one script on Redis, the add and the `mg`s pipelined on Memcached):
+//!   the value (and the failure record, when failures are shared) is read
+//!   right after the lock's add. A hit stays one plain read.
 //! * A corrupt, partial or undecodable entry is a logged miss that is
 //!   rebuilt under the lock.
 //! * A compute error reaches the caller as [`MemoizeError::Compute`] and
@@ -459,6 +464,8 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut guard = None;
+    // The failure record, if it was read with the lock.
+    let mut prior_read = None;
     if let Some(lock_options) = ctx.config.lock.as_ref() {
         let lock = CacheLock::from_parts(
             ctx.cache.clone(),
@@ -466,7 +473,11 @@ where
             lock_options.clone(),
             ctx.tasks.clone(),
         );
-        match lock.try_acquire().await {
+        // A stale value is read again with the add: another process may
+        // have refreshed it meanwhile.
+        let with_lock = WithLock::new(ctx, found.state == State::Stale);
+        let (attempt, read) = lock.try_acquire_reading(&with_lock.keys()).await;
+        match attempt {
             Ok(g) => guard = Some(g),
             Err(e) => {
                 if !e.is_held() {
@@ -476,17 +487,24 @@ where
                 return None;
             }
         }
-        if found.state == State::Stale
-            && let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx).await
-        {
-            // Another process refreshed it meanwhile.
+        let (value, failure) = with_lock.decode::<T>(ctx, read).await;
+        prior_read = failure;
+        let now = match value {
+            Some(value) => Some(value),
+            None if found.state == State::Stale => Some(read_value::<T>(ctx).await),
+            None => None,
+        };
+        if let Some(ReadOutcome::Hit(v, plain)) = now {
             release(guard, &ctx.key).await;
             Flight::finish(flight, FlightOutcome::Done(plain));
             metric::inc(metric::REFRESH_LOST);
             return Some(v);
         }
     }
-    let prior = read_failure(ctx).await;
+    let prior = match prior_read {
+        Some(prior) => prior,
+        None => read_failure(ctx).await,
+    };
     if prior
         .as_ref()
         .is_some_and(|r| r.attempts > ctx.config.failure_retries)
@@ -599,35 +617,59 @@ where
 {
     let mut guard = None;
     let sharing = ctx.shares_failures();
+    // The failure record, if it was read with the lock.
+    let mut prior_read = None;
     if let Some(lock_options) = ctx.config.lock.as_ref().filter(|_| locked) {
         let lock_key = ctx.config.lock_key(key, ctx.call);
         let wait_start = now_ms();
         let started = tokio::time::Instant::now();
-        let polled = wait_for_lock(ctx, lock_options, lock_key, || async {
-            match read_value::<T>(ctx).await {
-                ReadOutcome::Hit(v, plain) => Some(Polled::Value(v, plain)),
-                _ if sharing => read_failure(ctx)
-                    .await
+        let with_lock = WithLock::new(ctx, !ctx.call.force_overwrite);
+        let with_lock = &with_lock;
+        let polled = wait_for_lock(
+            ctx,
+            lock_options,
+            lock_key,
+            &with_lock.keys(),
+            |found| async {
+                let (value, failure) = with_lock.decode::<T>(ctx, found).await;
+                let value = match value {
+                    Some(value) => value,
+                    None => read_value::<T>(ctx).await,
+                };
+                match value {
+                    ReadOutcome::Hit(v, plain) => Some(Polled::Value(v, plain)),
+                    _ if sharing => match failure {
+                        Some(failure) => failure,
+                        None => read_failure(ctx).await,
+                    }
                     .filter(|r| r.last_ms >= wait_start)
                     .map(Polled::Failed),
-                _ => None,
-            }
-        })
+                    _ => None,
+                }
+            },
+        )
         .await;
-        if !matches!(polled, LockWait::Acquired(_)) {
+        if !matches!(polled, LockWait::Acquired(..)) {
             metric::inc(metric::WAITS);
             metrics::histogram!(metric::WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         }
         match polled {
-            LockWait::Acquired(g) => {
+            LockWait::Acquired(g, found) => {
+                // What was read with the add (after it), else read now.
+                let (value, failure) = with_lock.decode::<T>(ctx, found).await;
                 if !ctx.call.force_overwrite {
                     // Someone may have finished while we waited.
-                    if let ReadOutcome::Hit(v, plain) = read_value::<T>(ctx).await {
+                    let now = match value {
+                        Some(value) => value,
+                        None => read_value::<T>(ctx).await,
+                    };
+                    if let ReadOutcome::Hit(v, plain) = now {
                         release(Some(g), &ctx.key).await;
                         Flight::finish(flight, FlightOutcome::Done(plain));
                         return Ok(v);
                     }
                 }
+                prior_read = failure;
                 // Renewed while the compute runs, so a compute longer than
                 // the lease still runs once.
                 g.keep_alive();
@@ -664,7 +706,10 @@ where
         }
     }
     // The retry budget: at most 1 + N computes per failure window.
-    let prior = read_failure(ctx).await;
+    let prior = match prior_read {
+        Some(prior) => prior,
+        None => read_failure(ctx).await,
+    };
     if let Some(rec) = prior
         .as_ref()
         .filter(|r| r.attempts > ctx.config.failure_retries)
@@ -769,6 +814,80 @@ where
     Ok(value)
 }
 
+/// What memoize reads with its first lock attempt: the value's keys
+/// ([`store::read_keys`]) if `value` and, when the call shares failures,
+/// the failure record.
+struct WithLock<'c> {
+    key: &'c str,
+    value: Vec<&'c str>,
+    failure: Option<String>,
+}
+
+impl<'c> WithLock<'c> {
+    fn new(ctx: &'c Ctx<'_>, value: bool) -> Self {
+        Self {
+            key: &ctx.key,
+            value: if value {
+                store::read_keys(ctx)
+            } else {
+                Vec::new()
+            },
+            failure: ctx.shares_failures().then(|| ctx.failure_key()),
+        }
+    }
+
+    /// Splits `found` (see [`split`](Self::split)) into the value's
+    /// outcome and the failure record, `None` for either part that was
+    /// not read.
+    async fn decode<T: DeserializeOwned>(
+        &self,
+        ctx: &Ctx<'_>,
+        found: Option<Vec<Option<Bytes>>>,
+    ) -> (Option<ReadOutcome<T>>, Option<Option<FailureRecord>>) {
+        let Some((value, failure)) = found.and_then(|f| self.split(f)) else {
+            return (None, None);
+        };
+        let value = if self.value.is_empty() {
+            None
+        } else {
+            Some(store::decode_found::<T>(ctx, value, true).await)
+        };
+        (
+            value,
+            self.failure
+                .is_some()
+                .then(|| decode_failure(failure.as_ref())),
+        )
+    }
+
+    /// The keys, in the order [`split`](Self::split) expects them back.
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = self.value.clone();
+        keys.extend(self.failure.as_deref());
+        keys
+    }
+
+    /// What was read, split into the value's part and the failure record;
+    /// `None` if the backend returned the wrong number of values.
+    fn split(&self, mut found: Vec<Option<Bytes>>) -> Option<(Vec<Option<Bytes>>, Option<Bytes>)> {
+        if found.len() != self.value.len() + usize::from(self.failure.is_some()) {
+            tracing::error!(key = %self.key, "backend returned the wrong number of values");
+            return None;
+        }
+        let failure = if self.failure.is_some() {
+            found.pop().flatten()
+        } else {
+            None
+        };
+        Some((found, failure))
+    }
+}
+
+/// A failure record as stored (absent or unreadable: none).
+fn decode_failure(raw: Option<&Bytes>) -> Option<FailureRecord> {
+    raw.and_then(|raw| postcard::from_bytes(raw).ok())
+}
+
 /// The failure record of the value, if the call shares failures and one
 /// is stored.
 async fn read_failure(ctx: &Ctx<'_>) -> Option<FailureRecord> {
@@ -776,8 +895,7 @@ async fn read_failure(ctx: &Ctx<'_>) -> Option<FailureRecord> {
         return None;
     }
     match ctx.cache.get(&ctx.failure_key()).await {
-        Ok(Some(raw)) => postcard::from_bytes(&raw).ok(),
-        Ok(None) => None,
+        Ok(raw) => decode_failure(raw.as_ref()),
         Err(e) => {
             tracing::warn!(key = %ctx.key, error = %e, "could not read the failure record");
             None

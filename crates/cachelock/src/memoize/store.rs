@@ -106,32 +106,46 @@ pub(crate) async fn read_fence(ctx: &Ctx<'_>) -> Option<Fence> {
 }
 
 async fn read<T: DeserializeOwned>(ctx: &Ctx<'_>, keep_plain: bool) -> ReadOutcome<T> {
-    // One round trip: the value, its version and the namespace generation.
-    let keys = [
+    // One round trip.
+    match ctx.cache.get_many(&read_keys(ctx)).await {
+        Ok(found) => decode_found(ctx, found, keep_plain).await,
+        Err(e) => {
+            tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
+            ReadOutcome::Unusable
+        }
+    }
+}
+
+/// The keys a read of the value fetches, in one `get_many`: the value, its
+/// version and the namespace generation. [`decode_found`] decodes what it
+/// finds.
+pub(crate) fn read_keys<'c>(ctx: &'c Ctx<'_>) -> Vec<&'c str> {
+    vec![
         ctx.key.as_str(),
         ctx.version_key.as_str(),
         ctx.config.generation_key.as_str(),
-    ];
-    let (raw, fence) = match ctx.cache.get_many(&keys).await {
-        Ok(mut found) if found.len() == 3 => {
-            let fence = Fence {
-                version: counter(found[1].as_ref()),
-                generation: counter(found[2].as_ref()),
-            };
-            ctx.see(fence);
-            match found.swap_remove(0) {
-                Some(raw) => (raw, fence),
-                None => return ReadOutcome::Miss,
-            }
-        }
-        Ok(_) => {
-            tracing::error!(key = %ctx.key, "backend returned the wrong number of values");
-            return ReadOutcome::Unusable;
-        }
-        Err(e) => {
-            tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
-            return ReadOutcome::Unusable;
-        }
+    ]
+}
+
+/// Decodes what a `get_many` of [`read_keys`] found (reading a chunked
+/// value's chunks), and records the fence it saw. Keeps the plaintext of
+/// an inline hit only if `keep_plain`.
+pub(crate) async fn decode_found<T: DeserializeOwned>(
+    ctx: &Ctx<'_>,
+    mut found: Vec<Option<Bytes>>,
+    keep_plain: bool,
+) -> ReadOutcome<T> {
+    if found.len() != 3 {
+        tracing::error!(key = %ctx.key, "backend returned the wrong number of values");
+        return ReadOutcome::Unusable;
+    }
+    let fence = Fence {
+        version: counter(found[1].as_ref()),
+        generation: counter(found[2].as_ref()),
+    };
+    ctx.see(fence);
+    let Some(raw) = found.swap_remove(0) else {
+        return ReadOutcome::Miss;
     };
     let decoded: Result<(T, Bytes, Option<Envelope>), Corrupt> =
         match ctx

@@ -329,12 +329,12 @@ where
         let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
         let mut guard = None;
         if let Some(lock_options) = &self.cache.inner.config.lock {
-            let waited = wait_for_lock(&ctx, lock_options, self.lock_key.clone(), || {
+            let waited = wait_for_lock(&ctx, lock_options, self.lock_key.clone(), &[], |_| {
                 read_stream(&ctx)
             })
             .await;
             match waited {
-                LockWait::Acquired(g) => {
+                LockWait::Acquired(g, _) => {
                     if !self.call.force_overwrite
                         && let Some(reader) = read_stream(&ctx).await
                     {

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::Ctx;
@@ -11,8 +12,9 @@ use crate::lock::{CacheLock, LockGuard, LockOptions};
 
 /// How waiting for the lock ended.
 pub(crate) enum LockWait<V> {
-    /// We hold the lock.
-    Acquired(LockGuard),
+    /// We hold the lock, and (if the first attempt took it and its read
+    /// worked) the keys read with its add, after it.
+    Acquired(LockGuard, Option<Vec<Option<Bytes>>>),
     /// The value appeared while we waited.
     Value(V),
     /// We go on without the lock (already logged).
@@ -25,15 +27,21 @@ pub(crate) enum LockWait<V> {
 const POLLS_PER_LOCK_TRY: usize = 3;
 
 /// Waits for the lock, polling `poll` (the value) between attempts unless
-/// the call forces an overwrite.
+/// the call forces an overwrite. The first attempt also reads `read` in
+/// the same round trip where the backend can
+/// ([`Backend::add_reading`](crate::Backend::add_reading)): if it finds
+/// the lock held, `poll` is given what it read (`Some`, one value per key)
+/// instead of reading itself (`None`); if it takes the lock, the values
+/// come back with the guard.
 pub(crate) async fn wait_for_lock<V, P, PF>(
     ctx: &Ctx<'_>,
     lock_options: &LockOptions,
     lock_key: String,
+    read: &[&str],
     mut poll: P,
 ) -> LockWait<V>
 where
-    P: FnMut() -> PF,
+    P: FnMut(Option<Vec<Option<Bytes>>>) -> PF,
     PF: Future<Output = Option<V>>,
 {
     let lock = CacheLock::from_parts(
@@ -50,9 +58,10 @@ where
     // the poll at once where the backend notifies; polling stays the safety
     // net. Armed before the first try only where that costs no I/O.
     let mut watch = ctx.cache.watch_release_now(lock.key());
+    let (mut attempt, mut found) = lock.try_acquire_reading(read).await;
     loop {
-        let err = match lock.try_acquire().await {
-            Ok(guard) => return LockWait::Acquired(guard),
+        let err = match attempt {
+            Ok(guard) => return LockWait::Acquired(guard, found),
             Err(e) if e.is_held() => {
                 if timed_out(Instant::now()) {
                     Some(Error::TimedOut {
@@ -80,10 +89,17 @@ where
         // every few polls (it frees up without a value only when the
         // holder failed or vanished), to halve the load of waiting.
         let polls = if force { 1 } else { POLLS_PER_LOCK_TRY };
+        // What the first attempt read is a poll already made.
+        if !force
+            && let Some(values) = found.take()
+            && let Some(v) = poll(Some(values)).await
+        {
+            return LockWait::Value(v);
+        }
         if watch.is_none() {
             watch = Some(ctx.cache.watch_release(lock.key()).await);
             // A release between the try and the arm is not waited out.
-            if !force && let Some(v) = poll().await {
+            if !force && let Some(v) = poll(None).await {
                 return LockWait::Value(v);
             }
         }
@@ -105,10 +121,11 @@ where
                 }
                 None => tokio::time::sleep(pause).await,
             }
-            if !force && let Some(v) = poll().await {
+            if !force && let Some(v) = poll(None).await {
                 return LockWait::Value(v);
             }
         }
+        attempt = lock.try_acquire().await;
     }
 }
 

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachelock::{BackendError, SharedBackend, TokenCheck, fence_floor};
+use cachelock::{
+    BackendError, LockAdd, Queued, SharedBackend, TokenCheck, ValueFormat, fence_floor,
+};
 
 use super::unique_key;
 
@@ -29,7 +31,8 @@ macro_rules! conformance_tests {
             ttl_expiry, add_after_expiry, incr_counts, incr_on_non_number_fails,
             delete_if_eq_cases, extend_if_eq_cases, token_ops_after_expiry, large_value,
             value_over_limit_is_typed, odd_keys, fenced_add_numbers_grants,
-            fence_starts_at_the_clock_floor, version_ops_cases, list_under_a_prefix);
+            fence_starts_at_the_clock_floor, version_ops_cases, list_under_a_prefix,
+            add_reading_reads_after_the_add);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -459,4 +462,81 @@ pub async fn list_under_a_prefix(b: SharedBackend) {
     assert_eq!(b.list(&format!("{p}:"), 1).await.unwrap().len(), 1);
     // Glob characters in the prefix are literal.
     assert!(b.list(&format!("{p}*"), 10).await.unwrap().is_empty());
+}
+
+/// `add_reading` is the lock's add (fenced or queued) followed by a read:
+/// the values come back in order with holes, the lock key itself reads as
+/// the add left it (the read comes after the add), a held key is left
+/// alone, and the grant is one the owner-checked operations accept. Keys
+/// with one hash tag (one script on a Cluster) and without (spread over
+/// slots or servers) alike.
+pub async fn add_reading_reads_after_the_add(b: SharedBackend) {
+    let tag = unique_key("add-reading");
+    for prefix in [format!("{{{tag}}}"), tag.clone()] {
+        let lock = format!("{prefix}:lock");
+        let keys: Vec<String> = (0..6).map(|i| format!("{prefix}:{i}")).collect();
+        for (i, k) in keys.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+            b.set(k, format!("value {i}").as_bytes(), LONG)
+                .await
+                .unwrap();
+        }
+        let mut read: Vec<&str> = keys.iter().map(String::as_str).collect();
+        read.push(&lock);
+        let expected = |lock_value: &[u8]| -> Vec<Option<Vec<u8>>> {
+            (0..6)
+                .map(|i| (i % 2 == 0).then(|| format!("value {i}").into_bytes()))
+                .chain([Some(lock_value.to_vec())])
+                .collect()
+        };
+        let got = |values: Vec<Option<bytes::Bytes>>| -> Vec<Option<Vec<u8>>> {
+            values.into_iter().map(|v| v.map(|v| v.to_vec())).collect()
+        };
+        let mut last = 0;
+        for add in [LockAdd::Fenced(ValueFormat::Raw), LockAdd::Queued] {
+            let mine = format!("mine {add:?}");
+            let r = b
+                .add_reading(&lock, mine.as_bytes(), LONG, add, &read)
+                .await
+                .unwrap();
+            let Queued::Granted(grant) = r.outcome else {
+                panic!("{add:?}: the lock key is free, yet {:?}", r.outcome);
+            };
+            assert!(grant.fence > last, "{add:?}: {} after {last}", grant.fence);
+            last = grant.fence;
+            assert_eq!(got(r.values.unwrap()), expected(mine.as_bytes()), "{add:?}");
+            assert_eq!(b.fence(&lock).await.unwrap(), Some(grant.fence));
+
+            // Held: no grant, nothing changed, and still read.
+            let r = b
+                .add_reading(&lock, b"other", LONG, add, &read)
+                .await
+                .unwrap();
+            assert!(matches!(r.outcome, Queued::Held { .. }), "{add:?}");
+            assert_eq!(got(r.values.unwrap()), expected(mine.as_bytes()), "{add:?}");
+            if add == LockAdd::Queued {
+                b.leave_queue(&lock, b"other", LONG).await.unwrap();
+            }
+            assert_eq!(
+                b.delete_if_version(&lock, mine.as_bytes(), grant.version, LONG)
+                    .await
+                    .unwrap(),
+                TokenCheck::Matched,
+                "{add:?}"
+            );
+        }
+        // No keys: the add alone.
+        let r = b
+            .add_reading(
+                &lock,
+                b"alone",
+                LONG,
+                LockAdd::Fenced(ValueFormat::Raw),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r.outcome, Queued::Granted(_)));
+        assert_eq!(r.values.unwrap(), Vec::<Option<bytes::Bytes>>::new());
+        assert!(b.delete(&lock).await.unwrap());
+    }
 }

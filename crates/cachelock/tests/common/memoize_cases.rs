@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use cachelock::{
-    Backend, BackendError, BackendResult, CacheKey, CacheLock, KeyBuilder, LockOptions,
-    MemoizeError, OnLockFailure, SharedBackend, TokenCheck,
+    AddRead, Backend, BackendError, BackendResult, CacheKey, CacheLock, KeyBuilder, LockAdd,
+    LockOptions, MemoizeError, OnLockFailure, SharedBackend, TokenCheck,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ macro_rules! memoize_tests {
             force_overwrite_takes_the_lock, corrupt_entry_rebuilt_under_lock,
             concurrent_callers_compute_once, concurrent_processes_compute_once,
             racing_writers_never_mix, hostile_manifest_is_a_miss, unknown_version_is_a_miss,
-            wrong_type_is_a_miss);
+            wrong_type_is_a_miss, cold_miss_reads_with_the_lock);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -62,6 +62,8 @@ pub enum Op {
     Set(String, usize),
     SetMany(Vec<String>),
     Add(String),
+    /// `add_reading` of the lock key, reading these keys.
+    AddReading(String, Vec<String>),
     Touch(String),
     Delete(String),
     ExtendIfEq(String),
@@ -169,6 +171,27 @@ impl Backend for Wrap {
     async fn add(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<bool> {
         self.before(Op::Add(key.into())).await;
         self.inner.add(key, value, ttl).await
+    }
+    /// The inner backend's (one round trip where it can); a read failure
+    /// is injected into the values only.
+    async fn add_reading(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        add: LockAdd,
+        keys: &[&str],
+    ) -> BackendResult<AddRead> {
+        self.before(Op::AddReading(
+            key.into(),
+            keys.iter().map(|k| (*k).into()).collect(),
+        ))
+        .await;
+        let mut r = self.inner.add_reading(key, value, ttl, add, keys).await?;
+        if let Err(e) = self.get_fails(keys.first().copied().unwrap_or("")) {
+            r.values = Err(e);
+        }
+        Ok(r)
     }
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         self.before(Op::Touch(key.into())).await;
@@ -624,7 +647,10 @@ pub async fn lock_not_taken_on_hit(b: SharedBackend) {
     let o = opts().lock(lock_opts(Wait::Forever));
     let c = Counter::default();
     mz(&b, &k, &o, &c, 1u8).await;
-    assert_eq!(w.count(|op| matches!(op, Op::Add(_))), 1);
+    assert_eq!(
+        w.count(|op| matches!(op, Op::Add(_) | Op::AddReading(..))),
+        1
+    );
     w.clear();
     assert_eq!(mz(&b, &k, &o, &c, 2u8).await, 1);
     assert_one_read(&w.ops(), &k);
@@ -1070,4 +1096,57 @@ pub async fn wrong_type_is_a_miss(b: SharedBackend) {
     assert_eq!(mz(&b, &k, &o, &c, 77u64).await, 77);
     assert_eq!(mz(&b, &k, &o, &c, 0u64).await, 77);
     assert_eq!(c.get(), 2);
+}
+
+/// A cold miss under the lock reads the value (and the failure record,
+/// when failures are shared) with the lock's add, and not again after it:
+/// before the compute, one plain read of the value, one `add_reading` of
+/// the lock with the value's keys, and no other read of either.
+pub async fn cold_miss_reads_with_the_lock(b: SharedBackend) {
+    let w = Wrap::new(b);
+    let b = w.shared();
+    for share in [false, true] {
+        let k = unique_key("miss-reads-with-lock");
+        let mut o = opts().lock(lock_opts(Wait::Forever));
+        if share {
+            o = o.then(|b| b.share_failures(Duration::from_secs(5)));
+        }
+        let failure_key = format!("{k}:#f");
+        w.clear();
+        let before = Mutex::new(Vec::new());
+        let v = memoize(&b, k.as_str(), &o, || async {
+            *before.lock() = w.ops();
+            Ok::<_, Never>(1u8)
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 1);
+        let before = before.into_inner();
+        let reads = |key: &str| {
+            before
+                .iter()
+                .filter(|op| match op {
+                    Op::Get(k) => k == key,
+                    Op::GetMany(keys) => keys.iter().any(|k| k == key),
+                    _ => false,
+                })
+                .count()
+        };
+        assert_eq!(reads(&k), 1, "share {share}: {before:?}");
+        assert_eq!(reads(&failure_key), 0, "share {share}: {before:?}");
+        let attempts: Vec<&Op> = before
+            .iter()
+            .filter(|op| matches!(op, Op::Add(_) | Op::AddReading(..)))
+            .collect();
+        match attempts[..] {
+            [Op::AddReading(lock, keys)] => {
+                assert_eq!(*lock, o.full_lock_key(&k.as_str().into()));
+                assert_eq!(keys[0], k);
+                assert_eq!(keys.contains(&failure_key), share, "{keys:?}");
+            }
+            ref other => panic!("share {share}: one add_reading, not {other:?}"),
+        }
+        // Stored and released as ever: the next call is a hit.
+        assert_eq!(mz(&b, &k, &o, &Counter::default(), 2u8).await, 1);
+    }
 }

@@ -38,6 +38,7 @@
 //! | `incr` | `ma N0 J<delta> D<delta> v` (auto-vivify) | 1 |
 //! | `get_many` / `set_many` | one pipelined write per server, servers in parallel | 1 |
 //! | `add_fenced` (lock acquire) | `ms ME c` + `ma` of the fence counter, pipelined | 1 |
+//! | `add_reading` (memoize's first lock attempt) | `add_fenced`'s two commands and an `mg v` per key, pipelined; keys on other servers read in parallel | 1 |
 //! | `delete_if_version` (lock release) | `md C<cas>` on a connection open since the add | 1 |
 //! | `extend_if_version` (lock renewal) | `ms C<cas> T<ttl> c` (same value), likewise | 1 |
 //! | `delete_if_eq` (release, no usable CAS) | `mg v c`, compare, `md C<cas>` | 2 |
@@ -54,6 +55,30 @@
 //! Pipelined batches do not use quiet mode: it would save only the `EN` /
 //! `HD` reply lines, not a round trip, and unquieted replies arrive one per
 //! command in order, so an error reply can be pinned on its exact key.
+//!
+//! # Why not the meta protocol's own leases
+//!
+//! `mg <key> N<ttl>` turns a miss into a lease in the same round trip: the
+//! first client to miss gets `W` (win: compute it), the others `Z` (a
+//! winner exists), and `R<s>` hands out `W` early to one client when the
+//! item has less than `s` seconds left. Memoize does not use them: that
+//! lease is an empty item under the *value's* key, known to its winner
+//! only by the item's CAS, so it carries none of what our lock does:
+//!
+//! * no token (a release or renewal is by CAS, which any client that read
+//!   the item also has) and no holder identity (`cachelock status` names
+//!   who holds a lock from its value);
+//! * no fencing number, no keep-alive that checks the owner, no
+//!   [`LockOptions`](crate::LockOptions) (lease, `max_wait`, Django mode:
+//!   djblets' `CacheLock` interoperates through the lock key), and not the
+//!   same lock as on the other backends, or for a [`CacheLock`](crate::CacheLock)
+//!   taken on the same key;
+//! * the empty placeholder is what a plain `get` of the key (a djblets
+//!   reader, any client without the flags) reads for the lease's length.
+//!
+//! [`add_reading`](Backend::add_reading) gets the same single round trip
+//! with the lock key: the lock's add and the `mg` of the value are sent in
+//! one pipelined write (a value on another server is read in parallel).
 //!
 //! # TTLs
 //!
@@ -108,8 +133,8 @@ use self::pool::{Pool, Until};
 use self::proto::{ErrorKind, GetFlags, Response, SetFlags, SetMode, Status, WireKey};
 use self::ring::Ring;
 use super::{
-    Backend, FENCE_TTL, Grant, Listed, TokenCheck, ValueFormat, Version, check_value_size,
-    fence_floor, fence_key,
+    AddRead, Backend, FENCE_TTL, Grant, Listed, LockAdd, TokenCheck, ValueFormat, Version,
+    check_value_size, fence_floor, fence_key,
 };
 use crate::error::{BackendError, BackendResult};
 
@@ -526,6 +551,61 @@ impl MemcachedBackend {
         }
     }
 
+    /// The grant in the first two replies to [`encode_add_fenced`]'s
+    /// commands, sent over connection `session`.
+    fn grant_from_replies(
+        &self,
+        key: &str,
+        value_len: usize,
+        replies: &mut impl Iterator<Item = Response>,
+        session: u64,
+    ) -> BackendResult<Option<Grant>> {
+        let (Some(added), Some(fence)) = (replies.next(), replies.next()) else {
+            return Err(BackendError::protocol(key, "missing reply"));
+        };
+        let version = match added {
+            Response::Meta {
+                status: Status::Ok,
+                flags,
+                ..
+            } => flags.cas.map(|cas| Version {
+                value: cas,
+                session,
+            }),
+            Response::Meta {
+                status: Status::NotStored,
+                ..
+            } => return Ok(None),
+            other => return Err(self.unexpected(key, value_len, other)),
+        };
+        let counter_key = fence_key(key);
+        let fence = match fence {
+            Response::Meta {
+                status: Status::Value,
+                value: Some(v),
+                ..
+            } => self.counter(&counter_key, &v)?,
+            other => return Err(self.unexpected(&counter_key, 0, other)),
+        };
+        Ok(Some(Grant { fence, version }))
+    }
+
+    /// The value in the reply to an `mg <key> v`, if it was found.
+    fn value_from_reply(&self, key: &str, reply: Response) -> BackendResult<Option<Bytes>> {
+        match reply {
+            Response::Meta {
+                status: Status::Miss,
+                ..
+            } => Ok(None),
+            Response::Meta {
+                status: Status::Value,
+                value: Some(value),
+                ..
+            } => Ok(Some(value)),
+            other => Err(self.unexpected(key, 0, other)),
+        }
+    }
+
     /// Groups item indices by server.
     fn by_server(&self, keys: impl Iterator<Item = (usize, impl AsRef<str>)>) -> Vec<Vec<usize>> {
         let mut groups = vec![Vec::new(); self.servers.len()];
@@ -539,6 +619,36 @@ impl MemcachedBackend {
     }
 }
 
+/// Appends the lock's add to `req`: `ms key … ME c` (the add, returning its
+/// CAS, except in Django's format, see below) and the `ma` of the fence
+/// counter, both for the lock key's server.
+fn encode_add_fenced(
+    req: &mut Vec<u8>,
+    key: &str,
+    value: &[u8],
+    ttl: Duration,
+    format: ValueFormat,
+) {
+    let client_flags = match format {
+        ValueFormat::Raw => None,
+        ValueFormat::DjangoStr => Some(PYMEMCACHE_FLAG_TEXT),
+    };
+    let flags = SetFlags {
+        mode: SetMode::Add,
+        ttl: exptime(ttl),
+        client_flags,
+        // A Django-format lock is renewed by the flag-keeping
+        // read-and-set of `extend_if_eq`, not by CAS (a CAS `ms` would
+        // have to resend the flags): it gets no version.
+        return_cas: client_flags.is_none(),
+        ..SetFlags::default()
+    };
+    proto::encode_set(req, &WireKey::new(key), value, &flags);
+    let counter_key = fence_key(key);
+    let floor = fence_floor(SystemTime::now());
+    proto::encode_fence(req, &WireKey::new(&counter_key), floor, exptime(FENCE_TTL));
+}
+
 #[async_trait]
 impl Backend for MemcachedBackend {
     async fn get(&self, key: &str) -> BackendResult<Option<Bytes>> {
@@ -548,18 +658,8 @@ impl Backend for MemcachedBackend {
             ..GetFlags::default()
         };
         proto::encode_get(&mut req, &WireKey::new(key), &flags);
-        match self.one(key, &req, true, self.item_size).await? {
-            Response::Meta {
-                status: Status::Miss,
-                ..
-            } => Ok(None),
-            Response::Meta {
-                status: Status::Value,
-                value: Some(value),
-                ..
-            } => Ok(Some(value)),
-            other => Err(self.unexpected(key, 0, other)),
-        }
+        let reply = self.one(key, &req, true, self.item_size).await?;
+        self.value_from_reply(key, reply)
     }
 
     async fn get_many(&self, keys: &[&str]) -> BackendResult<Vec<Option<Bytes>>> {
@@ -596,18 +696,7 @@ impl Backend for MemcachedBackend {
             let (group, replies) = result?;
             for (&i, reply) in group.iter().zip(replies) {
                 let key = keys.get(i).copied().unwrap_or_default();
-                let value = match reply {
-                    Response::Meta {
-                        status: Status::Miss,
-                        ..
-                    } => None,
-                    Response::Meta {
-                        status: Status::Value,
-                        value: Some(value),
-                        ..
-                    } => Some(value),
-                    other => return Err(self.unexpected(key, 0, other)),
-                };
+                let value = self.value_from_reply(key, reply)?;
                 if let Some(slot) = out.get_mut(i) {
                     *slot = value;
                 }
@@ -728,61 +817,88 @@ impl Backend for MemcachedBackend {
     ) -> BackendResult<Option<Grant>> {
         check_value_size(key, value, self.max_value_size())?;
         let mut req = Vec::new();
-        let client_flags = match format {
-            ValueFormat::Raw => None,
-            ValueFormat::DjangoStr => Some(PYMEMCACHE_FLAG_TEXT),
-        };
-        let flags = SetFlags {
-            mode: SetMode::Add,
-            ttl: exptime(ttl),
-            client_flags,
-            // A Django-format lock is renewed by the flag-keeping
-            // read-and-set of `extend_if_eq`, not by CAS (a CAS `ms` would
-            // have to resend the flags): it gets no version.
-            return_cas: client_flags.is_none(),
-            ..SetFlags::default()
-        };
-        proto::encode_set(&mut req, &WireKey::new(key), value, &flags);
-        let counter_key = fence_key(key);
-        let floor = fence_floor(SystemTime::now());
-        proto::encode_fence(
-            &mut req,
-            &WireKey::new(&counter_key),
-            floor,
-            exptime(FENCE_TTL),
-        );
+        encode_add_fenced(&mut req, key, value, ttl, format);
         let (replies, session) = self
             .server(self.ring.server_for(key), key)?
             .request_tagged(key, &req, Until::Count(2), COUNTER_VALUE)
             .await?;
+        self.grant_from_replies(key, value.len(), &mut replies.into_iter(), session)
+    }
+
+    /// One round trip to the lock key's server for the add and the `mg`s
+    /// of the keys on that server (pipelined behind it, so read after it);
+    /// the keys on other servers are read at the same time, as
+    /// [`get_many`](Backend::get_many) reads them. See the module docs for
+    /// why this is our lock key and not the meta protocol's own lease.
+    async fn add_reading(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        add: LockAdd,
+        keys: &[&str],
+    ) -> BackendResult<AddRead> {
+        check_value_size(key, value, self.max_value_size())?;
+        let format = match add {
+            LockAdd::Fenced(format) => format,
+            // No wait queue here: a waiter's add is the plain one.
+            LockAdd::Queued => ValueFormat::Raw,
+        };
+        let server = self.ring.server_for(key);
+        let (here, elsewhere): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| {
+            keys.get(i)
+                .is_some_and(|k| self.ring.server_for(k) == server)
+        });
+        let mut req = Vec::new();
+        encode_add_fenced(&mut req, key, value, ttl, format);
+        let flags = GetFlags {
+            value: true,
+            ..GetFlags::default()
+        };
+        for k in here.iter().filter_map(|&i| keys.get(i)) {
+            proto::encode_get(&mut req, &WireKey::new(k), &flags);
+        }
+        let others: Vec<&str> = elsewhere
+            .iter()
+            .filter_map(|&i| keys.get(i).copied())
+            .collect();
+        let (added, others) = futures_util::future::join(
+            async {
+                self.server(server, key)?
+                    .request_tagged(key, &req, Until::Count(2 + here.len()), self.item_size)
+                    .await
+            },
+            async {
+                if others.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.get_many(&others).await
+                }
+            },
+        )
+        .await;
+        let (replies, session) = added?;
         let mut replies = replies.into_iter();
-        let (Some(added), Some(fence)) = (replies.next(), replies.next()) else {
-            return Err(BackendError::protocol(key, "missing reply"));
-        };
-        let version = match added {
-            Response::Meta {
-                status: Status::Ok,
-                flags,
-                ..
-            } => flags.cas.map(|cas| Version {
-                value: cas,
-                session,
-            }),
-            Response::Meta {
-                status: Status::NotStored,
-                ..
-            } => return Ok(None),
-            other => return Err(self.unexpected(key, value.len(), other)),
-        };
-        let fence = match fence {
-            Response::Meta {
-                status: Status::Value,
-                value: Some(v),
-                ..
-            } => self.counter(&counter_key, &v)?,
-            other => return Err(self.unexpected(&counter_key, 0, other)),
-        };
-        Ok(Some(Grant { fence, version }))
+        let grant = self.grant_from_replies(key, value.len(), &mut replies, session)?;
+        let values = others.and_then(|others| {
+            let mut out = vec![None; keys.len()];
+            for (&i, reply) in here.iter().zip(replies.by_ref()) {
+                let k = keys.get(i).copied().unwrap_or_default();
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = self.value_from_reply(k, reply)?;
+                }
+            }
+            for (&i, v) in elsewhere.iter().zip(others) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = v;
+                }
+            }
+            Ok(out)
+        });
+        Ok(AddRead {
+            outcome: grant.into(),
+            values,
+        })
     }
 
     /// Read from the lock key's server, where `add_fenced` keeps it.

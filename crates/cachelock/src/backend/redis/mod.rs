@@ -21,6 +21,7 @@
 //! | `delete_if_eq` | a Lua script (`EVALSHA`), or `DELEX key IFEQ` / `DELIFEQ` where the server has it | 1 |
 //! | `extend_if_eq` | a Lua script (`EVALSHA`) | 1 |
 //! | `add_queued` / `leave_queue` (a waiter in line) | a Lua script (`EVALSHA`) | 1 |
+//! | `add_reading` (memoize's first lock attempt) | the add's Lua script followed by a `GET` of each key (on a Cluster only when all keys share the lock key's slot; else the add, then `MGET`) | 1 (2) |
 //!
 //! The scripts are sent by their SHA-1 (`EVALSHA`); on a `NOSCRIPT` reply
 //! (a fresh or restarted server) the crate loads them and retries, so the
@@ -141,13 +142,14 @@ use self::link::{
 };
 use self::notify::RedisNotify;
 use self::scripts::{
-    ADD_FENCED, ADD_QUEUED, DELETE_IF_EQ, EXTEND_IF_EQ, FENCE, LEAVE_QUEUE, NativeDelete,
-    native_delete_from_command_info, token_check,
+    ADD_FENCED, ADD_FENCED_READING, ADD_QUEUED, ADD_QUEUED_READING, DELETE_IF_EQ, EXTEND_IF_EQ,
+    FENCE, LEAVE_QUEUE, NativeDelete, native_delete_from_command_info, token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{
-    Backend, FENCE_TTL, Grant, Listed, Queued, ReleaseWatch, TokenCheck, ValueFormat,
-    check_value_size, fence_key, fence_key_same_slot, next_fence, queue_key,
+    AddRead, Backend, FENCE_TTL, Grant, Listed, LockAdd, Queued, ReleaseWatch, TokenCheck,
+    ValueFormat, add_then_read, check_value_size, fence_key, fence_key_same_slot, next_fence,
+    queue_key,
 };
 use crate::backend::url::SentinelUrl;
 use crate::error::{BackendError, BackendResult};
@@ -601,6 +603,17 @@ impl RedisBackend {
         keys: &[&str],
         args: &[&[u8]],
     ) -> BackendResult<i64> {
+        self.script(key, script, keys, args).await
+    }
+
+    /// Runs `script` with `keys` and `args`.
+    async fn script<T: ::redis::FromRedisValue>(
+        &self,
+        key: &str,
+        script: &::redis::Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> BackendResult<T> {
         let mut invocation = script.prepare_invoke();
         for k in keys {
             invocation.key(*k);
@@ -610,7 +623,7 @@ impl RedisBackend {
         }
         let invocation = &invocation;
         self.retrying(key, Instant::now(), move |mut conn: Conn| async move {
-            invocation.invoke_async::<i64>(&mut conn).await
+            invocation.invoke_async::<T>(&mut conn).await
         })
         .await
     }
@@ -944,6 +957,63 @@ impl Backend for RedisBackend {
         }
     }
 
+    /// One script (`EVALSHA`) where it can: the add of `ADD_FENCED` (or
+    /// `ADD_QUEUED`, where waiters queue), then a `GET` of each key, on a
+    /// standalone server, or on a Cluster when the lock key, its fence
+    /// counter and all the keys share one hash slot. Otherwise (keys in
+    /// several slots, scripts denied) the add, then `MGET`.
+    async fn add_reading(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        add: LockAdd,
+        keys: &[&str],
+    ) -> BackendResult<AddRead> {
+        use std::sync::atomic::Ordering;
+        let counter_key = fence_key(key);
+        let one_slot = !self.is_cluster() || {
+            let slot = Slot::for_key(key);
+            Slot::for_key(&counter_key) == slot && keys.iter().all(|k| Slot::for_key(k) == slot)
+        };
+        if keys.is_empty() || !one_slot || self.scripts_denied.load(Ordering::Relaxed) {
+            return add_then_read(self, key, value, ttl, add, keys).await;
+        }
+        check_value_size(key, value, self.max_value_size())?;
+        let queued = add == LockAdd::Queued && self.queues();
+        let (lease, fence_ttl) = (ttl_ms(ttl).to_string(), ttl_ms(FENCE_TTL).to_string());
+        let reply = if queued {
+            let (queue, max) = (queue_key(key), MAX_QUEUED.to_string());
+            let mut script_keys = vec![key, &queue, &counter_key];
+            script_keys.extend_from_slice(keys);
+            let args: [&[u8]; 4] = [
+                value,
+                lease.as_bytes(),
+                max.as_bytes(),
+                fence_ttl.as_bytes(),
+            ];
+            self.script::<Value>(key, &ADD_QUEUED_READING, &script_keys, &args)
+                .await
+        } else {
+            let mut script_keys = vec![key, &counter_key];
+            script_keys.extend_from_slice(keys);
+            let args: [&[u8]; 3] = [value, lease.as_bytes(), fence_ttl.as_bytes()];
+            self.script::<Value>(key, &ADD_FENCED_READING, &script_keys, &args)
+                .await
+        };
+        match reply {
+            Ok(reply) => add_read_from_reply(key, keys.len(), queued, reply),
+            // Denied or unknown to this server: the plain add finds out
+            // again, remembers it and falls back as it always does.
+            Err(BackendError::Protocol { message, .. })
+                if is_noperm(&message) || message.to_ascii_lowercase().contains("unknown") =>
+            {
+                add_then_read(self, key, value, ttl, add, keys).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         let mut cmd = ::redis::cmd("PEXPIRE");
         cmd.arg(key).arg(ttl_ms(ttl));
@@ -1165,6 +1235,58 @@ fn is_noperm(message: &str) -> bool {
 }
 
 /// A fence from a script's reply (always positive).
+/// Reads the reply of the `..._READING` scripts: `{fence, values}` (fence
+/// 0: held), or `{fence, message}` when the read failed.
+/// Reads the reply of an add-and-read script: `{fence, values}`. The fence
+/// is as [`ADD_QUEUED`]'s reply when `queued` (≤ 0: held, the latest
+/// grant's fence negated), else as [`ADD_FENCED`]'s (0: held).
+fn add_read_from_reply(
+    key: &str,
+    count: usize,
+    queued: bool,
+    reply: Value,
+) -> BackendResult<AddRead> {
+    let shape =
+        || BackendError::protocol(key, "unexpected reply shape from the add-and-read script");
+    let Value::Array(items) = reply else {
+        return Err(shape());
+    };
+    let mut items = items.into_iter();
+    let (Some(Value::Int(fence)), Some(read), None) = (items.next(), items.next(), items.next())
+    else {
+        return Err(shape());
+    };
+    let outcome = match fence {
+        n if n <= 0 && queued => Queued::Held {
+            latest_fence: Some(n.unsigned_abs()),
+        },
+        0 => Queued::Held { latest_fence: None },
+        n => Queued::Granted(Grant {
+            fence: fence_from_reply(key, n)?,
+            version: None,
+        }),
+    };
+    let values = match read {
+        Value::Array(values) if values.len() == count => values
+            .into_iter()
+            .map(|v| match v {
+                Value::Nil | Value::Boolean(false) => Ok(None),
+                Value::BulkString(b) => Ok(Some(Bytes::from(b))),
+                _ => Err(shape()),
+            })
+            .collect(),
+        Value::BulkString(message) => Err(BackendError::protocol(
+            key,
+            format!(
+                "reading after the lock's add failed: {}",
+                String::from_utf8_lossy(&message)
+            ),
+        )),
+        _ => Err(shape()),
+    };
+    Ok(AddRead { outcome, values })
+}
+
 fn fence_from_reply(key: &str, n: i64) -> BackendResult<u64> {
     u64::try_from(n)
         .ok()

@@ -107,9 +107,19 @@ return 1 + redis.call('PUBLISH', ARGV[2], '')
 /// queue is kept ARGV[2] ms, and the reply is the negated fence of the
 /// latest grant (0 if none is known): a hand-off notice naming this waiter
 /// with a fence not above it is older than this attempt.
-pub(super) static ADD_QUEUED: LazyLock<::redis::Script> = LazyLock::new(|| {
-    fenced(
-        r"
+pub(super) static ADD_QUEUED: LazyLock<::redis::Script> =
+    LazyLock::new(|| fenced(&format!("{ADD_QUEUED_FN}return add_queued()")));
+
+/// [`ADD_QUEUED`], then the values of KEYS[4] onwards ([`READ_AFTER`]).
+pub(super) static ADD_QUEUED_READING: LazyLock<::redis::Script> = LazyLock::new(|| {
+    fenced(&format!(
+        "{ADD_QUEUED_FN}{READ_AFTER}return read_after(add_queued(), 4)"
+    ))
+});
+
+/// The body of [`ADD_QUEUED`], as the Lua function `add_queued()`.
+const ADD_QUEUED_FN: &str = r"
+local function add_queued()
 local entry = ARGV[2] .. ':' .. ARGV[1]
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('LREM', KEYS[2], 1, entry)
@@ -127,9 +137,8 @@ if not redis.call('LPOS', KEYS[2], entry)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return -(tonumber(redis.call('GET', KEYS[3])) or 0)
-",
-    )
-});
+end
+";
 
 /// A waiter that stops waiting: takes its entry `ARGV[2]:ARGV[1]` out of
 /// the wait queue KEYS[2], and if a release already handed it the lock
@@ -146,6 +155,23 @@ return 1
 ",
     )
 });
+
+/// The Lua function `read_after(fence, from)` of the scripts that read
+/// with the lock's add: returns `{fence, values}`, the values of KEYS[from]
+/// onwards in order (false for an absent key), or `{fence, message}` if a
+/// key could not be read (a key of another type): the add's outcome is
+/// not lost to a failed read.
+const READ_AFTER: &str = r"
+local function read_after(fence, from)
+  local values = {}
+  for i = from, #KEYS do
+    local v = redis.pcall('GET', KEYS[i])
+    if type(v) == 'table' and v.err then return {fence, v.err} end
+    values[#values + 1] = v
+  end
+  return {fence, values}
+end
+";
 
 /// Sets a TTL of ARGV[2] ms on KEYS[1] if it holds ARGV[1].
 /// 1: extended; 0: another value; -1: absent.
@@ -167,16 +193,25 @@ return 1
 /// KEYS[2], raised to the floor (the server's `TIME` in microseconds) if it
 /// restarted below it (`number_grant`), with a TTL of ARGV[3] ms. Returns the fence, or 0 if
 /// the key is held by someone else.
-pub(super) static ADD_FENCED: LazyLock<::redis::Script> = LazyLock::new(|| {
-    fenced(
-        r"
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-end
-return number_grant(KEYS[2], ARGV[3])
-",
-    )
+pub(super) static ADD_FENCED: LazyLock<::redis::Script> =
+    LazyLock::new(|| fenced(&format!("{ADD_FENCED_FN}return add_fenced()")));
+
+/// [`ADD_FENCED`], then the values of KEYS[3] onwards ([`READ_AFTER`]).
+pub(super) static ADD_FENCED_READING: LazyLock<::redis::Script> = LazyLock::new(|| {
+    fenced(&format!(
+        "{ADD_FENCED_FN}{READ_AFTER}return read_after(add_fenced(), 3)"
+    ))
 });
+
+/// The body of [`ADD_FENCED`], as the Lua function `add_fenced()`.
+const ADD_FENCED_FN: &str = r"
+local function add_fenced()
+  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  end
+  return number_grant(KEYS[2], ARGV[3])
+end
+";
 
 /// The fence alone (for a Cluster key whose counter is in another slot):
 /// as in [`ADD_FENCED`], on KEYS[1] with a TTL of ARGV[1] ms.

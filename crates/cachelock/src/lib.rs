@@ -67,8 +67,8 @@ pub use backend::redis::{RedisBackend, RedisOptions};
 pub use backend::sqlite::SqliteBackend;
 pub use backend::url::{BackendUrl, SentinelUrl, connect};
 pub use backend::{
-    AddRead, Backend, FENCE_TTL, Grant, Listed, LockAdd, Queued, SharedBackend, TokenCheck,
-    ValueFormat, Version, fence_floor, fence_key,
+    AddRead, Backend, FENCE_TTL, Grant, HANDOFF_CLAIM, Listed, LockAdd, Queued, SharedBackend,
+    TokenCheck, ValueFormat, Version, fence_floor, fence_key,
 };
 pub use error::{BackendError, BackendResult, Error, Result};
 pub use handle::{Cache, CacheBuilder, DEFAULT_NAMESPACE, Entry, IntoBackend};

@@ -67,13 +67,17 @@
 //! key: a waiter whose attempt finds the lock held joins the end of the
 //! line in the same script (no extra command), with its lease. A release
 //! does not free the lock but **hands it straight to the first waiter in
-//! line**, in the release script: it stores that waiter's value with that
-//! waiter's lease as TTL, numbers the grant (fence), and names the waiter
-//! and the fence in its notice. The named waiter holds the lock from then
-//! on: on the notice it builds its guard without sending anything, so an
-//! acquisition under contention costs two scripts (the waiter's attempt
-//! that queued it, and the holder's release) and one round trip less of
-//! hand-off time. The others go on waiting without sending anything.
+//! line**, in the release script: it stores that waiter's value with a
+//! short TTL, the *claim* (the waiter's lease or
+//! [`HANDOFF_CLAIM`](crate::HANDOFF_CLAIM), 1 s, whichever is shorter),
+//! numbers the grant (fence), and names the waiter and the fence in its
+//! notice. The named waiter holds the lock from then on: on the notice it
+//! builds its guard without waiting for a round trip, and extends the
+//! claim to its lease at once in the background (retried quickly while
+//! the claim lasts; if that fails the lease is lost and
+//! [`LockGuard::lost`] says so). So the hand-off costs one round trip less,
+//! and the releaser's next acquisition can start at once. The others go
+//! on waiting without sending anything.
 //! Because the lock never comes free while someone waits, the order holds
 //! against the releaser and against newcomers.
 //!
@@ -84,8 +88,9 @@
 //!   (one poll interval); the safety margin applies as usual. The attempt's
 //!   reply carries the fence of the latest grant, and a notice whose fence
 //!   is not above it (older than the attempt) is not trusted; nor is one
-//!   more than a quarter of the lease after the attempt: the next attempt
-//!   then settles it.
+//!   more than half the claim after the attempt: the next attempt then
+//!   settles it. Until the extension lands the guard is valid for the
+//!   claim from that attempt.
 //! * A notice that never arrives (the subscriber connection dropped, a
 //!   message lost) costs the waiter at most one poll interval: its next
 //!   attempt finds the lock holding its own value, which is a grant (with
@@ -95,8 +100,8 @@
 //!   then, gives it up to the next in line
 //!   ([`Backend::leave_queue`](crate::Backend::leave_queue)). A waiter
 //!   whose process **crashed** while in line is handed the lock when its
-//!   turn comes and, like a crashed holder, holds it until its lease runs
-//!   out; the next waiter gets it within one poll interval after that.
+//!   turn comes, and holds it for the claim only (it never extends it);
+//!   the next waiter gets it within one poll interval after that.
 //! * A waiter in line that also polls keeps its place.
 //!
 //! Where there is no queue (Redis Cluster, a Redis with a native
@@ -119,7 +124,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backend::{
-    Grant, LockAdd, Queued, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat, Version,
+    Grant, HANDOFF_CLAIM, LockAdd, Queued, ReleaseWatch, SharedBackend, TokenCheck, ValueFormat,
+    Version,
 };
 use crate::error::{BackendError, Error, Result};
 use crate::holder::{self, Holder};
@@ -769,7 +775,7 @@ impl CacheLock {
             // out.
             if let Some(armed) = watch.as_mut()
                 && let Some(fence) = wait_for_release(armed, pause, &value).await
-                && let Some(sent) = handoff_base(last_held, fence, lease)
+                && let Some(sent) = handoff_base(last_held, fence, lease.min(HANDOFF_CLAIM))
             {
                 if self.held.load(Ordering::Acquire) {
                     // Still in line: the lock is given up in the background.
@@ -781,7 +787,10 @@ impl CacheLock {
                     fence,
                     version: None,
                 };
-                return Ok(self.granted(&mut in_line, token, &value, sent, grant));
+                let guard = self.granted(&mut in_line, token, &value, sent, grant);
+                // The release stored our value for the claim only.
+                guard.confirm_claim(sent, lease.min(HANDOFF_CLAIM));
+                return Ok(guard);
             }
             // A hand-off to us that `handoff_base` does not vouch for is
             // checked by the next attempt (which finds the lock ours if it
@@ -1034,10 +1043,11 @@ async fn wait_for_release(watch: &mut ReleaseWatch, pause: Duration, ours: &[u8]
 /// TTL (set by the release, after that attempt). `None` (the next attempt
 /// settles it) when there is no such attempt, when the notice is older than
 /// it (the lock it gave may be gone), or when the attempt was sent more
-/// than a quarter of the lease ago (the guard would lose that much).
-fn handoff_base(last_held: Option<(Instant, u64)>, fence: u64, lease: Duration) -> Option<Instant> {
+/// than half the hand-off's claim ago (`claim`, see [`HANDOFF_CLAIM`]: the
+/// guard would have too little of it left to extend it in time).
+fn handoff_base(last_held: Option<(Instant, u64)>, fence: u64, claim: Duration) -> Option<Instant> {
     let (sent, seen) = last_held?;
-    (fence > seen && sent.elapsed() <= lease / 4).then_some(sent)
+    (fence > seen && sent.elapsed() <= claim / 2).then_some(sent)
 }
 
 /// Takes a waiter out of its lock's wait queue when its acquire ends
@@ -1522,7 +1532,13 @@ impl LockGuard {
             tracing::error!(key = %self.key, "keep_alive needs a tokio runtime; the lease is not renewed");
             return;
         };
-        let renewer = Renewer {
+        let span = tracing::debug_span!("cachelock.hold", key = %self.key);
+        let first = Instant::now() + self.lease / 3;
+        handle.spawn(self.renewer().run(first, None).instrument(span));
+    }
+
+    fn renewer(&self) -> Renewer {
+        Renewer {
             backend: self.backend.clone(),
             key: self.key.clone(),
             token: self.token.clone(),
@@ -1531,9 +1547,27 @@ impl LockGuard {
             margin: self.margin,
             shared: self.shared.clone(),
             stop_at: self.stop_at,
+        }
+    }
+
+    /// A lock handed over by a release (see [`HANDOFF_CLAIM`]) is stored
+    /// for `claim` only, from no earlier than `sent`: the guard is valid
+    /// for that, and one renewal to the full lease starts at once in the
+    /// background (retried quickly while the claim lasts; if it cannot be
+    /// made, the lease is lost, as a failed keep-alive renewal loses it).
+    fn confirm_claim(&self, sent: Instant, claim: Duration) {
+        self.shared.renewed(valid_until(self.margin, sent, claim));
+        let Ok(handle) = Handle::try_current() else {
+            tracing::error!(key = %self.key, "a handed-over lock needs a tokio runtime to extend its claim; the lease will be lost");
+            return;
         };
-        let span = tracing::debug_span!("cachelock.hold", key = %self.key);
-        handle.spawn(renewer.run().instrument(span));
+        let span = tracing::debug_span!("cachelock.claim", key = %self.key);
+        let quick = claim / 5;
+        handle.spawn(
+            self.renewer()
+                .run(Instant::now(), Some(quick))
+                .instrument(span),
+        );
     }
 
     /// Extends the lease to `lease` from now (`None`: the lock's own lease),
@@ -1676,10 +1710,12 @@ struct Renewer {
 }
 
 impl Renewer {
-    async fn run(self) {
+    /// Renews at `first`, then every third of the lease (keep-alive), or
+    /// with `once` (the retry pause) just until one renewal succeeds.
+    async fn run(self, first: Instant, once: Option<Duration>) {
         let every = self.lease / 3;
-        let quick = (self.lease / 10).min(Duration::from_secs(1));
-        let mut next = Instant::now() + every;
+        let quick = once.unwrap_or_else(|| (self.lease / 10).min(Duration::from_secs(1)));
+        let mut next = first;
         loop {
             let stopped = self.shared.stop.notified();
             tokio::pin!(stopped);
@@ -1721,6 +1757,9 @@ impl Renewer {
                     self.shared
                         .renewed(valid_until(self.margin, sent, self.lease));
                     tracing::debug!(key = %self.key, token = %self.token, "renewed cache lock lease");
+                    if once.is_some() {
+                        return;
+                    }
                     next = sent + every;
                 }
                 Ok(TokenCheck::Matched) => {
@@ -1860,19 +1899,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hand_off_is_trusted_only_after_the_last_held_attempt() {
-        let lease = Duration::from_secs(4);
+        let claim = Duration::from_secs(1);
         let sent = Instant::now();
         // No attempt seen held: the next attempt settles it.
-        assert_eq!(handoff_base(None, 9, lease), None);
+        assert_eq!(handoff_base(None, 9, claim), None);
         // A grant after the attempt (a larger fence): from the attempt.
-        assert_eq!(handoff_base(Some((sent, 8)), 9, lease), Some(sent));
+        assert_eq!(handoff_base(Some((sent, 8)), 9, claim), Some(sent));
         // A notice from before the attempt: not trusted.
-        assert_eq!(handoff_base(Some((sent, 9)), 9, lease), None);
-        assert_eq!(handoff_base(Some((sent, 10)), 9, lease), None);
+        assert_eq!(handoff_base(Some((sent, 9)), 9, claim), None);
+        assert_eq!(handoff_base(Some((sent, 10)), 9, claim), None);
         // An attempt too long ago: the guard would lose too much.
-        tokio::time::advance(lease / 4).await;
-        assert_eq!(handoff_base(Some((sent, 8)), 9, lease), Some(sent));
+        tokio::time::advance(claim / 2).await;
+        assert_eq!(handoff_base(Some((sent, 8)), 9, claim), Some(sent));
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(handoff_base(Some((sent, 8)), 9, lease), None);
+        assert_eq!(handoff_base(Some((sent, 8)), 9, claim), None);
     }
 }

@@ -197,6 +197,13 @@ pub struct Version {
     pub session: u64,
 }
 
+/// The longest a release hands the lock to a waiter in line for
+/// ([`Backend::add_queued`]): the waiter, which holds the lock on the notice
+/// without another command, extends it to its own lease at once. A waiter
+/// whose process crashed in line so holds the lock for this long, not for
+/// its whole lease.
+pub const HANDOFF_CLAIM: Duration = Duration::from_secs(1);
+
 /// How long a fence counter lives after the last grant it numbered: one day.
 /// When it is gone (this TTL, eviction, a flush, a restart) the next grant
 /// starts again from [`fence_floor`], so letting it expire costs nothing and
@@ -276,10 +283,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// and where the backend keeps a wait queue (a standalone Redis), a
     /// failed add puts the waiter (by `value` and its lease `ttl`) at the
     /// end of the queue. A release then hands the lock straight to the
-    /// first in line: it stores that waiter's value with that waiter's
-    /// lease, numbers the grant, and its notice names the waiter and the
-    /// fence ([`ReleaseWatch::handed_to_us`]); the waiter holds the lock
-    /// from then on without another command. A waiter whose notice was
+    /// first in line: it stores that waiter's value with a TTL of the
+    /// waiter's lease or [`HANDOFF_CLAIM`], whichever is shorter, numbers
+    /// the grant, and its notice names the waiter and the fence
+    /// ([`ReleaseWatch::handed_to_us`]); the waiter holds the lock from then
+    /// on without another command, and extends it to its lease at once (so
+    /// a waiter that crashed in line holds it for the claim only). A waiter
+    /// whose notice was
     /// lost finds the lock holding its value at its next attempt, which
     /// then returns the grant. The default is `add_fenced`.
     async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<Queued> {

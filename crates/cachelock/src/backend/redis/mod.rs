@@ -147,9 +147,9 @@ use self::scripts::{
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{
-    AddRead, Backend, FENCE_TTL, Grant, Listed, LockAdd, Queued, ReleaseWatch, TokenCheck,
-    ValueFormat, add_then_read, check_value_size, fence_key, fence_key_same_slot, next_fence,
-    queue_key,
+    AddRead, Backend, FENCE_TTL, Grant, HANDOFF_CLAIM, Listed, LockAdd, Queued, ReleaseWatch,
+    TokenCheck, ValueFormat, add_then_read, check_value_size, fence_key, fence_key_same_slot,
+    next_fence, queue_key,
 };
 use crate::backend::url::SentinelUrl;
 use crate::error::{BackendError, BackendResult};
@@ -841,10 +841,11 @@ impl Backend for RedisBackend {
         }
         check_value_size(key, value, self.max_value_size())?;
         let (queue, counter_key) = (queue_key(key), fence_key(key));
-        let (lease, max, fence_ttl) = (
+        let (lease, max, fence_ttl, claim) = (
             ttl_ms(ttl).to_string(),
             MAX_QUEUED.to_string(),
             ttl_ms(FENCE_TTL).to_string(),
+            claim_ms(ttl),
         );
         let reply = self
             .script_i64(
@@ -856,6 +857,7 @@ impl Backend for RedisBackend {
                     lease.as_bytes(),
                     max.as_bytes(),
                     fence_ttl.as_bytes(),
+                    claim.as_bytes(),
                 ],
             )
             .await;
@@ -889,7 +891,7 @@ impl Backend for RedisBackend {
             return Ok(());
         }
         let (queue, counter_key) = (queue_key(key), fence_key(key));
-        let (lease, fence_ttl) = (ttl_ms(ttl).to_string(), ttl_ms(FENCE_TTL).to_string());
+        let (claim, fence_ttl) = (claim_ms(ttl), ttl_ms(FENCE_TTL).to_string());
         let channel = self.release_channel(key);
         let gave_up = self
             .script_i64(
@@ -898,7 +900,7 @@ impl Backend for RedisBackend {
                 &[key, &queue, &counter_key],
                 &[
                     value,
-                    lease.as_bytes(),
+                    claim.as_bytes(),
                     channel.as_bytes(),
                     fence_ttl.as_bytes(),
                 ],
@@ -986,11 +988,13 @@ impl Backend for RedisBackend {
             let (queue, max) = (queue_key(key), MAX_QUEUED.to_string());
             let mut script_keys = vec![key, &queue, &counter_key];
             script_keys.extend_from_slice(keys);
-            let args: [&[u8]; 4] = [
+            let claim = claim_ms(ttl);
+            let args: [&[u8]; 5] = [
                 value,
                 lease.as_bytes(),
                 max.as_bytes(),
                 fence_ttl.as_bytes(),
+                claim.as_bytes(),
             ];
             self.script::<Value>(key, &ADD_QUEUED_READING, &script_keys, &args)
                 .await
@@ -1285,6 +1289,12 @@ fn add_read_from_reply(
         _ => Err(shape()),
     };
     Ok(AddRead { outcome, values })
+}
+
+/// The TTL, in ms, a release hands the lock to a waiter with lease `ttl`
+/// for: the lease or [`HANDOFF_CLAIM`], whichever is shorter.
+fn claim_ms(ttl: Duration) -> String {
+    ttl_ms(ttl.min(HANDOFF_CLAIM)).to_string()
 }
 
 fn fence_from_reply(key: &str, n: i64) -> BackendResult<u64> {

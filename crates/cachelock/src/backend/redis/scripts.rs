@@ -40,11 +40,12 @@ end
 /// to the first waiter in the wait queue `queue` ([`ADD_QUEUED`]), or
 /// deletes it if no one waits, and announces which on `channel`.
 ///
-/// A queue entry is `<lease ms>:<waiter's value>`; the hand-off stores the
-/// waiter's value with the waiter's lease as TTL, numbers the grant
+/// A queue entry is `<claim ms>:<waiter's value>` (the waiter's lease or
+/// `HANDOFF_CLAIM`, whichever is shorter); the hand-off stores the
+/// waiter's value with that TTL, numbers the grant
 /// (`number_grant` on `counter`, its TTL `fence_ttl` ms) and publishes
 /// `<fence>:<waiter's value>`: the named waiter holds the lock from then on
-/// and needs no command to take it. An entry of another shape (not ours,
+/// and needs no command to take it (it extends the claim to its lease). An entry of another shape (not ours,
 /// or a TTL over 13 digits, more than any lease) is dropped. A free lock is announced with an empty message. Returns the
 /// number of subscribers the notice reached.
 const HAND_ON: &str = r"
@@ -103,7 +104,8 @@ return 1 + redis.call('PUBLISH', ARGV[2], '')
 /// ARGV[2] ms from now and the fence of that grant (the counter) returned.
 ///
 /// Otherwise the waiter joins the end of the queue as the entry
-/// `ARGV[2]:ARGV[1]` (once; at most ARGV[3] waiters; see [`HAND_ON`]), the
+/// `ARGV[5]:ARGV[1]` (its claim, see [`HAND_ON`]; once; at most ARGV[3]
+/// waiters), the
 /// queue is kept ARGV[2] ms, and the reply is the negated fence of the
 /// latest grant (0 if none is known): a hand-off notice naming this waiter
 /// with a fence not above it is older than this attempt.
@@ -120,7 +122,7 @@ pub(super) static ADD_QUEUED_READING: LazyLock<::redis::Script> = LazyLock::new(
 /// The body of [`ADD_QUEUED`], as the Lua function `add_queued()`.
 const ADD_QUEUED_FN: &str = r"
 local function add_queued()
-local entry = ARGV[2] .. ':' .. ARGV[1]
+local entry = ARGV[5] .. ':' .. ARGV[1]
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('LREM', KEYS[2], 1, entry)
   return number_grant(KEYS[3], ARGV[4])
@@ -140,7 +142,8 @@ return -(tonumber(redis.call('GET', KEYS[3])) or 0)
 end
 ";
 
-/// A waiter that stops waiting: takes its entry `ARGV[2]:ARGV[1]` out of
+/// A waiter that stops waiting: takes its entry `ARGV[2]:ARGV[1]` (ARGV[2]
+/// its claim, as [`ADD_QUEUED`] wrote it) out of
 /// the wait queue KEYS[2], and if a release already handed it the lock
 /// KEYS[1] (it holds ARGV[1]), gives the lock up as a release does
 /// (`hand_on`, [`HAND_ON`]; channel ARGV[3], counter KEYS[3], its TTL

@@ -480,6 +480,11 @@ impl Backend for MemoryBackend {
         true
     }
 
+    /// Entries expire on this process's tokio clock, to the nanosecond.
+    fn exact_expiry(&self) -> bool {
+        true
+    }
+
     fn max_value_size(&self) -> usize {
         self.max_value_size
     }

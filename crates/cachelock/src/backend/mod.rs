@@ -528,6 +528,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         false
     }
 
+    /// Whether a value this backend returns is always within its TTL as
+    /// measured on this process's [`tokio::time`] clock, to the
+    /// millisecond (the default: `false`; the embedded backend: `true`).
+    /// A memoize hit on a value whose fresh time is its whole TTL then
+    /// needs no clock read of its own: the backend's expiry check was the
+    /// freshness check.
+    fn exact_expiry(&self) -> bool {
+        false
+    }
+
     /// The largest value, in bytes, that one item may hold. Memoize splits
     /// larger values into chunks of at most this size.
     fn max_value_size(&self) -> usize {

@@ -286,13 +286,17 @@ pub(crate) enum State {
     Gone,
 }
 
-/// Classifies `env` at `now`. `generation` is the namespace generation
-/// read with the value (`None`: namespace invalidation is off), `marked`
-/// whether the value carries a stale mark (soft invalidation). `beta` and
-/// `u` (uniform in (0, 1]) drive XFetch.
+/// Classifies `env` at `now` (read only if needed). `generation` is the
+/// namespace generation read with the value (`None`: namespace
+/// invalidation is off), `marked` whether the value carries a stale mark
+/// (soft invalidation), `within_ttl` whether the backend's own expiry
+/// check is on this clock ([`Backend::exact_expiry`](crate::Backend::exact_expiry)):
+/// a value whose fresh time is its whole TTL is then fresh without a
+/// second clock read. `beta` and `u` (uniform in (0, 1]) drive XFetch.
 pub(crate) fn classify(
     env: &Envelope,
-    now: u64,
+    now: impl FnOnce() -> u64,
+    within_ttl: bool,
     generation: Option<u64>,
     marked: bool,
     beta: Option<f64>,
@@ -301,6 +305,12 @@ pub(crate) fn classify(
     if generation.is_some_and(|g| g != env.generation) {
         return State::Gone;
     }
+    let single_ttl =
+        env.stale_until_ms == env.fresh_until_ms && env.error_until_ms == env.fresh_until_ms;
+    if !marked && within_ttl && single_ttl && beta.is_none() {
+        return State::Fresh;
+    }
+    let now = now();
     if !marked && now < env.fresh_until_ms {
         if let Some(b) = beta
             && env.delta_ms > 0
@@ -341,7 +351,13 @@ pub(crate) fn now_ms() -> u64 {
     let elapsed = tokio::time::Instant::now()
         .into_std()
         .saturating_duration_since(*at);
-    unix.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    // Whole seconds and the milliseconds of the rest: no 128-bit division
+    // (this is on every hit).
+    let ms = elapsed
+        .as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(elapsed.subsec_millis()));
+    unix.saturating_add(ms)
 }
 
 /// The handle's random source for behaviour (XFetch): SplitMix64, seeded
@@ -448,20 +464,54 @@ mod tests {
             .stale_while_revalidate(Duration::from_secs(1));
         let e = Envelope::new(&p, 0, 100, 0);
         let never = || 1.0;
-        assert_eq!(classify(&e, 500, None, false, None, never), State::Fresh);
-        assert_eq!(classify(&e, 1500, None, false, None, never), State::Stale);
-        assert_eq!(classify(&e, 2500, None, false, None, never), State::Expired);
+        assert_eq!(
+            classify(&e, || 500, false, None, false, None, never),
+            State::Fresh
+        );
+        assert_eq!(
+            classify(&e, || 1500, false, None, false, None, never),
+            State::Stale
+        );
+        assert_eq!(
+            classify(&e, || 2500, false, None, false, None, never),
+            State::Expired
+        );
         // Soft-invalidated: stale at once.
-        assert_eq!(classify(&e, 500, None, true, None, never), State::Stale);
-        assert_eq!(classify(&e, 500, Some(0), false, None, never), State::Fresh);
-        assert_eq!(classify(&e, 500, Some(1), false, None, never), State::Gone);
+        assert_eq!(
+            classify(&e, || 500, false, None, true, None, never),
+            State::Stale
+        );
+        assert_eq!(
+            classify(&e, || 500, false, Some(0), false, None, never),
+            State::Fresh
+        );
+        assert_eq!(
+            classify(&e, || 500, false, Some(1), false, None, never),
+            State::Gone
+        );
+        // Checked by the backend's exact expiry: a single-TTL value is fresh
+        // without reading the clock; one with a window still reads it.
+        let clock = || -> u64 { panic!("the clock was read") };
+        let single = Envelope::new(&Expiration::fresh(Duration::from_secs(1)), 0, 0, 0);
+        assert_eq!(
+            classify(&single, clock, true, None, false, None, never),
+            State::Fresh
+        );
+        assert_eq!(
+            classify(&single, || 500, true, None, true, None, never),
+            State::Stale
+        );
+        assert_eq!(
+            classify(&e, || 1500, true, None, false, None, never),
+            State::Stale
+        );
         // u close to 0: -ln u is large, so XFetch fires.
         assert_eq!(
-            classify(&e, 500, None, false, Some(1.0), || 1e-9),
+            classify(&e, || 500, false, None, false, Some(1.0), || 1e-9),
             State::Early
         );
         assert_eq!(
-            classify(&e, 500, None, false, Some(1.0), never),
+            classify(&e, || 500, false, None, false, Some(1.0), never),
             State::Fresh
         );
     }

@@ -244,7 +244,8 @@ async fn decode_raw<T: DeserializeOwned>(
         Ok(Some((v, p, env))) => {
             let state = classify(
                 &env,
-                now_ms(),
+                now_ms,
+                ctx.cache.exact_expiry(),
                 generation,
                 marked,
                 ctx.call.expiration.early_refresh_beta(),

@@ -253,6 +253,10 @@ impl KeyBuilder {
                     }
                     push_escaped_part(&mut full, p);
                 }
+                if parts.is_empty() {
+                    // No part: the namespace alone, without its separator.
+                    full.pop();
+                }
                 full
             }
         };
@@ -364,6 +368,15 @@ mod tests {
         assert_eq!(ex().build("test123"), "example.com:test123");
         assert_eq!(KeyBuilder::new("").build("test123"), "test123");
         assert_eq!(KeyBuilder::default().build("a:b%"), "a:b%");
+    }
+
+    #[test]
+    fn no_parts_is_the_namespace_alone() {
+        let none: [&str; 0] = [];
+        assert_eq!(ex().build(none), "example.com");
+        assert_eq!(KeyBuilder::with_namespace(["a", "b"]).build(none), "a:b");
+        assert_eq!(KeyBuilder::default().build(none), "");
+        assert_eq!(ex().build(""), "example.com:");
     }
 
     #[test]

@@ -355,10 +355,11 @@ impl Cache {
         }
     }
 
-    /// Removes the value cached under `key` (its chunks, if any, expire on
-    /// their own and are never read again), and bumps the key's version,
-    /// so a compute that started before never stores its value, and one
-    /// that stores it anyway is never read as fresh (fenced write-back).
+    /// Invalidates the value cached under `key`, in every process: a
+    /// tombstone replaces it (one write; its chunks, if any, expire on
+    /// their own and are never read again), so the next read is a miss. A
+    /// compute that started before never stores its value (fenced
+    /// write-back: it writes only over what it read before computing).
     ///
     /// # Errors
     ///
@@ -366,19 +367,22 @@ impl Cache {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: the value may or may not have been removed.
+    /// Cancel safe: the value may or may not have been invalidated.
     pub async fn invalidate(&self, key: impl Into<CacheKey>) -> Result<()> {
         let full = self.full_key(key);
-        self.bump(&memoize::side_key(&full, "v")).await?;
-        self.inner.backend.delete(&full).await?;
+        memoize::invalidate(&self.inner.backend, &full).await?;
         Ok(())
     }
 
     /// Marks the value cached under `key` stale, in every process: it is
     /// served as stale (within its stale-while-revalidate window) while one
-    /// caller refreshes it, or is a miss once past that window. It bumps the
-    /// key's version, which every read checks in the same round trip as the
-    /// value, and which fences a compute that started before.
+    /// caller refreshes it, or is a miss once past that window (a cached
+    /// stream, which has no stale window, is a miss). The stored item is
+    /// wrapped in a stale mark with a compare-and-set over what was read
+    /// (a read, the TTL, a write: 3 round trips; a few tries if writers
+    /// race it, then a tombstone as [`invalidate`](Self::invalidate)
+    /// writes). Like a tombstone, the mark fences a compute that started
+    /// before: it does not store its value.
     ///
     /// # Errors
     ///
@@ -389,32 +393,38 @@ impl Cache {
     /// Cancel safe: the value may or may not have been marked.
     pub async fn invalidate_soft(&self, key: impl Into<CacheKey>) -> Result<()> {
         let full = self.full_key(key);
-        self.bump(&memoize::side_key(&full, "v")).await
+        let fallback = self.inner.config.expiration.hard_ttl();
+        memoize::mark_stale(&self.inner.backend, &full, fallback).await?;
+        Ok(())
     }
 
     /// Invalidates every memoized value of the namespace, in every process,
     /// by bumping the namespace's generation counter (never `KEYS` or
     /// `FLUSH`). Each value's envelope records the generation it was
-    /// computed under, and each read fetches the counter with the value (one
-    /// round trip), so older values read as a miss; they expire on their
-    /// own. Locks are not touched.
+    /// computed under, and each read fetches the counter with the value (in
+    /// the same round trip), so older values read as a miss; they expire on
+    /// their own. Locks are not touched. Needs
+    /// [`CacheBuilder::namespace_invalidation`] (off by default, because it
+    /// adds that key to every read).
     ///
     /// # Errors
     ///
-    /// [`Error::Backend`] if and only if the backend failed.
+    /// [`Error::InvalidConfig`] if namespace invalidation is off;
+    /// [`Error::Backend`] if the backend failed.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: the generation may or may not have been bumped.
     pub async fn invalidate_all(&self) -> Result<()> {
-        let key = self.inner.config.generation_key.clone();
-        self.bump(&key).await
-    }
-
-    /// Bumps a counter: created at a random seed (so a counter that was
-    /// evicted and re-created does not bring old values back), else
-    /// incremented.
-    async fn bump(&self, key: &str) -> Result<()> {
+        let Some(key) = self.inner.config.generation_key.as_deref() else {
+            return Err(Error::InvalidConfig(
+                "invalidate_all needs namespace invalidation: build the handle with \
+                 CacheBuilder::namespace_invalidation(true) (in every process of the namespace)"
+                    .to_owned(),
+            ));
+        };
+        // Created at a random seed (so a counter that was evicted and
+        // re-created does not bring old values back), else incremented.
         use rand::RngExt;
         let seed = u64::from(rand::rng().random::<u32>()) + 1;
         let b = &self.inner.backend;
@@ -607,6 +617,7 @@ pub struct CacheBuilder {
     poll_interval: Duration,
     poll_jitter: f64,
     single_flight: bool,
+    namespace_invalidation: bool,
 }
 
 impl fmt::Debug for CacheBuilder {
@@ -633,6 +644,7 @@ impl fmt::Debug for CacheBuilder {
             .field("poll_interval", &self.poll_interval)
             .field("poll_jitter", &self.poll_jitter)
             .field("single_flight", &self.single_flight)
+            .field("namespace_invalidation", &self.namespace_invalidation)
             .finish()
     }
 }
@@ -655,6 +667,7 @@ impl CacheBuilder {
             poll_interval: Duration::from_millis(5),
             poll_jitter: 0.5,
             single_flight: true,
+            namespace_invalidation: false,
         }
     }
 
@@ -795,6 +808,20 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether [`Cache::invalidate_all`] works: every read then fetches the
+    /// namespace's generation counter with the value (the same round trip,
+    /// one more key: on the embedded backend a read of two keys costs
+    /// about 1.4 times a read of one)
+    /// and values of an older generation are a miss. Defaults to off
+    /// (`invalidate_all` is then refused). Turn it on in every process
+    /// that shares the namespace: a handle with it off does not see the
+    /// generation.
+    #[must_use]
+    pub fn namespace_invalidation(mut self, on: bool) -> Self {
+        self.namespace_invalidation = on;
+        self
+    }
+
     /// Checks every setting once and builds the handle.
     ///
     /// # Errors
@@ -812,7 +839,9 @@ impl CacheBuilder {
             (None, None) => {}
         }
         let limit = self.chunk_size.min(self.backend.max_value_size());
-        let generation_key = memoize::side_key(&keys.build_key(&CacheKey::from("")), "gen");
+        let generation_key = self
+            .namespace_invalidation
+            .then(|| memoize::side_key(&keys.build_key(&CacheKey::from("")), "gen"));
         let config = Config {
             keys,
             expiration: self.expiration,

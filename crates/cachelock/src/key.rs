@@ -138,7 +138,9 @@ tuple_keys!(A, B, C, D, E, F, G, H);
 /// `0x20`, and no `0x7f`.
 #[derive(Clone, Default)]
 pub struct KeyBuilder {
-    namespace: Vec<String>,
+    /// The namespace's segments joined with `:`, and a final `:` (empty
+    /// without a namespace): what every full key starts with.
+    prefix: String,
     secret: Option<Vec<u8>>,
     /// Django's `"{KEY_PREFIX}:{VERSION}:"`, put before the finished key.
     django: Option<String>,
@@ -147,7 +149,7 @@ pub struct KeyBuilder {
 impl std::fmt::Debug for KeyBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyBuilder")
-            .field("namespace", &self.namespace)
+            .field("prefix", &self.prefix)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("django", &self.django)
             .finish()
@@ -158,9 +160,9 @@ impl KeyBuilder {
     /// A builder with a one-segment namespace (Djblets' site domain). An
     /// empty string means no namespace.
     pub fn new(namespace: impl Into<String>) -> Self {
-        let ns = namespace.into();
+        let ns: String = namespace.into();
         Self {
-            namespace: if ns.is_empty() { Vec::new() } else { vec![ns] },
+            prefix: if ns.is_empty() { ns } else { ns + ":" },
             secret: None,
             django: None,
         }
@@ -173,8 +175,13 @@ impl KeyBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        let mut prefix = String::new();
+        for s in segments {
+            prefix.push_str(&s.into());
+            prefix.push(':');
+        }
         Self {
-            namespace: segments.into_iter().map(Into::into).collect(),
+            prefix,
             secret: None,
             django: None,
         }
@@ -200,7 +207,7 @@ impl KeyBuilder {
     /// ```
     pub fn django(key_prefix: &str, version: u32) -> Self {
         Self {
-            namespace: Vec::new(),
+            prefix: String::new(),
             secret: None,
             django: Some(format!("{key_prefix}:{version}:")),
         }
@@ -226,36 +233,33 @@ impl KeyBuilder {
 
     /// Builds the full key for a [`CacheKey`] without consuming it.
     pub fn build_key(&self, key: &CacheKey) -> String {
-        // One allocation on the common path: the segments are written
-        // straight into the key (this is on every memoize hit).
-        let key_len = match key {
-            CacheKey::Plain(k) => k.len(),
-            CacheKey::Parts(parts) => parts.iter().map(|p| p.len() + 1).sum(),
-        };
-        let ns_len: usize = self.namespace.iter().map(|s| s.len() + 1).sum();
-        let mut full = String::with_capacity(ns_len + key_len + 8);
-        let mut first = true;
-        let mut sep = |full: &mut String| {
-            if !std::mem::take(&mut first) {
-                full.push(':');
-            }
-        };
-        for s in &self.namespace {
-            sep(&mut full);
-            full.push_str(s);
-        }
-        match key {
+        // One allocation on the common path: the prefix and the key (or
+        // its escaped parts) are written straight into it, and checked in
+        // one pass (this is on every memoize hit).
+        let full = match key {
             CacheKey::Plain(k) => {
-                sep(&mut full);
+                let mut full = String::with_capacity(self.prefix.len() + k.len());
+                full.push_str(&self.prefix);
                 full.push_str(k);
+                full
             }
             CacheKey::Parts(parts) => {
-                for p in parts {
-                    sep(&mut full);
+                let len: usize = parts.iter().map(|p| p.len() + 1).sum();
+                let mut full = String::with_capacity(self.prefix.len() + len + 8);
+                full.push_str(&self.prefix);
+                for (i, p) in parts.iter().enumerate() {
+                    if i > 0 {
+                        full.push(':');
+                    }
                     push_escaped_part(&mut full, p);
                 }
+                if parts.is_empty() {
+                    // No part: the namespace alone, without its separator.
+                    full.pop();
+                }
+                full
             }
-        }
+        };
         let finished = match &self.secret {
             Some(secret) => hmac_hex(secret, full.as_bytes()),
             None => limit_length(escape_invalid(full)),
@@ -295,7 +299,11 @@ fn push_escaped_part(out: &mut String, part: &str) {
 /// backslashes alone, which made `"a\0b"` and the literal text `"a\x00b"`
 /// one key.
 fn escape_invalid(key: String) -> String {
-    if !key.bytes().any(|b| is_invalid_byte(b) || b == b'\\') {
+    // No early exit: a plain fold over the bytes is vectorized.
+    let needs = key
+        .bytes()
+        .fold(false, |any, b| any | is_invalid_byte(b) | (b == b'\\'));
+    if !needs {
         return key;
     }
     let mut out = String::with_capacity(key.len() + 16);
@@ -310,7 +318,7 @@ fn escape_invalid(key: String) -> String {
 }
 
 fn is_invalid_byte(b: u8) -> bool {
-    b <= 0x20 || b == 0x7f
+    (b <= 0x20) | (b == 0x7f)
 }
 
 /// Keeps keys within [`MAX_KEY_LEN`] bytes: a longer one keeps its first
@@ -360,6 +368,15 @@ mod tests {
         assert_eq!(ex().build("test123"), "example.com:test123");
         assert_eq!(KeyBuilder::new("").build("test123"), "test123");
         assert_eq!(KeyBuilder::default().build("a:b%"), "a:b%");
+    }
+
+    #[test]
+    fn no_parts_is_the_namespace_alone() {
+        let none: [&str; 0] = [];
+        assert_eq!(ex().build(none), "example.com");
+        assert_eq!(KeyBuilder::with_namespace(["a", "b"]).build(none), "a:b");
+        assert_eq!(KeyBuilder::default().build(none), "");
+        assert_eq!(ex().build(""), "example.com:");
     }
 
     #[test]

@@ -953,7 +953,8 @@ async fn retried_add_whose_first_attempt_landed_is_ours() {
 /// lock's add falls back to plain commands (its fence too) and works, but
 /// the owner-checked release needs `EVALSHA` on a server without a native
 /// compare-and-delete (Redis before 8.4), so it fails with the server's
-/// error naming the command, and nothing is deleted unchecked.
+/// error naming the command, and nothing is deleted unchecked. Memoize's
+/// `set_if` falls back to a read then a write.
 #[tokio::test]
 #[ignore = "needs the test servers: scripts/test"]
 async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
@@ -1006,6 +1007,11 @@ async fn a_user_denied_scripts_gets_an_error_naming_the_command() {
         assert!(backend.get(&key).await.unwrap().is_some());
         assert!(backend.delete(&key).await.unwrap());
     }
+    // Memoize's compare-and-set falls back to a read then a write.
+    assert!(backend.set_if(&key, None, b"a", LONG).await.unwrap());
+    assert!(!backend.set_if(&key, Some(b"b"), b"c", LONG).await.unwrap());
+    assert!(backend.set_if(&key, Some(b"a"), b"c", LONG).await.unwrap());
+    assert_eq!(backend.get(&key).await.unwrap().as_deref(), Some(&b"c"[..]));
 }
 
 /// Waits until the backend answers again (after a restart).

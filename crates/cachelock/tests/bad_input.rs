@@ -289,6 +289,7 @@ mod memoize_input {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use cachelock::memoize::FORMAT_VERSION;
     use cachelock::{CacheKey, SharedBackend};
     use futures_util::StreamExt;
     use serde::{Deserialize, Serialize};
@@ -344,7 +345,7 @@ mod memoize_input {
     async fn chunk_keys(b: &SharedBackend, o: &Opts, key: &str) -> (String, Vec<String>) {
         let full = o.full_key(&CacheKey::from(key));
         let raw = b.get(&full).await.unwrap().expect("a stored manifest");
-        assert_eq!(&raw[..4], &[0xC1, 0x0C, 1, 2], "a manifest");
+        assert_eq!(&raw[..4], &[0xC1, 0x0C, FORMAT_VERSION, 2], "a manifest");
         let body: Body = postcard::from_bytes(&raw[5..raw.len() - 8]).unwrap();
         let keys = (0..body.chunk_count)
             .map(|i| format!("{full}:#{:016x}:{i}", body.write_id))
@@ -375,7 +376,7 @@ mod memoize_input {
                 let mut junk = rng.bytes(junk_len);
                 if round % 2 == 0 && junk.len() >= 4 {
                     // Past the magic, version and kind checks.
-                    junk[..4].copy_from_slice(&[0xC1, 0x0C, 1, 1 + (round % 3) as u8]);
+                    junk[..4].copy_from_slice(&[0xC1, 0x0C, FORMAT_VERSION, 1 + (round % 3) as u8]);
                 }
                 match round % 3 {
                     0 => b.set(&full, &junk, LONG).await.unwrap(),
@@ -460,7 +461,7 @@ mod memoize_input {
     #[ignore = "needs the test servers: scripts/test"]
     async fn hostile_claims_return_quickly_and_recompute() {
         let manifest = |flags: u8, total_len: u64, chunk_count: u32, segment_size: u32| {
-            let mut content = vec![0xC1, 0x0C, 1, 2, flags];
+            let mut content = vec![0xC1, 0x0C, FORMAT_VERSION, 2, flags];
             content.extend(
                 postcard::to_allocvec(&Body {
                     total_len,
@@ -474,7 +475,7 @@ mod memoize_input {
             framed(&content)
         };
         let inline_lz4 = |claim: u32| {
-            let mut content = vec![0xC1, 0x0C, 1, 1, 1];
+            let mut content = vec![0xC1, 0x0C, FORMAT_VERSION, 1, 1];
             content.extend_from_slice(&claim.to_le_bytes());
             content.extend_from_slice(&[0x1F, 0, 0, 0]);
             framed(&content)
@@ -526,7 +527,7 @@ mod memoize_input {
     /// on Memcached under load.
     #[tokio::test]
     async fn a_claim_of_many_chunks_reads_one_batch() {
-        let mut content = vec![0xC1, 0x0C, 1, 2, 0];
+        let mut content = vec![0xC1, 0x0C, FORMAT_VERSION, 2, 0];
         content.extend(
             postcard::to_allocvec(&Body {
                 total_len: 65_536 * 1_000,

@@ -292,6 +292,25 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
+    /// The compare and the store under one hold of the map's lock.
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        check_value_size(key, value, self.max_value_size())?;
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let current = state.live(key, now).map(|e| &e.value[..]);
+        if current != expected {
+            return Ok(false);
+        }
+        self.store(&mut state, key, value, ttl, now);
+        Ok(true)
+    }
+
     /// The add and the increment under one hold of the map's lock.
     async fn add_fenced(
         &self,
@@ -458,6 +477,11 @@ impl Backend for MemoryBackend {
     }
 
     fn atomic_token_ops(&self) -> bool {
+        true
+    }
+
+    /// Entries expire on this process's tokio clock, to the nanosecond.
+    fn exact_expiry(&self) -> bool {
         true
     }
 

@@ -311,6 +311,43 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Compare-and-set: stores `value` under `key` with `ttl` only if the
+    /// key holds exactly `expected` now, or is absent when `expected` is
+    /// `None`. Returns whether it stored. Memoize's fenced write-back and
+    /// soft invalidation are built on it.
+    ///
+    /// The default is **not atomic**: [`add`](Backend::add) for `None`,
+    /// else a [`get`](Backend::get), a compare and a [`set`](Backend::set),
+    /// so a write landing between the read and the set is overwritten. The
+    /// backends of this crate override it with an atomic form (Redis: a
+    /// script, falling back to this default where the server denies
+    /// scripts).
+    ///
+    /// # Errors
+    ///
+    /// What [`get`](Backend::get) and [`set`](Backend::set) can fail with.
+    /// After [`BackendError::Unavailable`](crate::BackendError::Unavailable)
+    /// or [`BackendError::TimedOut`](crate::BackendError::TimedOut) the
+    /// value may or may not have been stored.
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        let Some(expected) = expected else {
+            return self.add(key, value, ttl).await;
+        };
+        match self.get(key).await? {
+            Some(v) if v.as_ref() == expected => {
+                self.set(key, value, ttl).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Sets a new TTL on an existing key. Returns `false` if the key is absent.
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool>;
 
@@ -592,6 +629,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Whether [`delete_if_eq`](Backend::delete_if_eq) and
     /// [`extend_if_eq`](Backend::extend_if_eq) are atomic on the server.
     fn atomic_token_ops(&self) -> bool {
+        false
+    }
+
+    /// Whether a value this backend returns is always within its TTL as
+    /// measured on this process's [`tokio::time`] clock, to the
+    /// millisecond (the default: `false`; the embedded backend: `true`).
+    /// A memoize hit on a value whose fresh time is its whole TTL then
+    /// needs no clock read of its own: the backend's expiry check was the
+    /// freshness check.
+    fn exact_expiry(&self) -> bool {
         false
     }
 

@@ -463,6 +463,33 @@ impl Backend for SqliteBackend {
         Ok(added)
     }
 
+    /// The compare and the store in one immediate transaction.
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        check_value_size(key, value, self.max_value_size())?;
+        let (k, e, v) = (key.to_owned(), expected.map(<[u8]>::to_vec), value.to_vec());
+        let stored = self
+            .run(key, move |conn, now| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if get_live(&tx, &k, now)? != e {
+                    return Ok(false);
+                }
+                put(&tx, &k, &v, Some(expires_at(now, ttl)))?;
+                tx.commit()?;
+                Ok(true)
+            })
+            .await?;
+        if stored {
+            self.count_write();
+        }
+        Ok(stored)
+    }
+
     /// The add and the increment in one immediate transaction.
     async fn add_fenced(
         &self,

@@ -6,9 +6,11 @@
 //! recognised before anything is decoded.
 //!
 //! ```text
-//! inline   : C1 0C 01 01 | flags | plain_len u32 | body                 | xxh3 u64
-//! manifest : C1 0C 01 02 | flags | body (ManifestBody, postcard)        | xxh3 u64
-//! chunk    : C1 0C 01 03 | flags | write_id u64 | index u32 | plain_len u32 | body | xxh3 u64
+//! inline    : C1 0C 02 01 | flags | plain_len u32 | body                 | xxh3 u64
+//! manifest  : C1 0C 02 02 | flags | body (ManifestBody, postcard)        | xxh3 u64
+//! chunk     : C1 0C 02 03 | flags | write_id u64 | index u32 | plain_len u32 | body | xxh3 u64
+//! tombstone : C1 0C 02 04 | id u64                                       | xxh3 u64
+//! stale     : 5E | id u64 | an inline item or a manifest, as stored
 //! ```
 //!
 //! * `flags`: bit 0 the body is LZ4-compressed, bit 1 it is encrypted,
@@ -18,6 +20,20 @@
 //!   the associated data is everything before the body plus the value's
 //!   cache key, so a body cannot be moved to another key, chunk index or
 //!   write.
+//! * A *tombstone* is what [`Cache::invalidate`](crate::Cache::invalidate)
+//!   leaves under a value's key: a miss for readers. Its random id makes
+//!   every tombstone differ from every other, so a writer that expects the
+//!   bytes it read before its compute (fenced write-back, see
+//!   [`fresh`](super::fresh)) never mistakes a later one for its own.
+//! * A *stale mark* is what
+//!   [`Cache::invalidate_soft`](crate::Cache::invalidate_soft) wraps around
+//!   the stored item: one byte that no item starts with, a random id (for
+//!   the same reason), then the item's bytes untouched, so its checksum and
+//!   encryption need no change. Readers strip it and serve the value as
+//!   stale.
+//! * Items of format version 1 (before tombstones and stale marks; their
+//!   envelope also carried a version and a generation) read as a clean
+//!   miss, as tombstones do, and are rebuilt.
 //! * The *plaintext* is postcard of the value, or for a stream a sequence of
 //!   frames `varint length || postcard(item)`. It is cut into segments of
 //!   `segment_size` bytes (a manifest field); each segment is compressed and
@@ -34,13 +50,28 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-/// The current format version. Readers treat any other version as a miss.
-pub const FORMAT_VERSION: u8 = 1;
+/// The current format version. Readers treat the previous one as a miss
+/// and any other as unreadable (a logged miss).
+pub const FORMAT_VERSION: u8 = 2;
+
+/// The format before tombstones and stale marks.
+const PREVIOUS_FORMAT_VERSION: u8 = 1;
 
 const MAGIC: [u8; 2] = [0xC1, 0x0C];
 const KIND_INLINE: u8 = 1;
 const KIND_MANIFEST: u8 = 2;
 const KIND_CHUNK: u8 = 3;
+const KIND_TOMBSTONE: u8 = 4;
+
+/// The first byte of a stale mark (no item starts with it).
+const STALE_MARK: u8 = 0x5E;
+
+/// Bytes a stale mark adds in front of an item. Items under a value's key
+/// are kept this much under the item limit, so marking one never makes it
+/// too large to store.
+pub(crate) const STALE_MARK_LEN: usize = 1 + 8;
+
+const TOMBSTONE_LEN: usize = 4 + 8 + CHECKSUM_LEN;
 
 const FLAG_LZ4: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 1 << 1;
@@ -231,9 +262,44 @@ impl Manifest {
     }
 }
 
+/// A new tombstone (see the [module docs](self)).
+pub(crate) fn tombstone() -> Vec<u8> {
+    let mut out = Vec::with_capacity(TOMBSTONE_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT_VERSION);
+    out.push(KIND_TOMBSTONE);
+    out.extend_from_slice(&new_write_id().to_le_bytes());
+    finish(out)
+}
+
+/// Whether `raw` is a tombstone.
+pub(crate) fn is_tombstone(raw: &[u8]) -> bool {
+    raw.len() == TOMBSTONE_LEN && checked_frame(raw, KIND_TOMBSTONE).is_ok()
+}
+
+/// `raw` (an item as stored, perhaps marked already) with a new stale mark.
+pub(crate) fn mark_stale(raw: &[u8]) -> Vec<u8> {
+    let (_, item) = strip_stale_mark(raw);
+    let mut out = Vec::with_capacity(STALE_MARK_LEN + item.len());
+    out.push(STALE_MARK);
+    out.extend_from_slice(&new_write_id().to_le_bytes());
+    out.extend_from_slice(item);
+    out
+}
+
+/// Whether `raw` carries a stale mark, and the item inside.
+pub(crate) fn strip_stale_mark(raw: &[u8]) -> (bool, &[u8]) {
+    match raw.split_first() {
+        Some((&STALE_MARK, rest)) if rest.len() >= 8 => (true, &rest[8..]),
+        _ => (false, raw),
+    }
+}
+
 /// A decoded item found under a value's key.
 #[derive(Debug)]
 pub(crate) enum Entry<'a> {
+    /// Nothing to read: a tombstone, or an item of an older format.
+    Gone,
     /// The whole plaintext, stored inline (starting with an envelope if
     /// `enveloped`).
     Inline {
@@ -454,7 +520,11 @@ impl Codec {
         if raw.len() < 4 {
             return Err(Corrupt("too short"));
         }
+        if raw[..2] == MAGIC && raw[2] == PREVIOUS_FORMAT_VERSION {
+            return Ok(Entry::Gone);
+        }
         match raw[3] {
+            KIND_TOMBSTONE => checked_frame(raw, KIND_TOMBSTONE).map(|_| Entry::Gone),
             KIND_INLINE => {
                 let content = checked_frame(raw, KIND_INLINE)?;
                 if content.len() < INLINE_HEADER_LEN {
@@ -645,7 +715,8 @@ pub(crate) fn take_varint(b: &[u8]) -> Result<Option<(u64, usize)>, Corrupt> {
 /// ... (all of them must be given), checking the whole-value checksum and
 /// length; then walks the plaintext as stream frames (`varint length ||
 /// bytes`). Returns the plaintext and the number of whole frames, or why
-/// the items were refused.
+/// the items were refused. A stale mark is stripped first; a tombstone (or
+/// an item of an older format) gives no plaintext.
 ///
 /// For the `memoize_decode` fuzz target only; not part of the API.
 #[doc(hidden)]
@@ -660,14 +731,17 @@ pub fn fuzz_decode(
         compression: Compression::Lz4,
         cipher: encryption_key.map(|k| Arc::new(Cipher::new(k))),
     };
+    let (_, entry) = strip_stale_mark(entry);
     let decoded = codec
         .decode_entry(key, entry, max_value_size)
         .map_err(|c| c.0)?;
     let enveloped = match &decoded {
+        Entry::Gone => return Ok((Vec::new(), 0)),
         Entry::Inline { enveloped, .. } => *enveloped,
         Entry::Manifest(m) => m.enveloped,
     };
     let plain = match decoded {
+        Entry::Gone => Vec::new(),
         Entry::Inline { plain, .. } => plain.into_owned(),
         Entry::Manifest(m) => {
             let count = usize::try_from(m.body.chunk_count).map_err(|_| "too many chunks")?;
@@ -834,5 +908,31 @@ mod tests {
         let k = chunk_key(&long, u64::MAX, u32::MAX);
         assert!(k.len() <= 230, "{}", k.len());
         assert_ne!(chunk_key("a", 1, 0), chunk_key("a", 2, 0));
+    }
+
+    #[test]
+    fn tombstones_and_stale_marks() {
+        let c = codec(true, None);
+        let t = tombstone();
+        assert!(is_tombstone(&t));
+        assert_ne!(t, tombstone(), "every tombstone differs");
+        assert!(matches!(c.decode_entry("k", &t, 1 << 20), Ok(Entry::Gone)));
+        let item = c.encode_inline("k", false, b"plain").unwrap();
+        assert!(!is_tombstone(&item));
+        assert_eq!(strip_stale_mark(&item), (false, &item[..]));
+        let marked = mark_stale(&item);
+        assert_eq!(marked.len(), item.len() + STALE_MARK_LEN);
+        assert_eq!(strip_stale_mark(&marked), (true, &item[..]));
+        // Marking again changes the id, not the item (no nesting).
+        let again = mark_stale(&marked);
+        assert_ne!(again, marked);
+        assert_eq!(strip_stale_mark(&again), (true, &item[..]));
+        // An item of the first format is a clean miss.
+        let mut old = item.clone();
+        old[2] = 1;
+        assert!(matches!(
+            c.decode_entry("k", &old, 1 << 20),
+            Ok(Entry::Gone)
+        ));
     }
 }

@@ -4,17 +4,55 @@
 //!
 //! # The envelope
 //!
-//! Every value written by this version starts its plaintext with a fixed
-//! 54-byte envelope (the item's `FLAG_ENVELOPE` says so, so readers from
-//! before refuse it cleanly as a miss): created-at, fresh-until, the end of
-//! the stale-while-revalidate window, the end of the stale-if-error window
+//! Every value's plaintext starts with a fixed 46-byte envelope (the item's
+//! `FLAG_ENVELOPE` says so): created-at, fresh-until, the end of the
+//! stale-while-revalidate window, the end of the stale-if-error window
 //! (Unix milliseconds), the measured compute time Δ (an EWMA, in ms), and
-//! the per-key version and namespace generation seen when the compute
-//! started (the fence). Values written before it carry no envelope: they
-//! read as fresh until the backend expires them (version 0, generation 0).
+//! the namespace generation seen when the compute started.
 //!
 //! The backend TTL is the hard limit: fresh + max(stale-while-revalidate,
 //! stale-if-error).
+//!
+//! # Invalidation, and why a hit reads one key
+//!
+//! A hit is one read of **one key**, the value's own: everything that
+//! invalidation needs a reader to know is folded into what is stored
+//! there, rather than kept in side keys that every read would have to
+//! fetch too (on the embedded backend fetching three keys cost 60 % more
+//! than one, and on a server each extra key is bytes on every hit).
+//!
+//! * [`Cache::invalidate`](crate::Cache::invalidate) replaces the item by a
+//!   *tombstone* (a tiny item with a random id, kept as long as the
+//!   default expiration, 30 days): a miss for readers. One write.
+//! * [`Cache::invalidate_soft`](crate::Cache::invalidate_soft) wraps the
+//!   stored item in a *stale mark* (a byte, a random id, then the item's
+//!   bytes unchanged, kept for the item's remaining TTL): readers strip it
+//!   and treat the value as stale (served within its stale-while-revalidate
+//!   window while one caller refreshes, else a miss). It reads the item and
+//!   writes the marked one with a compare-and-set
+//!   ([`Backend::set_if`](crate::Backend::set_if)), a few times if writers
+//!   race it, then falls back to a tombstone (always allowed: it is the
+//!   stronger invalidation). Two or three round trips (get, TTL, set).
+//! * **Fenced write-back**: the leader of a compute remembers the raw
+//!   bytes (or absence) of its last read of the value key (the re-read
+//!   under the lock; a forced overwrite reads them first) and writes the
+//!   final item (inline item or manifest) with `set_if(expected = those
+//!   bytes)`. An invalidation during the compute changed them (tombstones
+//!   and marks carry random ids, so they never repeat), so the old value is
+//!   not stored: no old value is ever served as fresh. A manifest refused
+//!   this way leaves its chunks to expire. Streams are written without the
+//!   fence, as before; a stale mark on a stream reads as a miss (streams
+//!   have no stale window).
+//! * [`Cache::invalidate_all`](crate::Cache::invalidate_all) bumps the
+//!   namespace generation counter and every envelope records the
+//!   generation its compute started under; a read fetches the counter with
+//!   the value (same round trip, one more key) and an envelope of another
+//!   generation is a miss. Because that key costs every read, it is opt-in:
+//!   [`CacheBuilder::namespace_invalidation`](crate::CacheBuilder::namespace_invalidation).
+//!
+//! Entries of the format before this one (format version 1, whose envelope
+//! held a per-key version read from a side key) are a clean miss and are
+//! rebuilt.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -144,12 +182,12 @@ impl From<Duration> for Expiration {
 }
 
 /// Length of the encoded envelope.
-pub(crate) const ENVELOPE_LEN: usize = 54;
+pub(crate) const ENVELOPE_LEN: usize = 46;
 
 /// Bytes of freshness envelope stored before each value's plaintext.
 pub const ENVELOPE_OVERHEAD: usize = ENVELOPE_LEN;
 const ENVELOPE_MAGIC: u8 = 0xE1;
-const ENVELOPE_VERSION: u8 = 1;
+const ENVELOPE_VERSION: u8 = 2;
 
 /// The freshness header stored before a value's plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -160,15 +198,14 @@ pub(crate) struct Envelope {
     pub(crate) error_until_ms: u64,
     /// Measured compute time (EWMA), ms.
     pub(crate) delta_ms: u32,
-    /// The per-key version seen when the compute started.
-    pub(crate) version: u64,
     /// The namespace generation seen when the compute started.
     pub(crate) generation: u64,
 }
 
 impl Envelope {
-    /// The envelope of a value computed now under `policy`.
-    pub(crate) fn new(policy: &Expiration, now: u64, delta_ms: u32, fence: Fence) -> Self {
+    /// The envelope of a value computed now under `policy`, whose compute
+    /// started under namespace generation `generation`.
+    pub(crate) fn new(policy: &Expiration, now: u64, delta_ms: u32, generation: u64) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let fresh_until_ms = now.saturating_add(ms(policy.fresh));
         Self {
@@ -177,8 +214,7 @@ impl Envelope {
             stale_until_ms: fresh_until_ms.saturating_add(ms(policy.stale_while_revalidate)),
             error_until_ms: fresh_until_ms.saturating_add(ms(policy.stale_if_error)),
             delta_ms,
-            version: fence.version,
-            generation: fence.generation,
+            generation,
         }
     }
 
@@ -194,7 +230,6 @@ impl Envelope {
             out.extend_from_slice(&n.to_le_bytes());
         }
         out.extend_from_slice(&self.delta_ms.to_le_bytes());
-        out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
     }
 
@@ -218,8 +253,7 @@ impl Envelope {
                 stale_until_ms: u64_at(18),
                 error_until_ms: u64_at(26),
                 delta_ms: u32::from_le_bytes(d),
-                version: u64_at(38),
-                generation: u64_at(46),
+                generation: u64_at(38),
             },
             &plain[ENVELOPE_LEN..],
         ))
@@ -233,13 +267,6 @@ impl Envelope {
             _ => s,
         }
     }
-}
-
-/// The per-key version and the namespace generation, as read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Fence {
-    pub(crate) version: u64,
-    pub(crate) generation: u64,
 }
 
 /// What a read value's envelope says, now.
@@ -259,20 +286,32 @@ pub(crate) enum State {
     Gone,
 }
 
-/// Classifies `env` at `now` against the current fence. `beta` and `u`
-/// (uniform in (0, 1]) drive XFetch.
+/// Classifies `env` at `now` (read only if needed). `generation` is the
+/// namespace generation read with the value (`None`: namespace
+/// invalidation is off), `marked` whether the value carries a stale mark
+/// (soft invalidation), `within_ttl` whether the backend's own expiry
+/// check is on this clock ([`Backend::exact_expiry`](crate::Backend::exact_expiry)):
+/// a value whose fresh time is its whole TTL is then fresh without a
+/// second clock read. `beta` and `u` (uniform in (0, 1]) drive XFetch.
 pub(crate) fn classify(
     env: &Envelope,
-    now: u64,
-    current: Fence,
+    now: impl FnOnce() -> u64,
+    within_ttl: bool,
+    generation: Option<u64>,
+    marked: bool,
     beta: Option<f64>,
     u: impl FnOnce() -> f64,
 ) -> State {
-    if env.generation != current.generation {
+    if generation.is_some_and(|g| g != env.generation) {
         return State::Gone;
     }
-    let invalidated = env.version != current.version;
-    if !invalidated && now < env.fresh_until_ms {
+    let single_ttl =
+        env.stale_until_ms == env.fresh_until_ms && env.error_until_ms == env.fresh_until_ms;
+    if !marked && within_ttl && single_ttl && beta.is_none() {
+        return State::Fresh;
+    }
+    let now = now();
+    if !marked && now < env.fresh_until_ms {
         if let Some(b) = beta
             && env.delta_ms > 0
             && xfetch(env.fresh_until_ms - now, env.delta_ms, b, u())
@@ -312,7 +351,13 @@ pub(crate) fn now_ms() -> u64 {
     let elapsed = tokio::time::Instant::now()
         .into_std()
         .saturating_duration_since(*at);
-    unix.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    // Whole seconds and the milliseconds of the rest: no 128-bit division
+    // (this is on every hit).
+    let ms = elapsed
+        .as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(elapsed.subsec_millis()));
+    unix.saturating_add(ms)
 }
 
 /// The handle's random source for behaviour (XFetch): SplitMix64, seeded
@@ -400,15 +445,7 @@ mod tests {
         let p = Expiration::fresh(Duration::from_secs(1))
             .stale_while_revalidate(Duration::from_secs(2))
             .stale_if_error(Duration::from_secs(5));
-        let e = Envelope::new(
-            &p,
-            1000,
-            42,
-            Fence {
-                version: 7,
-                generation: 9,
-            },
-        );
+        let e = Envelope::new(&p, 1000, 42, 9);
         let mut b = Vec::new();
         e.encode(&mut b);
         assert_eq!(b.len(), ENVELOPE_LEN);
@@ -422,28 +459,61 @@ mod tests {
     }
 
     #[test]
-    fn classify_windows_and_fences() {
+    fn classify_windows_marks_and_generations() {
         let p = Expiration::fresh(Duration::from_secs(1))
             .stale_while_revalidate(Duration::from_secs(1));
-        let f = Fence::default();
-        let e = Envelope::new(&p, 0, 100, f);
+        let e = Envelope::new(&p, 0, 100, 0);
         let never = || 1.0;
-        assert_eq!(classify(&e, 500, f, None, never), State::Fresh);
-        assert_eq!(classify(&e, 1500, f, None, never), State::Stale);
-        assert_eq!(classify(&e, 2500, f, None, never), State::Expired);
-        let soft = Fence {
-            version: 1,
-            generation: 0,
-        };
-        assert_eq!(classify(&e, 500, soft, None, never), State::Stale);
-        let bumped = Fence {
-            version: 0,
-            generation: 1,
-        };
-        assert_eq!(classify(&e, 500, bumped, None, never), State::Gone);
+        assert_eq!(
+            classify(&e, || 500, false, None, false, None, never),
+            State::Fresh
+        );
+        assert_eq!(
+            classify(&e, || 1500, false, None, false, None, never),
+            State::Stale
+        );
+        assert_eq!(
+            classify(&e, || 2500, false, None, false, None, never),
+            State::Expired
+        );
+        // Soft-invalidated: stale at once.
+        assert_eq!(
+            classify(&e, || 500, false, None, true, None, never),
+            State::Stale
+        );
+        assert_eq!(
+            classify(&e, || 500, false, Some(0), false, None, never),
+            State::Fresh
+        );
+        assert_eq!(
+            classify(&e, || 500, false, Some(1), false, None, never),
+            State::Gone
+        );
+        // Checked by the backend's exact expiry: a single-TTL value is fresh
+        // without reading the clock; one with a window still reads it.
+        let clock = || -> u64 { panic!("the clock was read") };
+        let single = Envelope::new(&Expiration::fresh(Duration::from_secs(1)), 0, 0, 0);
+        assert_eq!(
+            classify(&single, clock, true, None, false, None, never),
+            State::Fresh
+        );
+        assert_eq!(
+            classify(&single, || 500, true, None, true, None, never),
+            State::Stale
+        );
+        assert_eq!(
+            classify(&e, || 1500, true, None, false, None, never),
+            State::Stale
+        );
         // u close to 0: -ln u is large, so XFetch fires.
-        assert_eq!(classify(&e, 500, f, Some(1.0), || 1e-9), State::Early);
-        assert_eq!(classify(&e, 500, f, Some(1.0), never), State::Fresh);
+        assert_eq!(
+            classify(&e, || 500, false, None, false, Some(1.0), || 1e-9),
+            State::Early
+        );
+        assert_eq!(
+            classify(&e, || 500, false, None, false, Some(1.0), never),
+            State::Fresh
+        );
     }
 
     #[test]
@@ -472,10 +542,10 @@ mod tests {
 
     #[test]
     fn side_keys() {
-        assert_eq!(side_key("ns:k", "v"), "ns:k:#v");
+        assert_eq!(side_key("ns:k", "f"), "ns:k:#f");
         let long = "x".repeat(400);
-        assert!(side_key(&long, "v").len() <= 230);
-        assert!(side_key(&long, "v").ends_with(":#v"));
+        assert!(side_key(&long, "f").len() <= 230);
+        assert!(side_key(&long, "f").ends_with(":#f"));
         // The same keys as the chunk-key form they were first derived from
         // (stored side keys stay valid).
         for key in ["ns:k".to_owned(), long, "é".repeat(150)] {

@@ -49,6 +49,16 @@
 //! ChaCha20-Poly1305 with a random nonce per item, and with an encryption
 //! key the cache keys are HMACs, so key names leak nothing.
 //!
+//! A hit reads one key, the value's own: invalidation is folded into what
+//! is stored there. [`invalidate`](crate::Cache::invalidate) writes a
+//! tombstone, [`invalidate_soft`](crate::Cache::invalidate_soft) wraps the
+//! item in a stale mark, and a compute writes its value with a
+//! compare-and-set ([`Backend::set_if`](crate::Backend::set_if)) over what
+//! it read before computing, so one that an invalidation overtook stores
+//! nothing. Only [`invalidate_all`](crate::Cache::invalidate_all) needs a
+//! second key per read (the namespace generation), so it is opt-in
+//! ([`namespace_invalidation`](crate::CacheBuilder::namespace_invalidation)).
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> cachelock::Result<()> {
 //! use std::time::Duration;
@@ -73,9 +83,9 @@ mod wait;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -100,9 +110,9 @@ pub(crate) use options::{Call, Config, MIN_CHUNK_SIZE};
 pub(crate) use stream::stream_with;
 
 use flight::{Flight, FlightOutcome, Joined};
-use fresh::{Envelope, FailureRecord, Fence, State, metric, now_ms};
+use fresh::{Envelope, FailureRecord, State, metric, now_ms};
 use store::Found;
-pub(crate) use store::{ReadOutcome, read_value, read_value_only};
+pub(crate) use store::{ReadOutcome, invalidate, mark_stale, read_value, read_value_only};
 use wait::{LockWait, release, wait_for_lock};
 
 /// A memoize failure that matters to the caller. Cache read and write
@@ -168,16 +178,21 @@ pub(crate) struct Ctx<'a> {
     pub(crate) call: &'a Call,
     pub(crate) tasks: &'a Tasks,
     pub(crate) key: String,
-    /// The key's version counter (soft invalidation, fencing).
-    pub(crate) version_key: String,
     pub(crate) codec: &'a Codec,
     /// Largest stored item: min(chunk_size, backend limit).
     pub(crate) limit: usize,
     pub(crate) rng: &'a Rng,
-    /// The fence seen by the last read: the key's version and the
-    /// namespace generation.
-    seen_version: AtomicU64,
-    seen_generation: AtomicU64,
+    /// What the last read that was not a hit found.
+    seen: Mutex<Seen>,
+}
+
+/// What a read found under the value's key, as stored (`None`: absent),
+/// and the namespace generation read with it (0 if off or unset): what a
+/// compute that follows writes its value over, and under.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Seen {
+    pub(crate) raw: Option<Bytes>,
+    pub(crate) generation: u64,
 }
 
 impl<'a> Ctx<'a> {
@@ -187,28 +202,29 @@ impl<'a> Ctx<'a> {
             config: &inner.config,
             call,
             tasks: &inner.tasks,
-            version_key: side_key(&key, "v"),
             key,
             codec: &inner.config.codec,
             limit: inner.config.limit,
             rng: &inner.rng,
-            seen_version: AtomicU64::new(0),
-            seen_generation: AtomicU64::new(0),
+            seen: Mutex::new(Seen::default()),
         }
     }
 
-    /// Records the fence a read saw.
-    pub(crate) fn see(&self, f: Fence) {
-        self.seen_version.store(f.version, Ordering::Relaxed);
-        self.seen_generation.store(f.generation, Ordering::Relaxed);
+    /// Records what a read found.
+    pub(crate) fn see(&self, seen: Seen) {
+        *self.seen.lock() = seen;
     }
 
-    /// The fence the last read saw.
-    pub(crate) fn seen(&self) -> Fence {
-        Fence {
-            version: self.seen_version.load(Ordering::Relaxed),
-            generation: self.seen_generation.load(Ordering::Relaxed),
-        }
+    /// What the last read that was not a hit found (nothing read yet:
+    /// absent, generation 0).
+    pub(crate) fn seen(&self) -> Seen {
+        self.seen.lock().clone()
+    }
+
+    /// The largest item stored under the value's key: the item limit less
+    /// room for a stale mark.
+    pub(crate) fn key_item_limit(&self) -> usize {
+        self.limit.saturating_sub(codec::STALE_MARK_LEN)
     }
 
     /// Whether failure records apply to this call.
@@ -402,7 +418,7 @@ struct BackgroundRefresh {
     key: CacheKey,
     call: Call,
     full_key: String,
-    seen: Fence,
+    seen: Seen,
     found: Found,
 }
 
@@ -700,10 +716,8 @@ where
         }
     }
     if ctx.call.force_overwrite {
-        // No read came before: take the fence now.
-        if let Some(f) = store::read_fence(ctx).await {
-            ctx.see(f);
-        }
+        // No read came before: read what the write-back must find.
+        store::read_seen(ctx).await;
     }
     // The retry budget: at most 1 + N computes per failure window.
     let prior = match prior_read {
@@ -746,8 +760,9 @@ fn shared<T, E, F>(
     }
 }
 
-/// Computes, then (unless the fence moved) stores the value with its
-/// envelope, releases the lock and publishes to the flight. A failed
+/// Computes, then stores the value with its envelope (fenced: only over
+/// what was read before the compute), releases the lock and publishes to
+/// the flight. A failed
 /// compute writes a failure record (if the handle shares failures).
 async fn compute_store<T, E, F, Fut>(
     ctx: &Ctx<'_>,
@@ -762,8 +777,8 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    // The fence as seen before the compute starts.
-    let fence = ctx.seen();
+    // What the write-back must find unchanged, as read before the compute.
+    let seen = ctx.seen();
     let started = tokio::time::Instant::now();
     let result = compute().await;
     let took = started.elapsed();
@@ -782,26 +797,21 @@ where
             // The waiters of this handle need not wait for the store.
             let plain = Bytes::from(plain);
             Flight::finish(flight, FlightOutcome::Done(plain.clone()));
-            // Fenced write-back: an invalidation during the compute means
-            // the value is old; it is not stored. (Readers check the fence
-            // too, so a write racing an invalidation is never fresh.)
-            // (An unreadable fence does not stop the write: readers check it.)
-            match store::read_fence(ctx).await {
-                Some(now) if now != fence => {
-                    tracing::debug!(key = %ctx.key, "the value was invalidated during the compute; not storing it");
-                }
-                _ => {
-                    let env = Envelope::new(
-                        &ctx.call.expiration,
-                        now_ms(),
-                        Envelope::next_delta(old_delta, took),
-                        fence,
-                    );
-                    store::store_value(ctx, &env, &plain, guard.as_mut()).await;
-                    if had_failure && let Err(e) = ctx.cache.delete(&ctx.failure_key()).await {
-                        tracing::warn!(key = %ctx.key, error = %e, "could not delete the failure record");
-                    }
-                }
+            // Fenced write-back: stored only over what was read before the
+            // compute, so a value invalidated meanwhile is not stored.
+            let env = Envelope::new(
+                &ctx.call.expiration,
+                now_ms(),
+                Envelope::next_delta(old_delta, took),
+                seen.generation,
+            );
+            let how = store::WriteBack::Over(seen.raw.as_deref());
+            let stored = store::store_value(ctx, &env, &plain, guard.as_mut(), how).await;
+            if stored
+                && had_failure
+                && let Err(e) = ctx.cache.delete(&ctx.failure_key()).await
+            {
+                tracing::warn!(key = %ctx.key, error = %e, "could not delete the failure record");
             }
             release(guard, &ctx.key).await;
         }
@@ -828,7 +838,7 @@ impl<'c> WithLock<'c> {
         Self {
             key: &ctx.key,
             value: if value {
-                store::read_keys(ctx)
+                store::read_keys(ctx).to_vec()
             } else {
                 Vec::new()
             },
@@ -844,13 +854,13 @@ impl<'c> WithLock<'c> {
         ctx: &Ctx<'_>,
         found: Option<Vec<Option<Bytes>>>,
     ) -> (Option<ReadOutcome<T>>, Option<Option<FailureRecord>>) {
-        let Some((value, failure)) = found.and_then(|f| self.split(f)) else {
+        let Some((mut value, failure)) = found.and_then(|f| self.split(f)) else {
             return (None, None);
         };
         let value = if self.value.is_empty() {
             None
         } else {
-            Some(store::decode_found::<T>(ctx, value, true).await)
+            Some(store::decode_found::<T>(ctx, &mut value, true).await)
         };
         (
             value,

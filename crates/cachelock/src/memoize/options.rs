@@ -46,8 +46,9 @@ pub(crate) struct Config {
     /// Builds full keys (with the encryption key as the secret, if any).
     pub(crate) keys: KeyBuilder,
     pub(crate) expiration: Expiration,
-    /// The namespace generation counter ([`Cache::invalidate_all`](crate::Cache::invalidate_all)).
-    pub(crate) generation_key: String,
+    /// The namespace generation counter ([`Cache::invalidate_all`](crate::Cache::invalidate_all)),
+    /// if namespace invalidation is on.
+    pub(crate) generation_key: Option<String>,
     /// Failure records: their TTL (the failure window), if shared.
     pub(crate) failure_ttl: Option<Duration>,
     /// Computes allowed per failure window beyond the first.

@@ -6,9 +6,12 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use super::Ctx;
+use std::time::Duration;
+
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest, ManifestBody};
-use super::fresh::{Envelope, Fence, State, classify, now_ms};
+use super::fresh::{Envelope, State, classify, now_ms};
+use super::{Ctx, Seen};
+use crate::backend::SharedBackend;
 use crate::lock::LockGuard;
 
 /// The most chunks one memoize read fetches (in one `get_many`). A manifest
@@ -29,7 +32,7 @@ pub(crate) enum ReadOutcome<T> {
     /// A value that is not plainly fresh (see [`State`]): early refresh,
     /// stale, or expired but kept for stale-if-error.
     Stale(T, Found),
-    /// Nothing stored (or another namespace generation).
+    /// Nothing stored, a tombstone, or another namespace generation.
     Miss,
     /// Something stored but unusable (corrupt, foreign, undecodable), or
     /// the read failed. Already logged.
@@ -86,72 +89,133 @@ fn counter(raw: Option<&Bytes>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads the fence (the key's version and the namespace generation) alone.
-pub(crate) async fn read_fence(ctx: &Ctx<'_>) -> Option<Fence> {
-    match ctx
-        .cache
-        .get_many(&[&ctx.version_key, &ctx.config.generation_key])
-        .await
-    {
-        Ok(found) if found.len() == 2 => Some(Fence {
-            version: counter(found[0].as_ref()),
-            generation: counter(found[1].as_ref()),
-        }),
-        Ok(_) => None,
+/// The keys one read fetches, in one round trip: the value's, then the
+/// namespace generation counter's if namespace invalidation is on.
+pub(crate) struct ReadKeys<'c> {
+    keys: [&'c str; 2],
+    len: usize,
+}
+
+impl<'c> std::ops::Deref for ReadKeys<'c> {
+    type Target = [&'c str];
+
+    fn deref(&self) -> &Self::Target {
+        &self.keys[..self.len]
+    }
+}
+
+/// Which keys a read of `ctx.key` fetches (see [`ReadKeys`]); what they
+/// hold goes to [`decode_found`], in the same order.
+pub(crate) fn read_keys<'c>(ctx: &'c Ctx<'_>) -> ReadKeys<'c> {
+    match &ctx.config.generation_key {
+        Some(g) => ReadKeys {
+            keys: [ctx.key.as_str(), g.as_str()],
+            len: 2,
+        },
+        None => ReadKeys {
+            keys: [ctx.key.as_str(), ""],
+            len: 1,
+        },
+    }
+}
+
+/// Fetches [`read_keys`] (a plain `get` when it is the value's alone).
+/// `None` if the read failed (logged).
+async fn fetch(ctx: &Ctx<'_>) -> Option<[Option<Bytes>; 2]> {
+    let keys = read_keys(ctx);
+    if keys.len() == 1 {
+        return match ctx.cache.get(&ctx.key).await {
+            Ok(v) => Some([v, None]),
+            Err(e) => {
+                tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
+                None
+            }
+        };
+    }
+    match ctx.cache.get_many(&keys).await {
+        Ok(found) if found.len() == keys.len() => {
+            let mut out = [None, None];
+            for (slot, v) in out.iter_mut().zip(found) {
+                *slot = v;
+            }
+            Some(out)
+        }
+        Ok(_) => {
+            tracing::error!(key = %ctx.key, "backend returned the wrong number of values");
+            None
+        }
         Err(e) => {
-            tracing::error!(key = %ctx.key, error = %e, "could not read the memoize fence");
+            tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
             None
         }
     }
 }
 
-async fn read<T: DeserializeOwned>(ctx: &Ctx<'_>, keep_plain: bool) -> ReadOutcome<T> {
-    // One round trip.
-    match ctx.cache.get_many(&read_keys(ctx)).await {
-        Ok(found) => decode_found(ctx, found, keep_plain).await,
-        Err(e) => {
-            tracing::error!(key = %ctx.key, error = %e, "Error fetching data from cache for key");
-            ReadOutcome::Unusable
-        }
+/// The namespace generation among what [`read_keys`] fetched, if it is on.
+fn generation_in(ctx: &Ctx<'_>, found: &[Option<Bytes>]) -> Option<u64> {
+    ctx.config
+        .generation_key
+        .as_ref()
+        .map(|_| counter(found.get(1).and_then(Option::as_ref)))
+}
+
+/// Reads what a write-back must find unchanged, without decoding it: for
+/// a forced overwrite, which reads nothing else before its compute.
+pub(crate) async fn read_seen(ctx: &Ctx<'_>) {
+    if let Some(mut found) = fetch(ctx).await {
+        let generation = generation_in(ctx, &found).unwrap_or(0);
+        ctx.see(Seen {
+            raw: found[0].take(),
+            generation,
+        });
     }
 }
 
-/// The keys a read of the value fetches, in one `get_many`: the value, its
-/// version and the namespace generation. [`decode_found`] decodes what it
-/// finds.
-pub(crate) fn read_keys<'c>(ctx: &'c Ctx<'_>) -> Vec<&'c str> {
-    vec![
-        ctx.key.as_str(),
-        ctx.version_key.as_str(),
-        ctx.config.generation_key.as_str(),
-    ]
+async fn read<T: DeserializeOwned>(ctx: &Ctx<'_>, keep_plain: bool) -> ReadOutcome<T> {
+    match fetch(ctx).await {
+        Some(mut found) => decode_found(ctx, &mut found[..read_keys(ctx).len()], keep_plain).await,
+        None => ReadOutcome::Unusable,
+    }
 }
 
-/// Decodes what a `get_many` of [`read_keys`] found (reading a chunked
-/// value's chunks), and records the fence it saw. Keeps the plaintext of
-/// an inline hit only if `keep_plain`.
+/// Decodes what a read of [`read_keys`] found (`found` in the same order).
+/// Unless it is a hit, remembers the raw value (or its absence) and the
+/// generation, which the write-back of a compute that follows expects
+/// ([`Ctx::seen`]).
 pub(crate) async fn decode_found<T: DeserializeOwned>(
     ctx: &Ctx<'_>,
-    mut found: Vec<Option<Bytes>>,
+    found: &mut [Option<Bytes>],
     keep_plain: bool,
 ) -> ReadOutcome<T> {
-    if found.len() != 3 {
-        tracing::error!(key = %ctx.key, "backend returned the wrong number of values");
-        return ReadOutcome::Unusable;
+    let generation = generation_in(ctx, found);
+    let raw = found.first_mut().and_then(Option::take);
+    let outcome = match &raw {
+        Some(raw) => decode_raw(ctx, raw, generation, keep_plain).await,
+        None => ReadOutcome::Miss,
+    };
+    if !matches!(outcome, ReadOutcome::Hit(..)) {
+        ctx.see(Seen {
+            raw,
+            generation: generation.unwrap_or(0),
+        });
     }
-    let fence = Fence {
-        version: counter(found[1].as_ref()),
-        generation: counter(found[2].as_ref()),
-    };
-    ctx.see(fence);
-    let Some(raw) = found.swap_remove(0) else {
-        return ReadOutcome::Miss;
-    };
-    let decoded: Result<(T, Bytes, Option<Envelope>), Corrupt> =
+    outcome
+}
+
+/// Decodes one stored item of a value and classifies it.
+async fn decode_raw<T: DeserializeOwned>(
+    ctx: &Ctx<'_>,
+    raw: &Bytes,
+    generation: Option<u64>,
+    keep_plain: bool,
+) -> ReadOutcome<T> {
+    let (marked, item) = codec::strip_stale_mark(raw);
+    let decoded: Result<Option<(T, Bytes, Envelope)>, Corrupt> =
         match ctx
             .codec
-            .decode_entry(&ctx.key, &raw, ctx.cache.max_value_size())
+            .decode_entry(&ctx.key, item, ctx.cache.max_value_size())
         {
+            Ok(Entry::Gone) => Ok(None),
             Ok(Entry::Inline {
                 stream: false,
                 enveloped,
@@ -162,39 +226,28 @@ pub(crate) async fn decode_found<T: DeserializeOwned>(
                     Bytes::new()
                 } else {
                     match &plain {
-                        Cow::Borrowed(s) => sub_bytes(&raw, &s[s.len() - body.len()..]),
+                        Cow::Borrowed(s) => sub_bytes(raw, &s[s.len() - body.len()..]),
                         Cow::Owned(_) => Bytes::copy_from_slice(body),
                     }
                 };
-                Ok((v, plain, env))
+                Ok(Some((v, plain, env)))
             }),
             Ok(Entry::Manifest(m)) if !m.stream => read_chunks(ctx, &m).await.and_then(|p| {
                 let (env, body) = split(m.enveloped, &p)?;
                 let v = decode_value::<T>(body)?;
-                Ok((v, Bytes::copy_from_slice(body), env))
+                Ok(Some((v, Bytes::copy_from_slice(body), env)))
             }),
             Ok(_) => Err(Corrupt("a stream is stored under this key, not a value")),
             Err(c) => Err(c),
         };
     match decoded {
-        Ok((v, p, env)) => {
-            let env = env.unwrap_or_default();
-            // Entries from before envelopes: fresh until the backend
-            // expires them (unless invalidated since).
-            let env = if env == Envelope::default() {
-                Envelope {
-                    fresh_until_ms: u64::MAX,
-                    stale_until_ms: u64::MAX,
-                    error_until_ms: u64::MAX,
-                    ..env
-                }
-            } else {
-                env
-            };
+        Ok(Some((v, p, env))) => {
             let state = classify(
                 &env,
-                now_ms(),
-                fence,
+                now_ms,
+                ctx.cache.exact_expiry(),
+                generation,
+                marked,
                 ctx.call.expiration.early_refresh_beta(),
                 || ctx.rng.unit(),
             );
@@ -204,6 +257,10 @@ pub(crate) async fn decode_found<T: DeserializeOwned>(
                 state => ReadOutcome::Stale(v, Found { env, state }),
             }
         }
+        Ok(None) => {
+            tracing::debug!(key = %ctx.key, "invalidated (or older) entry; a miss");
+            ReadOutcome::Miss
+        }
         Err(c) => {
             log_corrupt(&ctx.key, &c);
             ReadOutcome::Unusable
@@ -211,15 +268,64 @@ pub(crate) async fn decode_found<T: DeserializeOwned>(
     }
 }
 
-/// Splits the envelope off an enveloped plaintext.
-fn split(enveloped: bool, plain: &[u8]) -> Result<(Option<Envelope>, &[u8]), Corrupt> {
+/// Marks the value under `key` stale (soft invalidation, see
+/// [`fresh`](super::fresh)): its item gets a new stale mark, or where
+/// there is none (absent, a tombstone) a new tombstone is written, with a
+/// compare-and-set over what was read; a few tries, then a tombstone.
+/// `fallback_ttl` is the marked item's TTL where the backend cannot tell
+/// the remaining one.
+///
+/// # Errors
+///
+/// What the backend failed with.
+pub(crate) async fn mark_stale(
+    backend: &SharedBackend,
+    key: &str,
+    fallback_ttl: Duration,
+) -> crate::error::BackendResult<()> {
+    for _ in 0..MARK_TRIES {
+        let raw = backend.get(key).await?;
+        let (next, ttl) = match &raw {
+            Some(r) if !codec::is_tombstone(r) => (
+                codec::mark_stale(r),
+                backend.ttl(key).await?.unwrap_or(fallback_ttl),
+            ),
+            _ => (codec::tombstone(), TOMBSTONE_TTL),
+        };
+        if backend.set_if(key, raw.as_deref(), &next, ttl).await? {
+            return Ok(());
+        }
+    }
+    tracing::debug!(%key, "the value kept changing while being marked stale; invalidating it");
+    backend.set(key, &codec::tombstone(), TOMBSTONE_TTL).await
+}
+
+/// Hard invalidation: a tombstone under `key`.
+///
+/// # Errors
+///
+/// What the backend failed with.
+pub(crate) async fn invalidate(
+    backend: &SharedBackend,
+    key: &str,
+) -> crate::error::BackendResult<()> {
+    backend.set(key, &codec::tombstone(), TOMBSTONE_TTL).await
+}
+
+/// Tries of [`mark_stale`]'s compare-and-set before it writes a tombstone.
+const MARK_TRIES: usize = 4;
+
+/// How long a tombstone lives: longer than any compute that started
+/// before it (one that read the value's absence must still find the
+/// tombstone when it writes back).
+const TOMBSTONE_TTL: Duration = super::options::DEFAULT_EXPIRATION;
+
+/// Splits the envelope off a value's plaintext.
+fn split(enveloped: bool, plain: &[u8]) -> Result<(Envelope, &[u8]), Corrupt> {
     if !enveloped {
-        return Ok((None, plain));
+        return Err(Corrupt("a value without a freshness envelope"));
     }
-    match Envelope::decode(plain) {
-        Some((env, body)) => Ok((Some(env), body)),
-        None => Err(Corrupt("bad freshness envelope")),
-    }
+    Envelope::decode(plain).ok_or(Corrupt("bad freshness envelope"))
 }
 
 /// `s` (a slice of `raw`) as a `Bytes` sharing `raw`'s memory; a copy if
@@ -322,35 +428,73 @@ async fn fetch_raw(
     Ok(found.into_iter().flatten().collect())
 }
 
+/// How the item under a value's key is written.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WriteBack<'a> {
+    /// Over whatever is there (streams).
+    Always,
+    /// Only over exactly these bytes (`None`: only if the key is absent):
+    /// the fenced write-back of a value (see [`fresh`](super::fresh)).
+    Over(Option<&'a [u8]>),
+}
+
+/// Writes `item` under `ctx.key` as `how` says. Returns whether it was
+/// stored; a failure or a refusal is logged.
+async fn put_item(ctx: &Ctx<'_>, item: &[u8], how: WriteBack<'_>) -> bool {
+    let stored = match how {
+        WriteBack::Always => ctx
+            .cache
+            .set(&ctx.key, item, ctx.call.ttl())
+            .await
+            .map(|()| true),
+        WriteBack::Over(expected) => {
+            ctx.cache
+                .set_if(&ctx.key, expected, item, ctx.call.ttl())
+                .await
+        }
+    };
+    match stored {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::debug!(key = %ctx.key, "the value was invalidated or rewritten during the compute; not storing it");
+            false
+        }
+        Err(e) => {
+            tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
+            false
+        }
+    }
+}
+
 /// Stores a single value's plaintext behind its envelope: inline if it
-/// fits, else chunks and a manifest. Failures are logged.
+/// fits, else chunks and a manifest, the last item written as `how` says.
+/// Returns whether it was stored; failures are logged.
 pub(crate) async fn store_value(
     ctx: &Ctx<'_>,
     env: &Envelope,
     value: &[u8],
     guard: Option<&mut LockGuard>,
-) {
+    how: WriteBack<'_>,
+) -> bool {
     let mut buf = Vec::with_capacity(super::fresh::ENVELOPE_LEN + value.len());
     env.encode(&mut buf);
     buf.extend_from_slice(value);
     let plain = &buf[..];
     metrics::counter!(super::fresh::metric::BYTES_PLAIN).increment(plain.len() as u64);
-    let try_inline = plain.len() + INLINE_OVERHEAD <= ctx.limit
+    let limit = ctx.key_item_limit();
+    let try_inline = plain.len() + INLINE_OVERHEAD <= limit
         || (ctx.codec.compression != codec::Compression::None
-            && plain.len() <= ctx.limit.saturating_mul(4));
+            && plain.len() <= limit.saturating_mul(4));
     if try_inline {
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
-            Ok(item) if item.len() <= ctx.limit => {
+            Ok(item) if item.len() <= limit => {
                 metrics::counter!(super::fresh::metric::BYTES_STORED).increment(item.len() as u64);
-                if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
-                    tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
-                }
-                return;
+                return put_item(ctx, &item, how).await;
             }
             Ok(_) => {}
             Err(c) => {
                 tracing::error!(key = %ctx.key, error = %c, "Failed to encode data for cache");
-                return;
+                return false;
             }
         }
     }
@@ -364,11 +508,11 @@ pub(crate) async fn store_value(
         writer.push(ctx, head);
         rest = tail;
         if writer.pending_bytes() >= BATCH_BYTES && !writer.flush(ctx, guard.as_deref_mut()).await {
-            return;
+            return false;
         }
     }
     writer.push_last(ctx, rest);
-    writer.finish(ctx, guard).await;
+    writer.finish(ctx, guard, how).await
 }
 
 /// Writes chunks of one write in batches, then the manifest.
@@ -488,8 +632,14 @@ impl ChunkWriter {
         true
     }
 
-    /// Flushes what is queued and writes the manifest. Failures are logged.
-    pub(crate) async fn finish(mut self, ctx: &Ctx<'_>, guard: Option<&mut LockGuard>) -> bool {
+    /// Flushes what is queued and writes the manifest as `how` says.
+    /// Returns whether it was stored; failures are logged.
+    pub(crate) async fn finish(
+        mut self,
+        ctx: &Ctx<'_>,
+        guard: Option<&mut LockGuard>,
+        how: WriteBack<'_>,
+    ) -> bool {
         if !self.flush(ctx, guard).await {
             return false;
         }
@@ -515,11 +665,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
-            tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
-            return false;
-        }
-        true
+        put_item(ctx, &item, how).await
     }
 
     /// A slow writer (a stream) may have written its first chunks long ago:

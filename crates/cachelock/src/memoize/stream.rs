@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest};
 use super::options::OnLockFailure;
-use super::store::{BATCH_BYTES, ChunkWriter, fetch_chunks, log_corrupt};
+use super::store::{BATCH_BYTES, ChunkWriter, WriteBack, fetch_chunks, log_corrupt};
 use super::{Call, Ctx, LockWait, MemoizeError, release, wait_for_lock};
 use crate::handle::Cache;
 use crate::key::CacheKey;
@@ -379,10 +379,16 @@ async fn read_stream(ctx: &Ctx<'_>) -> Option<HitReader> {
             return None;
         }
     };
+    // A stream has no stale window: a stale mark makes it a miss.
+    let (marked, item) = codec::strip_stale_mark(&raw);
+    if marked {
+        return None;
+    }
     let result = match ctx
         .codec
-        .decode_entry(&ctx.key, &raw, ctx.cache.max_value_size())
+        .decode_entry(&ctx.key, item, ctx.cache.max_value_size())
     {
+        Ok(Entry::Gone) => return None,
         Ok(Entry::Inline {
             stream: true,
             plain,
@@ -452,7 +458,8 @@ impl<T: Serialize, E> Fresh<T, E> {
     /// item), then release the lock.
     async fn finish(mut self, ctx: &Ctx<'_>) {
         if let Some(mut writer) = self.writer.take() {
-            if writer.chunk_count() == 0 && self.buf.len() + INLINE_OVERHEAD <= ctx.limit {
+            if writer.chunk_count() == 0 && self.buf.len() + INLINE_OVERHEAD <= ctx.key_item_limit()
+            {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
                         if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
@@ -465,7 +472,10 @@ impl<T: Serialize, E> Fresh<T, E> {
                 }
             } else {
                 writer.push_last(ctx, &self.buf);
-                writer.finish(ctx, self.guard.as_mut()).await;
+                // Streams are not fenced (see `fresh`).
+                writer
+                    .finish(ctx, self.guard.as_mut(), WriteBack::Always)
+                    .await;
             }
         }
         release(self.guard.take(), &ctx.key).await;

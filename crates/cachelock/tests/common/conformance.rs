@@ -32,7 +32,7 @@ macro_rules! conformance_tests {
             delete_if_eq_cases, extend_if_eq_cases, token_ops_after_expiry, large_value,
             value_over_limit_is_typed, odd_keys, fenced_add_numbers_grants,
             fence_starts_at_the_clock_floor, version_ops_cases, list_under_a_prefix,
-            add_reading_reads_after_the_add);
+            add_reading_reads_after_the_add, set_if_compares, set_if_race_has_one_winner);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
         $(
@@ -539,4 +539,73 @@ pub async fn add_reading_reads_after_the_add(b: SharedBackend) {
         assert_eq!(r.values.unwrap(), Vec::<Option<bytes::Bytes>>::new());
         assert!(b.delete(&lock).await.unwrap());
     }
+}
+
+/// `set_if` stores only over exactly the expected value (or absence).
+pub async fn set_if_compares(b: SharedBackend) {
+    let k = unique_key("setif");
+    assert!(
+        !b.set_if(&k, Some(b"x"), b"v1", LONG).await.unwrap(),
+        "absent is not x"
+    );
+    assert_eq!(b.get(&k).await.unwrap(), None);
+    assert!(
+        b.set_if(&k, None, b"v1", LONG).await.unwrap(),
+        "absent as expected"
+    );
+    assert!(
+        !b.set_if(&k, None, b"v2", LONG).await.unwrap(),
+        "present, not absent"
+    );
+    assert!(
+        !b.set_if(&k, Some(b"v"), b"v2", LONG).await.unwrap(),
+        "a prefix is not equal"
+    );
+    assert!(!b.set_if(&k, Some(b"v1 "), b"v2", LONG).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v1"[..]));
+    assert!(b.set_if(&k, Some(b"v1"), b"v2", LONG).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"v2"[..]));
+    // Binary values, and the TTL is set by the write.
+    let bin: Vec<u8> = (0..=255u8).chain([b'\r', b'\n', 0]).collect();
+    assert!(b.set_if(&k, Some(b"v2"), &bin, LONG).await.unwrap());
+    assert!(b.set_if(&k, Some(&bin), b"", LONG).await.unwrap());
+    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b""[..]));
+    if let Some(ttl) = b.ttl(&k).await.unwrap() {
+        assert!(ttl <= LONG && ttl > LONG / 2, "ttl {ttl:?}");
+    }
+    b.delete(&k).await.unwrap();
+    assert!(
+        !b.set_if(&k, Some(b""), b"v3", LONG).await.unwrap(),
+        "deleted is absent"
+    );
+}
+
+/// Of concurrent `set_if`s over the same expected value, one stores.
+pub async fn set_if_race_has_one_winner(b: SharedBackend) {
+    let k = Arc::new(unique_key("setif-race"));
+    b.set(&k, b"start", LONG).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let (b, k) = (b.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let mine = format!("w{i}");
+            let won = b
+                .set_if(&k, Some(b"start"), mine.as_bytes(), LONG)
+                .await
+                .unwrap();
+            (won, mine)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (won, mine) = t.await.unwrap();
+        if won {
+            winners.push(mine);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_eq!(
+        b.get(&k).await.unwrap().as_deref(),
+        Some(winners[0].as_bytes())
+    );
 }

@@ -25,7 +25,8 @@ macro_rules! freshness_tests {
             stale_served_while_one_refreshes, serve_stale_on_lock_failure,
             failure_record_reaches_other_processes, retry_budget_per_failure_window,
             stale_if_error_serves_the_old_value, soft_invalidation_serves_stale_then_refreshes,
-            invalidate_all_misses_everywhere, fenced_write_back_never_serves_old_as_fresh,
+            invalidate_all_misses_everywhere, invalidate_all_is_refused_unless_turned_on,
+            fenced_write_back_never_serves_old_as_fresh, soft_invalidation_of_a_missing_value,
             default_policy_is_a_single_ttl, background_refresh_returns_at_once);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
@@ -226,7 +227,10 @@ pub async fn failure_record_reaches_other_processes(b: SharedBackend) {
         p1.try_get_with::<u8, _, _, _>("k", || async move {
             r.bump();
             s.notify_one();
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Long enough for the waiter to be waiting when it fails, even
+            // on a loaded machine (a waiter that comes after the failure
+            // is the retry budget's case, not this one).
+            tokio::time::sleep(Duration::from_secs(1)).await;
             Err(Boom)
         })
         .await
@@ -335,9 +339,10 @@ pub async fn soft_invalidation_serves_stale_then_refreshes(b: SharedBackend) {
 
 pub async fn invalidate_all_misses_everywhere(b: SharedBackend) {
     let ns = unique_key("gen");
-    let p1 = builder(&b, &ns).build().unwrap();
-    let p2 = builder(&b, &ns).build().unwrap();
-    let other = builder(&b, &unique_key("gen-other")).build().unwrap();
+    let on = |ns: &str| builder(&b, ns).namespace_invalidation(true);
+    let p1 = on(&ns).build().unwrap();
+    let p2 = on(&ns).build().unwrap();
+    let other = on(&unique_key("gen-other")).build().unwrap();
     for k in ["a", "b"] {
         assert_eq!(p1.get_with(k, || async { 1u8 }).await, 1);
     }
@@ -352,6 +357,40 @@ pub async fn invalidate_all_misses_everywhere(b: SharedBackend) {
     assert_eq!(other.get_with("a", || async { 9u8 }).await, 1);
     p2.invalidate_all().await.unwrap();
     assert_eq!(p1.get_with("a", || async { 4u8 }).await, 4);
+}
+
+pub async fn invalidate_all_is_refused_unless_turned_on(b: SharedBackend) {
+    let cache = builder(&b, &unique_key("gen-off")).build().unwrap();
+    assert_eq!(cache.get_with("a", || async { 1u8 }).await, 1);
+    match cache.invalidate_all().await {
+        Err(cachelock::Error::InvalidConfig(m)) => {
+            assert!(m.contains("namespace_invalidation"), "{m}");
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+    // Nothing was invalidated.
+    assert_eq!(cache.get_with("a", || async { 2u8 }).await, 1);
+}
+
+/// Soft invalidation of a key with no value (or a tombstone) leaves a
+/// tombstone: a miss, and a compute that read the absence is fenced too.
+pub async fn soft_invalidation_of_a_missing_value(b: SharedBackend) {
+    let ns = unique_key("soft-missing");
+    let cache = builder(&b, &ns).expiration(swr()).build().unwrap();
+    cache.invalidate_soft("k").await.unwrap();
+    assert_eq!(cache.get::<u8>("k").await, None);
+    cache.invalidate_soft("k").await.unwrap();
+    cache.invalidate("k").await.unwrap();
+    cache.invalidate_soft("k").await.unwrap();
+    assert_eq!(cache.get::<u8>("k").await, None);
+    assert_eq!(cache.get_with("k", || async { 5u8 }).await, 5);
+    assert_eq!(cache.get::<u8>("k").await, Some(5));
+    // Marked twice: still stale, still served in the window.
+    cache.invalidate_soft("k").await.unwrap();
+    cache.invalidate_soft("k").await.unwrap();
+    assert_eq!(cache.get::<u8>("k").await, Some(5));
+    assert_eq!(cache.get_with("k", || async { 6u8 }).await, 6);
+    assert_eq!(cache.get_with("k", || async { 7u8 }).await, 6);
 }
 
 pub async fn fenced_write_back_never_serves_old_as_fresh(b: SharedBackend) {

@@ -43,6 +43,7 @@
 //! | `extend_if_version` (lock renewal) | `ms C<cas> T<ttl> c` (same value), likewise | 1 |
 //! | `delete_if_eq` (release, no usable CAS) | `mg v c`, compare, `md C<cas>` | 2 |
 //! | `extend_if_eq` | `mg v c`, compare, `ms C<cas> T<ttl>` (same value) | 2 |
+//! | `set_if` (memoize write-back) | `ms ME` when expecting absence; else `mg v c`, compare, `ms C<cas>` | 1 / 2 |
 //!
 //! Token operations are atomic thanks to the CAS guard: the item is only
 //! deleted or re-stored if it is still the very item that was read. The
@@ -785,6 +786,53 @@ impl Backend for MemcachedBackend {
             } => Ok(false),
             other => Err(self.unexpected(key, value.len(), other)),
         }
+    }
+
+    /// `None`: the add (`ms ME`). Otherwise `mg v c`, compare, then
+    /// `ms C<cas>`: stored only if the item is still the one read (a CAS
+    /// mismatch reads again, a few times).
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        let Some(expected) = expected else {
+            return self.add(key, value, ttl).await;
+        };
+        check_value_size(key, value, self.max_value_size())?;
+        let wire = WireKey::new(key);
+        for _ in 0..CAS_RETRIES {
+            let Some((current, cas, _)) = self.get_with_cas(key, &wire).await? else {
+                return Ok(false);
+            };
+            if current.as_ref() != expected {
+                return Ok(false);
+            }
+            let mut req = Vec::new();
+            let flags = SetFlags {
+                ttl: exptime(ttl),
+                compare_cas: Some(cas),
+                ..SetFlags::default()
+            };
+            proto::encode_set(&mut req, &wire, value, &flags);
+            match self.one(key, &req, false, NO_VALUE).await? {
+                Response::Meta {
+                    status: Status::Ok, ..
+                } => return Ok(true),
+                Response::Meta {
+                    status: Status::NotFound,
+                    ..
+                } => return Ok(false),
+                Response::Meta {
+                    status: Status::Exists,
+                    ..
+                } => continue,
+                other => return Err(self.unexpected(key, value.len(), other)),
+            }
+        }
+        Ok(false)
     }
 
     /// Django's `PyMemcacheCache` stores a `str` as its UTF-8 bytes with

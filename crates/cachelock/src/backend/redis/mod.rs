@@ -21,6 +21,7 @@
 //! | `delete_if_eq` | a Lua script (`EVALSHA`), or `DELEX key IFEQ` / `DELIFEQ` where the server has it | 1 |
 //! | `extend_if_eq` | a Lua script (`EVALSHA`) | 1 |
 //! | `add_queued` / `leave_queue` (a waiter in line) | a Lua script (`EVALSHA`) | 1 |
+//! | `set_if` | `SET NX` when expecting absence, else a Lua script (GET, compare, SET); a GET then a SET where scripts are denied (not atomic) | 1 (2) |
 //! | `add_reading` (memoize's first lock attempt) | the add's Lua script followed by a `GET` of each key (on a Cluster only when all keys share the lock key's slot; else the add, then `MGET`) | 1 (2) |
 //!
 //! The scripts are sent by their SHA-1 (`EVALSHA`); on a `NOSCRIPT` reply
@@ -143,7 +144,7 @@ use self::link::{
 use self::notify::RedisNotify;
 use self::scripts::{
     ADD_FENCED, ADD_FENCED_READING, ADD_QUEUED, ADD_QUEUED_READING, DELETE_IF_EQ, EXTEND_IF_EQ,
-    FENCE, LEAVE_QUEUE, NativeDelete, native_delete_from_command_info, token_check,
+    FENCE, LEAVE_QUEUE, NativeDelete, SET_IF_EQ, native_delete_from_command_info, token_check,
 };
 use self::url::{bad_url, parse_url, prepare, protocol_in_url, redact, short_redis_error};
 use super::{
@@ -1013,6 +1014,58 @@ impl Backend for RedisBackend {
                 if is_noperm(&message) || message.to_ascii_lowercase().contains("unknown") =>
             {
                 add_then_read(self, key, value, ttl, add, keys).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `None`: the add (`SET NX`). Otherwise the `SET_IF_EQ` script (GET,
+    /// compare, SET PX). Where the server denies scripts (`NOPERM`), the
+    /// non-atomic default (GET, compare, SET): a write between the two can
+    /// be overwritten.
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        use std::sync::atomic::Ordering;
+        let Some(expected) = expected else {
+            return self.add(key, value, ttl).await;
+        };
+        check_value_size(key, value, self.max_value_size())?;
+        let unscripted = async {
+            match self.get(key).await? {
+                Some(v) if v.as_ref() == expected => {
+                    self.set(key, value, ttl).await?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        };
+        if self.scripts_denied.load(Ordering::Relaxed) {
+            return unscripted.await;
+        }
+        let ms = ttl_ms(ttl).to_string();
+        match self
+            .script_i64(key, &SET_IF_EQ, &[key], &[expected, value, ms.as_bytes()])
+            .await
+        {
+            Ok(1) => Ok(true),
+            Ok(0) => Ok(false),
+            Ok(other) => Err(BackendError::protocol(
+                key,
+                format!("unexpected reply {other} from a compare-and-set"),
+            )),
+            Err(BackendError::Protocol { message, .. }) if is_noperm(&message) => {
+                tracing::warn!(
+                    error = %message,
+                    "Redis denies scripts (EVALSHA) to this user; memoize's compare-and-set \
+                     is now a read then a write (not atomic)"
+                );
+                self.scripts_denied.store(true, Ordering::Relaxed);
+                unscripted.await
             }
             Err(e) => Err(e),
         }

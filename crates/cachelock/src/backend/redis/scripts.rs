@@ -190,6 +190,21 @@ return 1
     )
 });
 
+/// Compare-and-set: stores ARGV[2] under KEYS[1] with a TTL of ARGV[3] ms
+/// if the key holds ARGV[1]. 1: stored (or the key already held ARGV[2]:
+/// a retried call whose first try landed); 0: another value or absent.
+pub(super) static SET_IF_EQ: LazyLock<::redis::Script> = LazyLock::new(|| {
+    ::redis::Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[2] then return 1 end
+if v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+",
+    )
+});
+
 /// The lock's add and its fence in one step. Stores ARGV[1] under KEYS[1]
 /// with a TTL of ARGV[2] ms if the key is absent (or already holds ARGV[1]:
 /// a retried first attempt), then numbers the grant: INCR of the counter

@@ -32,8 +32,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cachelock::backend::ReleaseWatch;
 use cachelock::{
-    AddRead, Backend, BackendResult, Cache, Grant, Listed, LockAdd, MemcachedBackend, RedisBackend,
-    SharedBackend, TokenCheck, ValueFormat, Version,
+    AddRead, Backend, BackendResult, Cache, Grant, Listed, LockAdd, MemcachedBackend, Queued,
+    RedisBackend, SharedBackend, TokenCheck, ValueFormat, Version,
 };
 
 const BLOCK: usize = 50;
@@ -85,18 +85,23 @@ impl Backend for Counting {
         self.count();
         self.inner.add(key, value, ttl).await
     }
-    async fn add_queued(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> BackendResult<Option<Grant>> {
+    async fn add_queued(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<Queued> {
         self.count();
         self.inner.add_queued(key, value, ttl).await
     }
-    async fn leave_queue(&self, key: &str, value: &[u8]) -> BackendResult<()> {
+    async fn leave_queue(&self, key: &str, value: &[u8], ttl: Duration) -> BackendResult<()> {
         self.count();
-        self.inner.leave_queue(key, value).await
+        self.inner.leave_queue(key, value, ttl).await
+    }
+    async fn set_if(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        self.count();
+        self.inner.set_if(key, expected, value, ttl).await
     }
     async fn touch(&self, key: &str, ttl: Duration) -> BackendResult<bool> {
         self.count();

@@ -73,9 +73,10 @@
 //! numbers the grant (fence), and names the waiter and the fence in its
 //! notice. The named waiter holds the lock from then on: on the notice it
 //! builds its guard without waiting for a round trip, and extends the
-//! claim to its lease at once in the background (retried quickly while
-//! the claim lasts; if that fails the lease is lost and
-//! [`LockGuard::lost`] says so). So the hand-off costs one round trip less,
+//! claim to its lease in the background a third of the claim in (unless
+//! it released the lock before: a short hold sends nothing more), retried
+//! quickly while the claim lasts; if that fails the lease is lost and
+//! [`LockGuard::lost`] says so. So the hand-off costs one round trip less,
 //! and the releaser's next acquisition can start at once. The others go
 //! on waiting without sending anything.
 //! Because the lock never comes free while someone waits, the order holds
@@ -90,7 +91,7 @@
 //!   is not above it (older than the attempt) is not trusted; nor is one
 //!   more than half the claim after the attempt: the next attempt then
 //!   settles it. Until the extension lands the guard is valid for the
-//!   claim from that attempt.
+//!   claim from that attempt ([`LockGuard::remaining`] says so).
 //! * A notice that never arrives (the subscriber connection dropped, a
 //!   message lost) costs the waiter at most one poll interval: its next
 //!   attempt finds the lock holding its own value, which is a grant (with
@@ -1552,9 +1553,11 @@ impl LockGuard {
 
     /// A lock handed over by a release (see [`HANDOFF_CLAIM`]) is stored
     /// for `claim` only, from no earlier than `sent`: the guard is valid
-    /// for that, and one renewal to the full lease starts at once in the
-    /// background (retried quickly while the claim lasts; if it cannot be
-    /// made, the lease is lost, as a failed keep-alive renewal loses it).
+    /// for that, and one renewal to the full lease is made in the
+    /// background a third of the claim after `sent` (retried quickly while
+    /// the claim lasts; if it cannot be made, the lease is lost, as a
+    /// failed keep-alive renewal loses it). A holder that releases before
+    /// then (a short critical section) sends no renewal at all.
     fn confirm_claim(&self, sent: Instant, claim: Duration) {
         self.shared.renewed(valid_until(self.margin, sent, claim));
         let Ok(handle) = Handle::try_current() else {
@@ -1565,7 +1568,7 @@ impl LockGuard {
         let quick = claim / 5;
         handle.spawn(
             self.renewer()
-                .run(Instant::now(), Some(quick))
+                .run(sent + claim / 3, Some(quick))
                 .instrument(span),
         );
     }

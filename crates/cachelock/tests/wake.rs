@@ -298,7 +298,8 @@ mod redis {
     }
 
     /// A waiter handed the lock by a release holds it for the claim at
-    /// first, and extends it to its own lease at once, without being asked.
+    /// first, and extends it to its own lease a third of the claim in,
+    /// without being asked.
     #[tokio::test]
     #[ignore = "needs the test servers: scripts/test"]
     async fn redis_a_handed_over_lock_is_extended_to_its_lease() {
@@ -500,9 +501,8 @@ mod redis {
     /// notice comes. Counted on a server of its own with `INFO
     /// commandstats`: the holder's add and release, the waiter's two
     /// attempts (one before, one after arming its wake-up) and its release.
-    /// (The waiter releases at once: its claim extension, queued behind the
-    /// release on this single-threaded runtime, then finds it stopped and
-    /// sends nothing.)
+    /// (The waiter releases at once, before its claim extension is due:
+    /// that sends nothing.)
     #[tokio::test]
     #[ignore = "needs the test servers: scripts/test"]
     async fn redis_a_notified_hand_off_sends_no_command() {

@@ -805,8 +805,8 @@ where
                 Envelope::next_delta(old_delta, took),
                 seen.generation,
             );
-            let how = store::WriteBack::Over(seen.raw.as_deref());
-            let stored = store::store_value(ctx, &env, &plain, guard.as_mut(), how).await;
+            let stored =
+                store::store_value(ctx, &env, &plain, guard.as_mut(), seen.raw.as_deref()).await;
             if stored
                 && had_failure
                 && let Err(e) = ctx.cache.delete(&ctx.failure_key()).await

@@ -428,31 +428,15 @@ async fn fetch_raw(
     Ok(found.into_iter().flatten().collect())
 }
 
-/// How the item under a value's key is written.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum WriteBack<'a> {
-    /// Over whatever is there (streams).
-    Always,
-    /// Only over exactly these bytes (`None`: only if the key is absent):
-    /// the fenced write-back of a value (see [`fresh`](super::fresh)).
-    Over(Option<&'a [u8]>),
-}
-
-/// Writes `item` under `ctx.key` as `how` says. Returns whether it was
-/// stored; a failure or a refusal is logged.
-async fn put_item(ctx: &Ctx<'_>, item: &[u8], how: WriteBack<'_>) -> bool {
-    let stored = match how {
-        WriteBack::Always => ctx
-            .cache
-            .set(&ctx.key, item, ctx.call.ttl())
-            .await
-            .map(|()| true),
-        WriteBack::Over(expected) => {
-            ctx.cache
-                .set_if(&ctx.key, expected, item, ctx.call.ttl())
-                .await
-        }
-    };
+/// Writes `item` under `ctx.key` only over exactly the bytes `expected`
+/// (`None`: only if the key is absent): the fenced write-back of a value or
+/// a stream (see [`fresh`](super::fresh)). Returns whether it was stored;
+/// a failure or a refusal is logged.
+pub(crate) async fn put_item(ctx: &Ctx<'_>, item: &[u8], expected: Option<&[u8]>) -> bool {
+    let stored = ctx
+        .cache
+        .set_if(&ctx.key, expected, item, ctx.call.ttl())
+        .await;
     match stored {
         Ok(true) => true,
         Ok(false) => {
@@ -467,14 +451,15 @@ async fn put_item(ctx: &Ctx<'_>, item: &[u8], how: WriteBack<'_>) -> bool {
 }
 
 /// Stores a single value's plaintext behind its envelope: inline if it
-/// fits, else chunks and a manifest, the last item written as `how` says.
+/// fits, else chunks and a manifest, the last item written over `expected`
+/// ([`put_item`]).
 /// Returns whether it was stored; failures are logged.
 pub(crate) async fn store_value(
     ctx: &Ctx<'_>,
     env: &Envelope,
     value: &[u8],
     guard: Option<&mut LockGuard>,
-    how: WriteBack<'_>,
+    expected: Option<&[u8]>,
 ) -> bool {
     let mut buf = Vec::with_capacity(super::fresh::ENVELOPE_LEN + value.len());
     env.encode(&mut buf);
@@ -489,7 +474,7 @@ pub(crate) async fn store_value(
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
             Ok(item) if item.len() <= limit => {
                 metrics::counter!(super::fresh::metric::BYTES_STORED).increment(item.len() as u64);
-                return put_item(ctx, &item, how).await;
+                return put_item(ctx, &item, expected).await;
             }
             Ok(_) => {}
             Err(c) => {
@@ -512,7 +497,7 @@ pub(crate) async fn store_value(
         }
     }
     writer.push_last(ctx, rest);
-    writer.finish(ctx, guard, how).await
+    writer.finish(ctx, guard, expected).await
 }
 
 /// Writes chunks of one write in batches, then the manifest.
@@ -632,13 +617,13 @@ impl ChunkWriter {
         true
     }
 
-    /// Flushes what is queued and writes the manifest as `how` says.
-    /// Returns whether it was stored; failures are logged.
+    /// Flushes what is queued and writes the manifest over `expected`
+    /// ([`put_item`]). Returns whether it was stored; failures are logged.
     pub(crate) async fn finish(
         mut self,
         ctx: &Ctx<'_>,
         guard: Option<&mut LockGuard>,
-        how: WriteBack<'_>,
+        expected: Option<&[u8]>,
     ) -> bool {
         if !self.flush(ctx, guard).await {
             return false;
@@ -665,7 +650,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        put_item(ctx, &item, how).await
+        put_item(ctx, &item, expected).await
     }
 
     /// A slow writer (a stream) may have written its first chunks long ago:

@@ -12,13 +12,14 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest};
 use super::options::OnLockFailure;
-use super::store::{BATCH_BYTES, ChunkWriter, WriteBack, fetch_chunks, log_corrupt};
+use super::store::{BATCH_BYTES, ChunkWriter, fetch_chunks, log_corrupt, put_item};
 use super::{Call, Ctx, LockWait, MemoizeError, release, wait_for_lock};
 use crate::handle::Cache;
 use crate::key::CacheKey;
@@ -77,6 +78,7 @@ where
         cache: cache.clone(),
         call,
         phase: Phase::Start(Box::pin(producer)),
+        seen: None,
     };
     let inner = futures_util::stream::unfold(state, |mut st| async move {
         let item = st.step().await?;
@@ -95,6 +97,10 @@ struct State<T, E> {
     full_key: String,
     lock_key: String,
     phase: Phase<T, E>,
+    /// What the last read that was not a hit found under the value key
+    /// (`Some(None)`: absent; `None`: nothing read yet): what the producer's
+    /// last item is written over (the fenced write-back).
+    seen: Option<Option<Bytes>>,
 }
 
 enum Phase<T, E> {
@@ -123,6 +129,8 @@ struct Fresh<T, E> {
     guard: Option<LockGuard>,
     writer: Option<ChunkWriter>,
     buf: Vec<u8>,
+    /// The bytes the last item must find under the value key.
+    seen: Option<Bytes>,
 }
 
 enum Frame<T> {
@@ -311,12 +319,15 @@ where
         let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
         if !self.call.force_overwrite {
             match read_stream(&ctx).await {
-                Some(reader) => {
+                Ok(reader) => {
                     drop(ctx);
                     self.phase = Phase::Hit(Box::new(reader), Some(producer));
                     return Ok(());
                 }
-                None => tracing::debug!(key = %ctx.key, "Cache miss for key"),
+                Err(raw) => {
+                    tracing::debug!(key = %ctx.key, "Cache miss for key");
+                    self.seen = Some(raw);
+                }
             }
         }
         drop(ctx);
@@ -329,20 +340,23 @@ where
         let ctx = Ctx::new(&self.cache.inner, &self.call, self.full_key.clone());
         let mut guard = None;
         if let Some(lock_options) = &self.cache.inner.config.lock {
-            let waited = wait_for_lock(&ctx, lock_options, self.lock_key.clone(), &[], |_| {
-                read_stream(&ctx)
+            let waited = wait_for_lock(&ctx, lock_options, self.lock_key.clone(), &[], |_| async {
+                read_stream(&ctx).await.ok()
             })
             .await;
             match waited {
                 LockWait::Acquired(g, _) => {
-                    if !self.call.force_overwrite
-                        && let Some(reader) = read_stream(&ctx).await
-                    {
-                        release(Some(g), &ctx.key).await;
-                        drop(ctx);
-                        // Fall back no further: a second corrupt read ends the stream.
-                        self.phase = Phase::Hit(Box::new(reader), None);
-                        return Ok(());
+                    if !self.call.force_overwrite {
+                        match read_stream(&ctx).await {
+                            Ok(reader) => {
+                                release(Some(g), &ctx.key).await;
+                                drop(ctx);
+                                // Fall back no further: a second corrupt read ends the stream.
+                                self.phase = Phase::Hit(Box::new(reader), None);
+                                return Ok(());
+                            }
+                            Err(raw) => self.seen = Some(raw),
+                        }
                     }
                     guard = Some(g);
                 }
@@ -358,29 +372,49 @@ where
                 LockWait::Fail(e) => return Err(MemoizeError::Lock(e)),
             }
         }
+        // A forced overwrite, or a rebuild after a corrupt hit, has read
+        // nothing it may write over yet.
+        let seen = match self.seen.take() {
+            Some(raw) if !self.call.force_overwrite => raw,
+            _ => ctx.cache.get(&ctx.key).await.unwrap_or_else(|e| {
+                tracing::error!(key = %ctx.key, error = %e, "Failed to fetch large or iterable data entry count from cache");
+                None
+            }),
+        };
         drop(ctx);
         self.phase = Phase::Fresh(Box::new(Fresh {
             producer,
             guard,
             writer: Some(ChunkWriter::new(true)),
             buf: Vec::new(),
+            seen,
         }));
         Ok(())
     }
 }
 
-/// Reads a cached stream: `None` for a miss or an unusable entry (logged).
-async fn read_stream(ctx: &Ctx<'_>) -> Option<HitReader> {
+/// Reads a cached stream; a miss or an unusable entry (logged) is the
+/// raw bytes found (`None`: absent, or the read failed).
+async fn read_stream(ctx: &Ctx<'_>) -> Result<HitReader, Option<Bytes>> {
     let raw = match ctx.cache.get(&ctx.key).await {
         Ok(Some(raw)) => raw,
-        Ok(None) => return None,
+        Ok(None) => return Err(None),
         Err(e) => {
             tracing::error!(key = %ctx.key, error = %e, "Failed to fetch large or iterable data entry count from cache");
-            return None;
+            return Err(None);
         }
     };
+    match decode_stream(ctx, &raw).await {
+        Some(reader) => Ok(reader),
+        None => Err(Some(raw)),
+    }
+}
+
+/// Opens a stored stream item: `None` for a miss or an unusable entry
+/// (logged).
+async fn decode_stream(ctx: &Ctx<'_>, raw: &[u8]) -> Option<HitReader> {
     // A stream has no stale window: a stale mark makes it a miss.
-    let (marked, item) = codec::strip_stale_mark(&raw);
+    let (marked, item) = codec::strip_stale_mark(raw);
     if marked {
         return None;
     }
@@ -462,9 +496,7 @@ impl<T: Serialize, E> Fresh<T, E> {
             {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        if let Err(e) = ctx.cache.set(&ctx.key, &item, ctx.call.ttl()).await {
-                            tracing::error!(key = %ctx.key, error = %e, "Error setting data in cache for key");
-                        }
+                        put_item(ctx, &item, self.seen.as_deref()).await;
                     }
                     Err(c) => {
                         tracing::error!(key = %ctx.key, error = %c, "Failed to encode data for cache");
@@ -472,9 +504,9 @@ impl<T: Serialize, E> Fresh<T, E> {
                 }
             } else {
                 writer.push_last(ctx, &self.buf);
-                // Streams are not fenced (see `fresh`).
+                // Fenced, as a value's write-back (see `fresh`).
                 writer
-                    .finish(ctx, self.guard.as_mut(), WriteBack::Always)
+                    .finish(ctx, self.guard.as_mut(), self.seen.as_deref())
                     .await;
             }
         }

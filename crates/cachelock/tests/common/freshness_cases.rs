@@ -26,7 +26,8 @@ macro_rules! freshness_tests {
             failure_record_reaches_other_processes, retry_budget_per_failure_window,
             stale_if_error_serves_the_old_value, soft_invalidation_serves_stale_then_refreshes,
             invalidate_all_misses_everywhere, invalidate_all_is_refused_unless_turned_on,
-            fenced_write_back_never_serves_old_as_fresh, soft_invalidation_of_a_missing_value,
+            fenced_write_back_never_serves_old_as_fresh, fenced_stream_write_back_never_serves_old,
+            soft_invalidation_of_a_missing_value,
             default_policy_is_a_single_ttl, background_refresh_returns_at_once);
     };
     (@cases $make:expr, $paused:tt, $attrs:tt; $($case:ident),*) => {
@@ -437,6 +438,63 @@ pub async fn fenced_write_back_never_serves_old_as_fresh(b: SharedBackend) {
         }
     }
     assert_eq!(old_as_fresh, 0, "old values served as fresh");
+}
+
+/// The stream form of the fenced write-back: a producer that started
+/// before an invalidation (forced, or after a miss; inline and chunked)
+/// does not store its old items, so the next reader gets new ones.
+pub async fn fenced_stream_write_back_never_serves_old(b: SharedBackend) {
+    use futures_util::StreamExt;
+    let ns = unique_key("fence-stream");
+    let p1 = builder(&b, &ns).chunk_size(256).build().unwrap();
+    let p2 = builder(&b, &ns).chunk_size(256).build().unwrap();
+    let trials = 40;
+    let mut old_served = 0;
+    for i in 0..trials {
+        let forced = i % 2 == 0;
+        let key = if forced {
+            format!("s{}", i % 8)
+        } else {
+            format!("u{i}")
+        };
+        let old = if i % 4 < 2 {
+            "old".to_string()
+        } else {
+            "o".repeat(600)
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<String, Boom>>();
+        let producer =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|v| (v, rx)) },
+            );
+        let mut s = p1
+            .entry(key.as_str())
+            .force_overwrite(forced)
+            .stream_with(producer);
+        tx.send(Ok(old.clone())).unwrap();
+        // The producer runs: the read it writes over came before.
+        assert_eq!(s.next().await.unwrap().unwrap(), old);
+        if i % 4 == 0 || i % 4 == 3 {
+            p2.invalidate(key.as_str()).await.unwrap();
+        } else {
+            p2.invalidate_soft(key.as_str()).await.unwrap();
+        }
+        drop(tx);
+        assert!(s.next().await.is_none());
+        let got: Vec<String> = p2
+            .stream_with(
+                key.as_str(),
+                futures_util::stream::iter([Ok::<_, Boom>("new".to_string())]),
+            )
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        if got != ["new"] {
+            old_served += 1;
+        }
+    }
+    assert_eq!(old_served, 0, "old streams served after an invalidation");
 }
 
 pub async fn default_policy_is_a_single_ttl(b: SharedBackend) {

@@ -321,7 +321,9 @@ pub(crate) fn classify(
         }
         return State::Fresh;
     }
-    if now < env.stale_until_ms {
+    // Stale only within a stale window: a stale mark on a value without
+    // one makes it a miss (not stale for the rest of its fresh time).
+    if env.stale_until_ms > env.fresh_until_ms && now < env.stale_until_ms {
         State::Stale
     } else {
         State::Expired
@@ -498,9 +500,10 @@ mod tests {
             classify(&single, clock, true, None, false, None, never),
             State::Fresh
         );
+        // Soft-invalidated without a stale window: a miss.
         assert_eq!(
             classify(&single, || 500, true, None, true, None, never),
-            State::Stale
+            State::Expired
         );
         assert_eq!(
             classify(&e, || 1500, true, None, false, None, never),

@@ -335,6 +335,7 @@ pub async fn soft_invalidation_serves_stale_then_refreshes(b: SharedBackend) {
         .unwrap();
     assert_eq!(plain.get_with("j", || async { 1u32 }).await, 1);
     plain.invalidate_soft("j").await.unwrap();
+    assert_eq!(plain.get::<u32>("j").await, None, "a miss for every reader");
     assert_eq!(plain.get_with("j", || async { 2u32 }).await, 2);
 }
 

@@ -40,10 +40,11 @@
 //!   bytes)`. An invalidation during the compute changed them (tombstones
 //!   and marks carry random ids, so they never repeat), so the old value is
 //!   not stored: no old value is ever served as fresh. A manifest refused
-//!   this way leaves its chunks to expire. A stream's producer writes its
-//!   last item the same way, over its last read of the value key (so a
-//!   stream invalidated while it was produced is not stored); a stale mark
-//!   on a stream reads as a miss (streams have no stale window).
+//!   this way deletes its chunks (nothing can reach them). A stream's
+//!   producer writes its last item the same way, over its last read of the
+//!   value key (so a stream invalidated while it was produced is not
+//!   stored); a stale mark on a stream reads as a miss (streams have no
+//!   stale window).
 //! * [`Cache::invalidate_all`](crate::Cache::invalidate_all) bumps the
 //!   namespace generation counter and every envelope records the
 //!   generation its compute started under; a read fetches the counter with

@@ -650,7 +650,29 @@ impl ChunkWriter {
                 return false;
             }
         };
-        put_item(ctx, &item, expected).await
+        let stored = put_item(ctx, &item, expected).await;
+        if !stored {
+            self.delete_chunks(ctx).await;
+        }
+        stored
+    }
+
+    /// Deletes the chunks written so far (their manifest was not stored,
+    /// so nothing can reach them), all at once (one round trip where the
+    /// backend pipelines); a failure is logged and they expire.
+    async fn delete_chunks(&self, ctx: &Ctx<'_>) {
+        let keys: Vec<String> = (0..self.next_index)
+            .map(|i| codec::chunk_key(&ctx.key, self.write_id, i))
+            .collect();
+        let deletes = keys.iter().map(|k| ctx.cache.delete(k));
+        for (k, r) in keys
+            .iter()
+            .zip(futures_util::future::join_all(deletes).await)
+        {
+            if let Err(e) = r {
+                tracing::debug!(key = %ctx.key, chunk = %k, error = %e, "could not delete an unreachable chunk; it expires");
+            }
+        }
     }
 
     /// A slow writer (a stream) may have written its first chunks long ago:

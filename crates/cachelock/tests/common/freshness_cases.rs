@@ -447,7 +447,9 @@ pub async fn fenced_write_back_never_serves_old_as_fresh(b: SharedBackend) {
 pub async fn fenced_stream_write_back_never_serves_old(b: SharedBackend) {
     use futures_util::StreamExt;
     let ns = unique_key("fence-stream");
-    let p1 = builder(&b, &ns).chunk_size(256).build().unwrap();
+    // The chunks of the first process's (refused) writes are recorded.
+    let w = super::memoize_cases::Wrap::new(b.clone());
+    let p1 = builder(&w.shared(), &ns).chunk_size(256).build().unwrap();
     let p2 = builder(&b, &ns).chunk_size(256).build().unwrap();
     let trials = 40;
     let mut old_served = 0;
@@ -496,6 +498,12 @@ pub async fn fenced_stream_write_back_never_serves_old(b: SharedBackend) {
         }
     }
     assert_eq!(old_served, 0, "old streams served after an invalidation");
+    // A refused write leaves no chunks behind.
+    let chunks = w.chunk_keys();
+    assert!(!chunks.is_empty());
+    for k in &chunks {
+        assert_eq!(b.get(k).await.unwrap(), None, "chunk {k} left behind");
+    }
 }
 
 pub async fn default_policy_is_a_single_ttl(b: SharedBackend) {

@@ -37,9 +37,15 @@
 //!   bytes (or absence) of its last read of the value key (the re-read
 //!   under the lock; a forced overwrite reads them first) and writes the
 //!   final item (inline item or manifest) with `set_if(expected = those
-//!   bytes)`. An invalidation during the compute changed them (tombstones
-//!   and marks carry random ids, so they never repeat), so the old value is
-//!   not stored: no old value is ever served as fresh. A manifest refused
+//!   bytes)`, or, if they are gone, `set_if(expected = absent)`. An
+//!   invalidation during the compute changed them to a tombstone or a mark
+//!   (both carry random ids, so they never repeat, and both outlive any
+//!   compute), so the old value is not stored: no old value is ever served
+//!   as fresh. A value that merely expired or was evicted meanwhile does
+//!   not stop the write (on Memcached, whose TTLs are whole seconds, a
+//!   value read just past its fresh time often expires during the compute,
+//!   and refusing then cost a second compute). A cache that evicts a
+//!   tombstone loses that invalidation, as it loses any key. A manifest refused
 //!   this way deletes its chunks (nothing can reach them). A stream's
 //!   producer writes its last item the same way, over its last read of the
 //!   value key (so a stream invalidated while it was produced is not

@@ -428,15 +428,21 @@ async fn fetch_raw(
     Ok(found.into_iter().flatten().collect())
 }
 
-/// Writes `item` under `ctx.key` only over exactly the bytes `expected`
-/// (`None`: only if the key is absent): the fenced write-back of a value or
-/// a stream (see [`fresh`](super::fresh)). Returns whether it was stored;
-/// a failure or a refusal is logged.
+/// Writes `item` under `ctx.key` only over exactly the bytes `expected`,
+/// or where the key is absent: the fenced write-back of a value or a
+/// stream (see [`fresh`](super::fresh)). Absent is allowed because an
+/// invalidation always leaves something (a tombstone or a stale mark),
+/// while the value read before the compute may have expired since (a
+/// coarse-TTL cache such as Memcached keeps values past their fresh time)
+/// or been evicted. Returns whether it was stored; a failure or a refusal
+/// is logged.
 pub(crate) async fn put_item(ctx: &Ctx<'_>, item: &[u8], expected: Option<&[u8]>) -> bool {
-    let stored = ctx
-        .cache
-        .set_if(&ctx.key, expected, item, ctx.call.ttl())
-        .await;
+    let ttl = ctx.call.ttl();
+    let mut stored = ctx.cache.set_if(&ctx.key, expected, item, ttl).await;
+    if matches!(stored, Ok(false)) && expected.is_some() {
+        // One more round trip, only when the bytes changed.
+        stored = ctx.cache.set_if(&ctx.key, None, item, ttl).await;
+    }
     match stored {
         Ok(true) => true,
         Ok(false) => {

@@ -27,6 +27,7 @@ macro_rules! freshness_tests {
             stale_if_error_serves_the_old_value, soft_invalidation_serves_stale_then_refreshes,
             invalidate_all_misses_everywhere, invalidate_all_is_refused_unless_turned_on,
             fenced_write_back_never_serves_old_as_fresh, fenced_stream_write_back_never_serves_old,
+            a_value_that_expired_during_the_compute_is_stored,
             soft_invalidation_of_a_missing_value,
             default_policy_is_a_single_ttl, background_refresh_returns_at_once);
     };
@@ -503,6 +504,48 @@ pub async fn fenced_stream_write_back_never_serves_old(b: SharedBackend) {
     assert!(!chunks.is_empty());
     for k in &chunks {
         assert_eq!(b.get(k).await.unwrap(), None, "chunk {k} left behind");
+    }
+}
+
+/// The fence refuses a write over an invalidation, not over a value that
+/// expired (or was evicted) while the compute ran: a cache whose TTLs are
+/// coarse (Memcached's whole seconds) often still holds a value past its
+/// fresh time, and it may be gone by the write.
+pub async fn a_value_that_expired_during_the_compute_is_stored(b: SharedBackend) {
+    let ns = unique_key("expired-meanwhile");
+    let cache = builder(&b, &ns).build().unwrap();
+    for (i, chunked) in [(0, false), (1, true)] {
+        let key = format!("k{i}");
+        let value = |tag: &str| {
+            if chunked {
+                format!("{tag}-").repeat(20_000)
+            } else {
+                tag.to_string()
+            }
+        };
+        assert_eq!(
+            cache
+                .get_with(key.as_str(), || async { value("old") })
+                .await,
+            value("old")
+        );
+        let full = cache.full_key(key.as_str());
+        let new = value("new");
+        let got: Result<String, MemoizeError<Boom>> = cache
+            .entry(key.as_str())
+            .force_overwrite(true)
+            .or_try_insert_with(|| async {
+                // The value the compute read goes away on its own.
+                b.delete(&full).await.unwrap();
+                Ok(new.clone())
+            })
+            .await;
+        assert_eq!(got.unwrap(), new);
+        assert_eq!(
+            cache.get::<String>(key.as_str()).await,
+            Some(new),
+            "the new value was stored (chunked: {chunked})"
+        );
     }
 }
 

@@ -41,12 +41,12 @@
 //!   invalidation during the compute changed them to a tombstone or a mark
 //!   (both carry random ids, so they never repeat, and both outlive any
 //!   compute), so the old value is not stored: no old value is ever served
-//!   as fresh. A value that merely expired or was evicted meanwhile does
-//!   not stop the write (on Memcached, whose TTLs are whole seconds, a
+//!   as fresh. A manifest refused this way deletes its chunks (nothing can
+//!   reach them). A value that merely expired or was evicted meanwhile
+//!   does not stop the write (on Memcached, whose TTLs are whole seconds, a
 //!   value read just past its fresh time often expires during the compute,
-//!   and refusing then cost a second compute). A cache that evicts a
-//!   tombstone loses that invalidation, as it loses any key. A manifest refused
-//!   this way deletes its chunks (nothing can reach them). A stream's
+//!   and refusing then cost a second compute); a cache that evicts a
+//!   tombstone loses that invalidation, as it loses any key. A stream's
 //!   producer writes its last item the same way, over its last read of the
 //!   value key (so a stream invalidated while it was produced is not
 //!   stored); a stale mark on a stream reads as a miss (streams have no

@@ -69,7 +69,7 @@
 //! does not free the lock but **hands it straight to the first waiter in
 //! line**, in the release script: it stores that waiter's value with a
 //! short TTL, the *claim* (the waiter's lease or
-//! [`HANDOFF_CLAIM`](crate::HANDOFF_CLAIM), 1 s, whichever is shorter),
+//! [`HANDOFF_CLAIM`], 1 s, whichever is shorter),
 //! numbers the grant (fence), and names the waiter and the fence in its
 //! notice. The named waiter holds the lock from then on: on the notice it
 //! builds its guard without waiting for a round trip, and extends the

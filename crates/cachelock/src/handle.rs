@@ -381,8 +381,9 @@ impl Cache {
     /// wrapped in a stale mark with a compare-and-set over what was read
     /// (a read, the TTL, a write: 3 round trips; a few tries if writers
     /// race it, then a tombstone as [`invalidate`](Self::invalidate)
-    /// writes). Like a tombstone, the mark fences a compute that started
-    /// before: it does not store its value.
+    /// writes; an item with less than 5 s left gets the tombstone at once,
+    /// because a mark would expire with it). Like a tombstone, the mark
+    /// fences a compute that started before: it does not store its value.
     ///
     /// # Errors
     ///

@@ -37,16 +37,18 @@
 //!   bytes (or absence) of its last read of the value key (the re-read
 //!   under the lock; a forced overwrite reads them first) and writes the
 //!   final item (inline item or manifest) with `set_if(expected = those
-//!   bytes)`, or, if they are gone, `set_if(expected = absent)`. An
-//!   invalidation during the compute changed them to a tombstone or a mark
-//!   (both carry random ids, so they never repeat, and both outlive any
-//!   compute), so the old value is not stored: no old value is ever served
-//!   as fresh. A manifest refused this way deletes its chunks (nothing can
-//!   reach them). A value that merely expired or was evicted meanwhile
-//!   does not stop the write (on Memcached, whose TTLs are whole seconds, a
-//!   value read just past its fresh time often expires during the compute,
-//!   and refusing then cost a second compute); a cache that evicts a
-//!   tombstone loses that invalidation, as it loses any key. A stream's
+//!   bytes)`. An invalidation during the compute changed them to a
+//!   tombstone or a mark (both carry random ids, so they never repeat), so
+//!   the old value is not stored: no old value is ever served as fresh. A
+//!   manifest refused this way deletes its chunks (nothing can reach
+//!   them). One exception: bytes read when already past their hard end
+//!   (a coarse-TTL backend keeps them a little longer: Memcached up to
+//!   about two seconds) may also be found gone, which is their expiry (on
+//!   Memcached such a value often expires during the compute, and refusing
+//!   then cost a second compute). That is safe because a soft invalidation
+//!   of an item with less than 5 s left writes a tombstone, not a mark that
+//!   would go with it. A cache that evicts a tombstone loses that
+//!   invalidation, as it loses any key. A stream's
 //!   producer writes its last item the same way, over its last read of the
 //!   value key (so a stream invalidated while it was produced is not
 //!   stored); a stale mark on a stream reads as a miss (streams have no

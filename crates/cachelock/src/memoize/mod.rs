@@ -193,6 +193,20 @@ pub(crate) struct Ctx<'a> {
 pub(crate) struct Seen {
     pub(crate) raw: Option<Bytes>,
     pub(crate) generation: u64,
+    /// The value read was already past its hard end (kept only by the
+    /// backend's coarse TTL): its going away is expiry, not an
+    /// invalidation, so the write-back may also go where it is gone.
+    pub(crate) expired: bool,
+}
+
+impl Seen {
+    /// What the write-back of a compute that follows this read must find.
+    pub(crate) fn over(&self) -> store::Over<'_> {
+        store::Over {
+            bytes: self.raw.as_deref(),
+            or_absent: self.expired,
+        }
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -805,8 +819,7 @@ where
                 Envelope::next_delta(old_delta, took),
                 seen.generation,
             );
-            let stored =
-                store::store_value(ctx, &env, &plain, guard.as_mut(), seen.raw.as_deref()).await;
+            let stored = store::store_value(ctx, &env, &plain, guard.as_mut(), seen.over()).await;
             if stored
                 && had_failure
                 && let Err(e) = ctx.cache.delete(&ctx.failure_key()).await

@@ -167,6 +167,7 @@ pub(crate) async fn read_seen(ctx: &Ctx<'_>) {
         ctx.see(Seen {
             raw: found[0].take(),
             generation,
+            expired: false,
         });
     }
 }
@@ -194,9 +195,12 @@ pub(crate) async fn decode_found<T: DeserializeOwned>(
         None => ReadOutcome::Miss,
     };
     if !matches!(outcome, ReadOutcome::Hit(..)) {
+        let expired = matches!(&outcome, ReadOutcome::Stale(_, found)
+            if found.state == State::Expired && !found.within_error_window());
         ctx.see(Seen {
             raw,
             generation: generation.unwrap_or(0),
+            expired,
         });
     }
     outcome
@@ -286,10 +290,17 @@ pub(crate) async fn mark_stale(
     for _ in 0..MARK_TRIES {
         let raw = backend.get(key).await?;
         let (next, ttl) = match &raw {
-            Some(r) if !codec::is_tombstone(r) => (
-                codec::mark_stale(r),
-                backend.ttl(key).await?.unwrap_or(fallback_ttl),
-            ),
+            Some(r) if !codec::is_tombstone(r) => {
+                let ttl = backend.ttl(key).await?.unwrap_or(fallback_ttl);
+                if ttl < MARK_MIN_TTL {
+                    // About to expire (or past its hard end, kept by a
+                    // coarse TTL): a mark would go with it, and a compute
+                    // that started before would no longer be fenced.
+                    (codec::tombstone(), TOMBSTONE_TTL)
+                } else {
+                    (codec::mark_stale(r), ttl)
+                }
+            }
             _ => (codec::tombstone(), TOMBSTONE_TTL),
         };
         if backend.set_if(key, raw.as_deref(), &next, ttl).await? {
@@ -311,6 +322,12 @@ pub(crate) async fn invalidate(
 ) -> crate::error::BackendResult<()> {
     backend.set(key, &codec::tombstone(), TOMBSTONE_TTL).await
 }
+
+/// The shortest TTL a stale mark is written with; an item with less left
+/// gets a tombstone instead. Longer than a coarse-TTL backend keeps a value
+/// past its hard end (Memcached: about two seconds), which is what
+/// [`Over::or_absent`] relies on.
+const MARK_MIN_TTL: Duration = Duration::from_secs(5);
 
 /// Tries of [`mark_stale`]'s compare-and-set before it writes a tombstone.
 const MARK_TRIES: usize = 4;
@@ -428,19 +445,28 @@ async fn fetch_raw(
     Ok(found.into_iter().flatten().collect())
 }
 
-/// Writes `item` under `ctx.key` only over exactly the bytes `expected`,
-/// or where the key is absent: the fenced write-back of a value or a
-/// stream (see [`fresh`](super::fresh)). Absent is allowed because an
-/// invalidation always leaves something (a tombstone or a stale mark),
-/// while the value read before the compute may have expired since (a
-/// coarse-TTL cache such as Memcached keeps values past their fresh time)
-/// or been evicted. Returns whether it was stored; a failure or a refusal
-/// is logged.
-pub(crate) async fn put_item(ctx: &Ctx<'_>, item: &[u8], expected: Option<&[u8]>) -> bool {
+/// What the fenced write-back of a value's (or a stream's) last item must
+/// find under its key (see [`fresh`](super::fresh)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Over<'a> {
+    /// Exactly these bytes (`None`: the key absent).
+    pub(crate) bytes: Option<&'a [u8]>,
+    /// Or the key absent, though bytes were expected: they were already
+    /// past their hard end when read (a coarse-TTL cache such as Memcached
+    /// keeps a value up to about two seconds longer), so their going away
+    /// is their expiry. A soft invalidation of such a value writes a
+    /// tombstone, not a mark (see [`mark_stale`]), so this never lets
+    /// through a compute that an invalidation fenced.
+    pub(crate) or_absent: bool,
+}
+
+/// Writes `item` under `ctx.key` as `over` says. Returns whether it was
+/// stored; a failure or a refusal is logged.
+pub(crate) async fn put_item(ctx: &Ctx<'_>, item: &[u8], over: Over<'_>) -> bool {
     let ttl = ctx.call.ttl();
-    let mut stored = ctx.cache.set_if(&ctx.key, expected, item, ttl).await;
-    if matches!(stored, Ok(false)) && expected.is_some() {
-        // One more round trip, only when the bytes changed.
+    let mut stored = ctx.cache.set_if(&ctx.key, over.bytes, item, ttl).await;
+    if matches!(stored, Ok(false)) && over.bytes.is_some() && over.or_absent {
+        // One more round trip, only when the expired bytes went away.
         stored = ctx.cache.set_if(&ctx.key, None, item, ttl).await;
     }
     match stored {
@@ -457,7 +483,7 @@ pub(crate) async fn put_item(ctx: &Ctx<'_>, item: &[u8], expected: Option<&[u8]>
 }
 
 /// Stores a single value's plaintext behind its envelope: inline if it
-/// fits, else chunks and a manifest, the last item written over `expected`
+/// fits, else chunks and a manifest, the last item written as `over` says
 /// ([`put_item`]).
 /// Returns whether it was stored; failures are logged.
 pub(crate) async fn store_value(
@@ -465,7 +491,7 @@ pub(crate) async fn store_value(
     env: &Envelope,
     value: &[u8],
     guard: Option<&mut LockGuard>,
-    expected: Option<&[u8]>,
+    over: Over<'_>,
 ) -> bool {
     let mut buf = Vec::with_capacity(super::fresh::ENVELOPE_LEN + value.len());
     env.encode(&mut buf);
@@ -480,7 +506,7 @@ pub(crate) async fn store_value(
         match ctx.codec.encode_inline(&ctx.key, false, plain) {
             Ok(item) if item.len() <= limit => {
                 metrics::counter!(super::fresh::metric::BYTES_STORED).increment(item.len() as u64);
-                return put_item(ctx, &item, expected).await;
+                return put_item(ctx, &item, over).await;
             }
             Ok(_) => {}
             Err(c) => {
@@ -503,7 +529,7 @@ pub(crate) async fn store_value(
         }
     }
     writer.push_last(ctx, rest);
-    writer.finish(ctx, guard, expected).await
+    writer.finish(ctx, guard, over).await
 }
 
 /// Writes chunks of one write in batches, then the manifest.
@@ -623,13 +649,13 @@ impl ChunkWriter {
         true
     }
 
-    /// Flushes what is queued and writes the manifest over `expected`
+    /// Flushes what is queued and writes the manifest as `over` says
     /// ([`put_item`]). Returns whether it was stored; failures are logged.
     pub(crate) async fn finish(
         mut self,
         ctx: &Ctx<'_>,
         guard: Option<&mut LockGuard>,
-        expected: Option<&[u8]>,
+        over: Over<'_>,
     ) -> bool {
         if !self.flush(ctx, guard).await {
             return false;
@@ -656,7 +682,7 @@ impl ChunkWriter {
                 return false;
             }
         };
-        let stored = put_item(ctx, &item, expected).await;
+        let stored = put_item(ctx, &item, over).await;
         if !stored {
             self.delete_chunks(ctx).await;
         }

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use super::codec::{self, Checksum, Corrupt, Entry, INLINE_OVERHEAD, Manifest};
 use super::options::OnLockFailure;
-use super::store::{BATCH_BYTES, ChunkWriter, fetch_chunks, log_corrupt, put_item};
+use super::store::{BATCH_BYTES, ChunkWriter, Over, fetch_chunks, log_corrupt, put_item};
 use super::{Call, Ctx, LockWait, MemoizeError, release, wait_for_lock};
 use crate::handle::Cache;
 use crate::key::CacheKey;
@@ -496,7 +496,7 @@ impl<T: Serialize, E> Fresh<T, E> {
             {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        put_item(ctx, &item, self.seen.as_deref()).await;
+                        put_item(ctx, &item, over(self.seen.as_deref())).await;
                     }
                     Err(c) => {
                         tracing::error!(key = %ctx.key, error = %c, "Failed to encode data for cache");
@@ -506,10 +506,19 @@ impl<T: Serialize, E> Fresh<T, E> {
                 writer.push_last(ctx, &self.buf);
                 // Fenced, as a value's write-back (see `fresh`).
                 writer
-                    .finish(ctx, self.guard.as_mut(), self.seen.as_deref())
+                    .finish(ctx, self.guard.as_mut(), over(self.seen.as_deref()))
                     .await;
             }
         }
         release(self.guard.take(), &ctx.key).await;
+    }
+}
+
+/// A stream's fenced write-back: over exactly what was read (a stream has
+/// no envelope, so no read of it is known to be expired).
+fn over(seen: Option<&[u8]>) -> Over<'_> {
+    Over {
+        bytes: seen,
+        or_absent: false,
     }
 }

@@ -460,6 +460,16 @@ pub(crate) struct Over<'a> {
     pub(crate) or_absent: bool,
 }
 
+impl<'a> Over<'a> {
+    /// Over exactly `bytes` (`None`: only if the key is absent).
+    pub(crate) fn exactly(bytes: Option<&'a [u8]>) -> Self {
+        Self {
+            bytes,
+            or_absent: false,
+        }
+    }
+}
+
 /// Writes `item` under `ctx.key` as `over` says. Returns whether it was
 /// stored; a failure or a refusal is logged.
 pub(crate) async fn put_item(ctx: &Ctx<'_>, item: &[u8], over: Over<'_>) -> bool {

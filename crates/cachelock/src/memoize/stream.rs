@@ -375,11 +375,8 @@ where
         // A forced overwrite, or a rebuild after a corrupt hit, has read
         // nothing it may write over yet.
         let seen = match self.seen.take() {
-            Some(raw) if !self.call.force_overwrite => raw,
-            _ => ctx.cache.get(&ctx.key).await.unwrap_or_else(|e| {
-                tracing::error!(key = %ctx.key, error = %e, "Failed to fetch large or iterable data entry count from cache");
-                None
-            }),
+            Some(raw) => raw,
+            None => read_raw(&ctx).await,
         };
         drop(ctx);
         self.phase = Phase::Fresh(Box::new(Fresh {
@@ -393,16 +390,20 @@ where
     }
 }
 
+/// The item under the value key as stored (`None`: absent, or the read
+/// failed, logged).
+async fn read_raw(ctx: &Ctx<'_>) -> Option<Bytes> {
+    ctx.cache.get(&ctx.key).await.unwrap_or_else(|e| {
+        tracing::error!(key = %ctx.key, error = %e, "Failed to fetch large or iterable data entry count from cache");
+        None
+    })
+}
+
 /// Reads a cached stream; a miss or an unusable entry (logged) is the
 /// raw bytes found (`None`: absent, or the read failed).
 async fn read_stream(ctx: &Ctx<'_>) -> Result<HitReader, Option<Bytes>> {
-    let raw = match ctx.cache.get(&ctx.key).await {
-        Ok(Some(raw)) => raw,
-        Ok(None) => return Err(None),
-        Err(e) => {
-            tracing::error!(key = %ctx.key, error = %e, "Failed to fetch large or iterable data entry count from cache");
-            return Err(None);
-        }
+    let Some(raw) = read_raw(ctx).await else {
+        return Err(None);
     };
     match decode_stream(ctx, &raw).await {
         Some(reader) => Ok(reader),
@@ -496,7 +497,7 @@ impl<T: Serialize, E> Fresh<T, E> {
             {
                 match ctx.codec.encode_inline(&ctx.key, true, &self.buf) {
                     Ok(item) => {
-                        put_item(ctx, &item, over(self.seen.as_deref())).await;
+                        put_item(ctx, &item, Over::exactly(self.seen.as_deref())).await;
                     }
                     Err(c) => {
                         tracing::error!(key = %ctx.key, error = %c, "Failed to encode data for cache");
@@ -504,21 +505,17 @@ impl<T: Serialize, E> Fresh<T, E> {
                 }
             } else {
                 writer.push_last(ctx, &self.buf);
-                // Fenced, as a value's write-back (see `fresh`).
+                // Fenced, as a value's write-back (see `fresh`); a stream
+                // has no envelope, so no read of it is known to be expired.
                 writer
-                    .finish(ctx, self.guard.as_mut(), over(self.seen.as_deref()))
+                    .finish(
+                        ctx,
+                        self.guard.as_mut(),
+                        Over::exactly(self.seen.as_deref()),
+                    )
                     .await;
             }
         }
         release(self.guard.take(), &ctx.key).await;
-    }
-}
-
-/// A stream's fenced write-back: over exactly what was read (a stream has
-/// no envelope, so no read of it is known to be expired).
-fn over(seen: Option<&[u8]>) -> Over<'_> {
-    Over {
-        bytes: seen,
-        or_absent: false,
     }
 }
